@@ -1,0 +1,1 @@
+"""vlmspec.compiler: what should happen. Pure and deterministic: no lance, pyarrow or torch."""

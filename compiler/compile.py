@@ -1,0 +1,422 @@
+"""Compile a loaded spec into an ordered graph of columns and steps, with fingerprints.
+
+Checks meaning (unknown columns with did-you-mean, cycles naming the path, producer/consumer type
+mismatches, UDFs that cannot be found, training that would stale the cache) and collects every
+problem before raising one `CompileError`. Pure: reads UDF source files, never tables or models.
+"""
+
+from __future__ import annotations
+
+import graphlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import sqlglot
+from sqlglot import exp
+
+from .catalog import BUILTINS, SYNTHETIC_SCHEMA, ModelFacts, UdfSignature
+from .errors import CompileError, Location, Problem, did_you_mean
+from .fingerprint import ENGINE_VERSION, code_hash, digest
+from .model import ColumnSpec, Spec
+from .state import TableState
+from .types import TypeSyntaxError, accepts, parse_type
+from .udf import UdfLookupError, find_module_file, read_udf
+
+STAGES = ("ingest", "curate", "split", "train", "eval")
+# Modules of the vision tower and merger: training them would make cached hiddens stale.
+VISION_MODULE_WORDS = ("visual", "merger", "patch_embed", "qkv", "blocks")
+
+
+@dataclass(frozen=True)
+class ColumnNode:
+    """One derived column, fully resolved."""
+
+    name: str
+    tier: str
+    udf: str
+    impl: str
+    """`module:attr` to import at apply time."""
+    impl_file: str
+    """Source file of the implementation (user UDFs are imported from here)."""
+    inputs: tuple[str, ...]
+    params: Mapping[str, Any]
+    output: str
+    batch_size: int
+    on_error: str
+    gpus: float
+    cpus: float
+    uses_model: bool
+    batch: bool
+    parallel: bool
+    """Spread over worker processes (CPU-heavy, e.g. image decoding)."""
+    fingerprint: str
+    recipe: Mapping[str, Any]
+    path: str
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """A step after the columns (or ingest before them), with what it reads."""
+
+    name: str
+    fingerprint: str
+    recipe: Mapping[str, Any]
+    reads: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Compiled:
+    spec: Spec
+    file: str
+    spec_hash: str
+    raw: Mapping[str, str]
+    """Raw (source) column name -> canonical type, as far as known."""
+    columns: tuple[ColumnNode, ...]
+    """Derived columns in dependency order."""
+    stages: tuple[StageNode, ...]
+    facts: ModelFacts | None = None
+    warnings: tuple[str, ...] = ()
+
+    def column(self, name: str) -> ColumnNode | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    def stage(self, name: str) -> StageNode | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def types(self) -> dict[str, str]:
+        return {**self.raw, **{c.name: c.output for c in self.columns}}
+
+
+def quantile_refs(where: str) -> list[tuple[str, float]]:
+    """`quantile(col, q)` calls in a curation predicate."""
+    out = []
+    for fn in sqlglot.parse_one(where, read="duckdb").find_all(exp.Anonymous, exp.Quantile):
+        if fn.name.lower() != "quantile" and not isinstance(fn, exp.Quantile):
+            continue
+        args = list(fn.expressions) if isinstance(fn, exp.Anonymous) else [fn.this, fn.args.get("quantile")]
+        if len(args) == 2 and isinstance(args[0], exp.Column) and isinstance(args[1], exp.Literal):
+            out.append((args[0].name, float(args[1].this)))
+    return out
+
+
+def sql_columns(where: str) -> list[str]:
+    """Column names a SQL predicate reads (raises sqlglot.ParseError)."""
+    tree = sqlglot.parse_one(where, read="duckdb")
+    return sorted({c.name for c in tree.find_all(exp.Column)})
+
+
+class _Compiler:
+    def __init__(self, spec: Spec, file: str, spec_hash: str, state: TableState,
+                 facts: ModelFacts | None, locate, spec_dir: Path | None):
+        self.spec, self.file, self.spec_hash, self.state = spec, file, spec_hash, state
+        self.facts, self.locate, self.spec_dir = facts, locate, spec_dir
+        self.problems: list[Problem] = []
+        self.warnings: list[str] = []
+        # Rows the table will hold once ingest has run: steps are fingerprinted against it.
+        self.expected_rows = max(state.rows, state.source_rows or 0)
+
+    def problem(self, path: str, what: str, fix: str = "") -> None:
+        self.problems.append(Problem(what, path, self.locate(path), fix))
+
+    # -- raw columns ------------------------------------------------------------------------
+    def raw_columns(self) -> dict[str, str] | None:
+        derived = {n for _, n, _ in self.spec.features.columns()}
+        if self.state.exists:
+            return {c.name: c.type for c in self.state.columns if c.name not in derived and not c.is_derived}
+        ingest = self.spec.source.ingest
+        if ingest is None:
+            self.problem("source.table", f"table `{self.spec.source.table}` does not exist and `source.ingest` is not set",
+                         "Add `ingest:` (e.g. `ingest: {from: synthetic}`) or point `table` at an existing Lance table")
+            return None
+        if ingest.kind == "synthetic":
+            return dict(SYNTHETIC_SCHEMA)
+        if self.state.source_schema is not None:
+            return dict(self.state.source_schema)
+        self.warnings.append(f"columns of the {ingest.kind} source are not known before ingest; "
+                             "column references are checked at apply time")
+        return None
+
+    # -- UDF resolution ---------------------------------------------------------------------
+    def resolve(self, tier: str, name: str, col: ColumnSpec) -> dict[str, Any] | None:
+        path = f"features.{tier}.{name}"
+        if ":" in col.udf:
+            return self.resolve_user(path, col)
+        sig = BUILTINS.get(col.udf)
+        if sig is None:
+            self.problem(f"{path}.udf", f"unknown builtin UDF `{col.udf}`",
+                         did_you_mean(col.udf, BUILTINS) or f"Builtins: {', '.join(sorted(BUILTINS))}; "
+                         "or name a user UDF as `module:function`")
+            return None
+        return self.resolve_builtin(path, col, sig)
+
+    def resolve_builtin(self, path: str, col: ColumnSpec, sig: UdfSignature) -> dict[str, Any] | None:
+        unknown = sorted(set(col.params) - set(sig.params))
+        for p in unknown:
+            self.problem(f"{path}.params.{p}", f"`{sig.name}` has no parameter `{p}`",
+                         did_you_mean(p, sig.params) or f"Parameters: {', '.join(sig.params) or 'none'}")
+        inputs = tuple(col.inputs) if col.inputs is not None else tuple(s.default for s in sig.slots)
+        if len(inputs) != len(sig.slots):
+            self.problem(f"{path}.inputs", f"`{sig.name}` takes {len(sig.slots)} input(s) "
+                         f"({', '.join(s.name for s in sig.slots)}), got {len(inputs)}")
+            return None
+        params = {**sig.params, **col.params}
+        output = None
+        if sig.uses_model:
+            if self.spec.model is None:
+                self.problem(f"{path}.udf", f"`{sig.name}` needs a `model` section")
+                return None
+            if self.facts is None:
+                self.problem("model.id", f"cannot read the config of model `{self.spec.model.id}`",
+                             "Set `model.hidden_size`, or make the model available locally")
+                return None
+        if col.output and not sig.uses_model:
+            self.warnings.append(f"`{path}.output` is ignored: `{sig.name}` declares its output type")
+        try:
+            output = sig.output_type(params, (self.spec.model, self.facts))
+        except (ValueError, TypeError) as e:
+            self.problem(f"{path}.params", f"bad parameters for `{sig.name}`: {e}")
+            return None
+        module, _, attr = sig.impl.partition(":")
+        try:
+            src_file = find_module_file(module, None)
+            source = read_udf_node(src_file, attr)
+        except UdfLookupError as e:  # a broken install, not a user mistake, but say it plainly
+            self.problem(f"{path}.udf", str(e))
+            return None
+        recipe_model = None
+        if sig.uses_model:
+            m = self.spec.model
+            recipe_model = {"id": m.id, "revision": m.revision, "image_px": m.image_px,
+                            "processor": self.facts.processor_hash, "hidden": self.facts.hidden_size}
+        return dict(udf=sig.name, impl=sig.impl, impl_file=str(src_file), inputs=inputs, params=params,
+                    output=output, batch_size=col.batch_size or sig.batch_size, uses_model=sig.uses_model,
+                    gpu=sig.gpu, batch=True, parallel=sig.parallel, code=source, slots=[s.accepts for s in sig.slots],
+                    model=recipe_model)
+
+    def resolve_user(self, path: str, col: ColumnSpec) -> dict[str, Any] | None:
+        module, _, func = col.udf.partition(":")
+        try:
+            src = read_udf(module, func, self.spec_dir)
+        except UdfLookupError as e:
+            self.problem(f"{path}.udf", str(e), "Put the module next to the spec or install it")
+            return None
+        decl = src.declared
+        output = col.output or decl.get("output")
+        if output is None:
+            self.problem(f"{path}.output", f"`{col.udf}` declares no output type",
+                         "Add `output=` to its @udf(...) or `output:` to the column")
+            return None
+        try:
+            output = str(parse_type(output))
+        except TypeSyntaxError as e:
+            self.problem(f"{path}.output", f"`{col.udf}` declares a bad output type: {e}")
+            return None
+        inputs = tuple(col.inputs if col.inputs is not None else (decl.get("inputs") or ()))
+        if not inputs:
+            self.problem(f"{path}.inputs", f"`{col.udf}` declares no inputs", "List its input columns under `inputs:`")
+            return None
+        return dict(udf=col.udf, impl=col.udf, impl_file=str(src.file), inputs=inputs, params=dict(col.params),
+                    output=output, batch_size=col.batch_size or decl.get("batch_size") or 1024,
+                    uses_model=False, gpu=False, batch=bool(decl.get("batch", True)),
+                    parallel=bool(decl["parallel"] if decl.get("parallel") is not None else not decl.get("batch", True)),
+                    code=code_hash(src.module, src.node), slots=["any"] * len(inputs), model=None)
+
+    # -- graph ------------------------------------------------------------------------------
+    def columns(self, raw: dict[str, str] | None) -> tuple[ColumnNode, ...] | None:
+        specs = {n: (t, c) for t, n, c in self.spec.features.columns()}
+        resolved = {n: r for n, (t, c) in specs.items() if (r := self.resolve(t, n, c)) is not None}
+        for n in specs:
+            if raw is not None and n in raw:
+                self.problem(f"features.{specs[n][0]}.{n}", f"`{n}` is a raw column of the source",
+                             "Give the derived column another name; raw columns are never modified")
+        known = set(specs) | set(raw or ())
+        graph: dict[str, set[str]] = {}
+        for n, r in resolved.items():
+            graph[n] = set()
+            for i, inp in enumerate(r["inputs"]):
+                ipath = f"features.{specs[n][0]}.{n}.inputs[{i}]"
+                if inp in specs:
+                    graph[n].add(inp)
+                elif raw is not None and inp not in known:
+                    self.problem(ipath, f"unknown column `{inp}`",
+                                 did_you_mean(inp, known) or f"Known columns: {', '.join(sorted(known))}")
+        try:
+            order = _stable_order(graph, list(specs))
+        except graphlib.CycleError as e:
+            cycle = e.args[1]
+            self.problem(f"features.{specs[cycle[0]][0]}.{cycle[0]}.inputs",
+                         "dependency cycle: " + " -> ".join(f"`{c}`" for c in reversed(cycle)),
+                         "Break the cycle: a column cannot depend on itself")
+            return None
+        types = dict(raw or {})
+        fps: dict[str, str] = {}
+        nodes = []
+        for n in order:
+            if n not in resolved:
+                continue
+            tier, col = specs[n]
+            r = resolved[n]
+            ins = []
+            for i, (inp, pattern) in enumerate(zip(r["inputs"], r["slots"])):
+                t = types.get(inp)
+                if t is not None and not _accepts(pattern, t):
+                    self.problem(f"features.{tier}.{n}.inputs[{i}]",
+                                 f"`{r['udf']}` expects {pattern} input but `{inp}` is `{t}`",
+                                 "Pick a column of a matching type")
+                ins.append({"column": inp, "fp": fps.get(inp, f"raw:{t}")})
+            recipe = {"udf": r["udf"], "code": r["code"], "params": r["params"], "output": r["output"],
+                      "inputs": ins, "model": r["model"], "engine": ENGINE_VERSION}
+            fp = digest(recipe)
+            fps[n], types[n] = fp, r["output"]
+            nodes.append(ColumnNode(
+                name=n, tier=tier, udf=r["udf"], impl=r["impl"], impl_file=r["impl_file"], inputs=r["inputs"],
+                params=r["params"], output=r["output"], batch_size=r["batch_size"], on_error=col.on_error,
+                gpus=col.resources.gpus, cpus=col.resources.cpus,
+                uses_model=r["uses_model"], batch=r["batch"], parallel=r["parallel"], fingerprint=fp, recipe=recipe,
+                path=f"features.{tier}.{n}"))
+        return tuple(nodes)
+
+    # -- stages -----------------------------------------------------------------------------
+    def stages(self, types: dict[str, str], fps: dict[str, str], checked: bool) -> tuple[StageNode, ...]:
+        spec, out = self.spec, []
+
+        def need(path: str, column: str) -> str:
+            if checked and column not in types:
+                self.problem(path, f"unknown column `{column}`", did_you_mean(column, types))
+            return fps.get(column, f"raw:{types.get(column)}")
+
+        ingest = spec.source.ingest
+        if ingest is not None:
+            body = ingest.model_dump(mode="json", by_alias=True, exclude={"limit", "rows"})
+            out.append(StageNode("ingest", digest({"ingest": body, "key": spec.source.key}), {"ingest": body}))
+        cur = spec.curation
+        curate_fp = ""
+        if cur is not None or spec.train is not None:
+            reads, recipe = [], {"where": None, "dedup": None}
+            if cur is not None:
+                recipe = cur.model_dump(mode="json", exclude={"name"})
+                if cur.where:
+                    try:
+                        cols = sql_columns(cur.where)
+                    except sqlglot.errors.SqlglotError as e:
+                        self.problem("curation.where", f"cannot parse the SQL predicate: {str(e).splitlines()[0]}",
+                                     "Write a SQL boolean expression, e.g. `ocr_token_count >= 16`")
+                        cols = []
+                    reads += cols
+                if cur.dedup is not None:
+                    reads.append(cur.dedup.column)
+                    t = types.get(cur.dedup.column)
+                    if t is not None and t not in ("uint64", "int64"):
+                        self.problem("curation.dedup.column", f"dedup needs a 64-bit hash column, `{cur.dedup.column}` is `{t}`",
+                                     "Use an `image.dhash` or `image.phash` column")
+            recipe["inputs"] = {c: need("curation.where" if c != getattr(cur.dedup, "column", None) else "curation.dedup.column", c)
+                                for c in sorted(set(reads))}
+            recipe["rows"] = self.expected_rows
+            curate_fp = digest(recipe)
+            out.append(StageNode("curate", curate_fp, recipe, tuple(sorted(set(reads)))))
+        split_fp = ""
+        if spec.split is not None:
+            sp = spec.split
+            recipe = sp.model_dump(mode="json")
+            recipe["inputs"] = {sp.by: need("split.by", sp.by)} if sp.table is None else {}
+            recipe["curate"] = curate_fp if sp.curated else ""
+            recipe["rows"] = self.expected_rows
+            split_fp = digest(recipe)
+            out.append(StageNode("split", split_fp, recipe, (sp.by,) if sp.table is None else ()))
+        train_fp = ""
+        if spec.train is not None:
+            tr = spec.train
+            self.check_train(types)
+            recipe = tr.model_dump(mode="json", exclude={"output_dir", "log_every", "num_workers",
+                                                         "checkpoint_every"})
+            recipe["inputs"] = {tr.hiddens: need("train.hiddens", tr.hiddens), tr.tokens: need("train.tokens", tr.tokens)}
+            recipe["model"] = {"id": spec.model.id, "revision": spec.model.revision}
+            recipe["curate"], recipe["split"] = curate_fp, split_fp
+            train_fp = digest(recipe)
+            out.append(StageNode("train", train_fp, recipe, (tr.hiddens, tr.tokens)))
+        if spec.eval is not None:
+            ev = spec.eval
+            recipe = ev.model_dump(mode="json", exclude={"output_dir", "batch_size"})
+            recipe["train"], recipe["split"] = train_fp, split_fp
+            recipe["model"] = ({"id": spec.model.id, "revision": spec.model.revision,
+                                "image_px": spec.model.image_px} if spec.model else None)
+            for c in ("image", "question", "answers"):
+                need("eval", c)
+            out.append(StageNode("eval", digest(recipe), recipe, ("image", "question", "answers")))
+        return tuple(out)
+
+    def check_train(self, types: dict[str, str]) -> None:
+        tr = self.spec.train
+        for i, t in enumerate(tr.lora.targets):
+            if any(w in t for w in VISION_MODULE_WORDS):
+                self.problem(f"train.lora.targets[{i}]",
+                             f"`{t}` adapts the vision tower or merger, but training reads cached hiddens",
+                             "The cache would be stale by construction: target language-model modules "
+                             "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+        for i, t in enumerate(tr.lora.modules_to_save):
+            if any(w in t for w in VISION_MODULE_WORDS):
+                self.problem(f"train.lora.modules_to_save[{i}]",
+                             f"`{t}` trains part of the vision tower or merger, but training reads cached hiddens",
+                             "Remove it; vision-side training needs the raw-image path")
+        for path, col, udf in (("train.hiddens", tr.hiddens, "vlm.vision_tower"), ("train.tokens", tr.tokens, "vlm.sft_tokens")):
+            node = self.spec.features.columns()
+            producer = next((c.udf for _, n, c in node if n == col), None)
+            if producer is not None and producer != udf:
+                self.problem(path, f"`{col}` is made by `{producer}`, training needs a `{udf}` column")
+
+    def run(self) -> Compiled:
+        raw = self.raw_columns()
+        cols = self.columns(raw)
+        checked = raw is not None and cols is not None  # after a cycle, references can't be judged
+        cols = cols or ()
+        types = {**(raw or {}), **{c.name: c.output for c in cols}}
+        fps = {c.name: c.fingerprint for c in cols}
+        stages = self.stages(types, fps, checked=checked)
+        if self.problems:
+            raise CompileError(self.problems)
+        return Compiled(self.spec, self.file, self.spec_hash, raw or {}, cols, stages, self.facts,
+                        tuple(self.warnings))
+
+
+def _stable_order(graph: dict[str, set[str]], declared: list[str]) -> list[str]:
+    """Topological order that keeps declaration order wherever dependencies allow (stable plans)."""
+    ts = graphlib.TopologicalSorter(graph)
+    ts.prepare()  # raises CycleError naming the cycle
+    rank = {n: i for i, n in enumerate(declared)}
+    order: list[str] = []
+    ready = sorted(ts.get_ready(), key=lambda n: rank.get(n, -1))
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        ts.done(n)
+        ready = sorted(set(ready) | set(ts.get_ready()), key=lambda n: rank.get(n, -1))
+    return order
+
+
+def read_udf_node(path: Path, attr: str) -> str:
+    """Code hash of a builtin implementation, read from source (never imported)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError) as e:
+        raise UdfLookupError(f"cannot read builtin source {path}: {e}") from None
+    node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == attr), None)
+    if node is None:
+        raise UdfLookupError(f"builtin implementation `{attr}` missing from {path}")
+    return code_hash(tree, node)
+
+
+def _accepts(pattern: str, actual: str) -> bool:
+    try:
+        return accepts(pattern, parse_type(actual))
+    except TypeSyntaxError:
+        return True  # a stored type we cannot parse is not the user's mistake; let apply decide
+
+
+def compile_spec(spec: Spec, state: TableState, *, file: str = "<spec>", spec_hash: str = "",
+                 facts: ModelFacts | None = None, locate=None, spec_dir: Path | None = None) -> Compiled:
+    """Resolve UDFs, order columns, fingerprint everything. Raises CompileError with all problems."""
+    locate = locate or (lambda path: Location(file))
+    return _Compiler(spec, file, spec_hash, state, facts, locate, spec_dir).run()

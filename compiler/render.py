@@ -1,0 +1,115 @@
+"""Render a `Plan` as a stable aligned table (golden-tested byte for byte) or as JSON.
+
+Deterministic by construction: plan order, no timestamps, no absolute paths, no colour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from .plan import SYMBOL, ColumnStep, Plan, StageStep
+
+STAGE_TITLES = {"curate": "curate", "split": "split", "train": "train", "eval": "eval"}
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def human_seconds(s: float) -> str:
+    if s < 60:
+        return f"~{max(s, 1):.0f} s"
+    if s < 3600:
+        return f"~{s / 60:.0f} min"
+    return f"~{s / 3600:.1f} h"
+
+
+def _column_detail(s: ColumnStep) -> str:
+    if s.kind == "drop":
+        return "dropped: no longer declared" + ("  BLOCKED: needs --allow-destructive" if s.blocked else "")
+    parts = [s.reason]
+    if s.kind in ("new", "recompute") and s.type:
+        from .types import TypeSyntaxError, parse_type
+
+        try:
+            parts.append(parse_type(s.type).short())
+        except TypeSyntaxError:
+            parts.append(s.type)
+    if s.rows and s.bytes >= 1e6:
+        parts.append(human_bytes(s.bytes))
+    if s.est_seconds is not None:
+        parts.append(human_seconds(s.est_seconds) + (" GPU" if s.gpus else ""))
+    text = ", ".join(parts)
+    if s.blocked:
+        text += "  BLOCKED: needs --allow-destructive"
+    return text
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} rows" if n else ""
+
+
+def render_plan(plan: Plan) -> str:
+    """The human plan: one line per step, aligned, then a summary line."""
+    head = f"Plan  {plan.spec_file} -> {plan.table}"
+    if plan.table_exists:
+        head += f" (version {plan.version}, {plan.rows:,} rows)"
+    else:
+        head += " (new table)"
+    lines = [head]
+    rows: list[tuple[str, str, str, str, str]] = []
+    if plan.ingest is not None:
+        i = plan.ingest
+        rows.append((SYMBOL[i.kind], "ingest", i.label, i.reason, _rows(i.rows)))
+    for s in plan.columns:
+        rows.append((SYMBOL[s.kind], s.name, s.tier, _column_detail(s), _rows(s.rows)))
+    for st in plan.stages:
+        name = f"{st.name} {st.label}".strip() if st.name == "curate" else st.name
+        rows.append((SYMBOL[st.kind], name, "", st.reason, _rows(st.rows) if st.kind != "up_to_date" else ""))
+    if rows:
+        wn = max(len(r[1]) for r in rows)
+        wt = max(len(r[2]) for r in rows)
+        wd = max(len(r[3]) for r in rows)
+        for sym, name, tier, detail, n in rows:
+            line = f"  {sym} {name:<{wn}}  {tier:<{wt}}  {detail:<{wd}}  {n:>12}" if n else \
+                f"  {sym} {name:<{wn}}  {tier:<{wt}}  {detail}"
+            lines.append(line.rstrip())
+    for w in plan.warnings:
+        lines.append(f"  ! {w}")
+    lines.append(summary(plan))
+    return "\n".join(lines) + "\n"
+
+
+def summary(plan: Plan) -> str:
+    if plan.is_empty:
+        return "Plan: nothing to do; the table is up to date."
+    c = plan.counts()
+    parts = []
+    if plan.ingest is not None and plan.ingest.kind != "up_to_date":
+        parts.append("ingest")
+    for kind, word in (("new", "new"), ("recompute", "recompute"), ("resume", "resume"),
+                       ("up_to_date", "up to date"), ("drop", "drop")):
+        if c.get(kind):
+            parts.append(f"{c[kind]} {word}")
+    if c.get("downstream"):
+        parts.append(f"{c['downstream']} downstream step{'s' if c['downstream'] != 1 else ''}")
+    text = "Plan: " + ", ".join(parts) + "."
+    if plan.blocked:
+        text += f" {len(plan.blocked)} blocked: rerun with --allow-destructive."
+    return text
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    d = dataclasses.asdict(plan)
+    d["empty"] = plan.is_empty
+    d["summary"] = summary(plan)
+    d["blocked"] = [s.name for s in plan.blocked]
+    return d
+
+
+def render_json(plan: Plan) -> str:
+    return json.dumps(plan_to_dict(plan), indent=2, sort_keys=True) + "\n"

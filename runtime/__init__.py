@@ -1,0 +1,1 @@
+"""vlmspec.runtime: making it happen. Every side effect lives here."""

@@ -1,0 +1,386 @@
+"""Backfill one derived column: resumable, fragment by fragment, never rewriting existing files.
+
+Protocol (what makes a killed apply resumable):
+1. The column is added as an all-null field (metadata-only) carrying `vlmspec.target` = the
+   fingerprint being filled. A stale column is dropped first (metadata-only too).
+2. Each fragment's values are computed, written as a standalone data file and attached with a
+   `DataReplacement` commit: one commit per checkpoint. A kill loses at most the fragments in
+   flight; a fragment holding a data file for the field is done and is never recomputed.
+3. When every fragment holds data, `vlmspec.fingerprint` is written and `vlmspec.target` removed:
+   the fingerprint appears when, and only when, the column is complete.
+Raw columns are only ever read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import lance
+import pyarrow as pa
+
+from vlmspec.compiler.compile import ColumnNode
+from vlmspec.compiler.errors import ApplyError, Problem
+from vlmspec.compiler.state import FINGERPRINT, RECIPE, TARGET
+
+from . import lance_io
+from .arrow_types import to_pyarrow
+from .udfs.base import UdfContext
+
+
+class Reporter(Protocol):
+    """How long work reports progress (the CLI draws bars; tests record calls)."""
+
+    def start(self, task: str, total: int) -> None: ...
+    def advance(self, task: str, n: int) -> None: ...
+    def finish(self, task: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class NullReporter:
+    def start(self, task: str, total: int) -> None: ...
+    def advance(self, task: str, n: int) -> None: ...
+    def finish(self, task: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+@dataclass
+class ColumnRun:
+    """What one column's backfill did (recorded in run history)."""
+
+    name: str
+    udf: str
+    fingerprint: str
+    rows: int = 0
+    seconds: float = 0.0
+    fragments: int = 0
+    errors: int = 0
+    action: str = ""
+
+    @property
+    def rows_per_s(self) -> float | None:
+        return self.rows / self.seconds if self.rows and self.seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    offset: int
+    error: str
+
+
+@dataclass
+class Chunk:
+    """A unit of work: rows [offset, offset+limit) of one fragment."""
+
+    frag_id: int
+    offset: int
+    limit: int
+
+
+# --- loading UDFs -------------------------------------------------------------------------
+
+def load_udf(node: ColumnNode) -> Any:
+    """Import the implementation: builtins by module path, user UDFs from the file the spec named."""
+    module, _, attr = node.impl.partition(":")
+    if node.udf == node.impl:  # user UDF: import from the resolved file, under a private name
+        name = f"vlmspec_user_udf_{abs(hash(node.impl_file))}"
+        mod = sys.modules.get(name)
+        if mod is None:
+            spec = importlib.util.spec_from_file_location(name, node.impl_file)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(module)
+    return getattr(mod, attr)
+
+
+def _call(fn: Callable, arrays: list[pa.Array], params: dict, out_type: pa.DataType, batch: bool) -> pa.Array:
+    if batch:
+        result = fn(*arrays, **params)
+    else:
+        cols = [a.to_pylist() for a in arrays]
+        result = [fn(*row, **params) for row in zip(*cols)]
+    if isinstance(result, pa.ChunkedArray):
+        result = result.combine_chunks()
+    if not isinstance(result, pa.Array):
+        result = pa.array(result, type=out_type)
+    elif result.type != out_type:
+        result = result.cast(out_type)
+    if len(result) != len(arrays[0]):
+        raise ValueError(f"UDF returned {len(result)} values for {len(arrays[0])} rows")
+    return result
+
+
+def compute(fn: Callable, arrays: list[pa.Array], params: dict, out_type: pa.DataType, batch: bool,
+            on_error: str) -> tuple[pa.Array, list[RowFailure]]:
+    """Run the UDF on a batch; on failure isolate the bad rows (`null`) or report the first (`fail`)."""
+    try:
+        return _call(fn, arrays, params, out_type, batch), []
+    except Exception:
+        if len(arrays[0]) == 1 and on_error == "fail":
+            raise
+    values, failures = [], []
+    for i in range(len(arrays[0])):
+        try:
+            values.append(_call(fn, [a.slice(i, 1) for a in arrays], params, out_type, batch))
+        except Exception as e:
+            if on_error == "fail":
+                raise _RowError(i, e) from e
+            failures.append(RowFailure(i, f"{type(e).__name__}: {e}"))
+            values.append(pa.nulls(1, out_type))
+    return pa.concat_arrays(values), failures
+
+
+class _RowError(Exception):
+    def __init__(self, offset: int, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.offset = offset
+
+
+# --- worker side (separate processes for CPU UDFs) ------------------------------------------
+
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def _run_chunk(uri: str, version: int, node: ColumnNode, chunk: Chunk, batch_size: int):
+    """Compute one chunk in a worker process; returns (chunk, values, failures) or the row error."""
+    fn = _WORKER_CACHE.get(node.impl)
+    if fn is None:
+        fn = _WORKER_CACHE[node.impl] = load_udf(node)
+    ds = lance.dataset(uri, version=version)
+    return _compute_chunk(ds, fn, node, chunk, batch_size)
+
+
+def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
+    out_type = to_pyarrow(node.output)
+    frag = ds.get_fragment(chunk.frag_id)
+    table = frag.to_table(columns=list(node.inputs), offset=chunk.offset, limit=chunk.limit)
+    parts, failures = [], []
+    for start in range(0, table.num_rows, batch_size):
+        arrays = [table.column(c).slice(start, batch_size).combine_chunks() for c in node.inputs]
+        try:
+            values, fails = compute(fn, arrays, dict(node.params), out_type, node.batch, node.on_error)
+        except _RowError as e:
+            return chunk, None, [RowFailure(chunk.offset + start + e.offset, str(e))]
+        except Exception as e:  # a whole-batch failure under `fail` with one row
+            return chunk, None, [RowFailure(chunk.offset + start, f"{type(e).__name__}: {e}")]
+        parts.append(values)
+        failures += [RowFailure(chunk.offset + start + f.offset, f.error) for f in fails]
+    values = pa.concat_arrays(parts) if parts else pa.array([], out_type)
+    return chunk, values, failures
+
+
+# --- the engine ---------------------------------------------------------------------------
+
+@dataclass
+class _FragmentBuffer:
+    rows: int
+    parts: dict[int, pa.Array] = field(default_factory=dict)
+
+    def add(self, offset: int, values: pa.Array) -> bool:
+        self.parts[offset] = values
+        return sum(len(v) for v in self.parts.values()) == self.rows
+
+    def values(self) -> pa.Array:
+        return pa.concat_arrays([self.parts[k] for k in sorted(self.parts)])
+
+
+def prepare_column(uri: str, node: ColumnNode) -> tuple[lance.LanceDataset, str]:
+    """Bring the column to 'being filled towards node.fingerprint'; returns (dataset, action)."""
+    ds = lance.dataset(uri)
+    out_type = to_pyarrow(node.output)
+    meta = {TARGET: node.fingerprint, RECIPE: json.dumps(node.recipe, sort_keys=True)}
+    if node.name not in ds.schema.names:
+        return lance_io.add_null_column(ds, node.name, out_type, meta), "new"
+    current = lance_io.decode_metadata(ds.schema.field(node.name).metadata)
+    have = current.get(FINGERPRINT) or current.get(TARGET)
+    if have != node.fingerprint or ds.schema.field(node.name).type != out_type:
+        ds.drop_columns([node.name])  # metadata-only; the stale values are no longer wanted
+        ds = lance.dataset(uri)
+        return lance_io.add_null_column(ds, node.name, out_type, meta), "recompute"
+    if current.get(FINGERPRINT):
+        # Complete before, now missing rows (appended source rows): not complete any more.
+        lance_io.update_field_metadata(ds, node.name, {FINGERPRINT: None, TARGET: node.fingerprint})
+        ds = lance.dataset(uri)
+    return ds, "resume"
+
+
+def pending_chunks(ds: lance.LanceDataset, name: str, chunk_rows: int) -> list[Chunk]:
+    done = set(lance_io.fragment_fill(ds).get(name, []))
+    rows = lance_io.fragment_rows(ds)
+    chunks = []
+    for frag in ds.get_fragments():
+        fid = frag.fragment_id
+        if fid in done or rows[fid] == 0:
+            continue
+        if frag.metadata.deletion_file is not None:
+            raise ApplyError(Problem(f"fragment {fid} has deleted rows", node_path(name),
+                                     fix="Compact the table (lance `optimize.compact_files`) and apply again"))
+        for off in range(0, rows[fid], chunk_rows):
+            chunks.append(Chunk(fid, off, min(chunk_rows, rows[fid] - off)))
+    return chunks
+
+
+def node_path(name: str) -> str:
+    return f"column `{name}`"
+
+
+def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, device: str = "cpu",
+                    workers: int = 1, reporter: Reporter | None = None, errors_log: Path | None = None,
+                    key: str | None = None) -> ColumnRun:
+    """Fill `node` to completion (or raise ApplyError); resumable at fragment granularity."""
+    reporter = reporter or NullReporter()
+    ds, action = prepare_column(uri, node)
+    run = ColumnRun(node.name, node.udf, node.fingerprint, action=action)
+    frag_rows = lance_io.fragment_rows(ds)
+    parallel = workers > 1 and node.parallel and not node.uses_model
+    chunk_rows = node.batch_size * (4 if parallel else 64)
+    chunks = pending_chunks(ds, node.name, chunk_rows)
+    total = sum(c.limit for c in chunks)
+    reporter.start(node.name, total)
+    buffers: dict[int, _FragmentBuffer] = {}
+    version = ds.version
+    storage = ds.data_storage_version
+    started = time.perf_counter()
+    pending_commit: list[tuple[int, Any]] = []
+    field_meta: dict[str, str] = {}
+
+    def finish_chunk(chunk: Chunk, values: pa.Array | None, failures: list[RowFailure]) -> None:
+        nonlocal version
+        if values is None:  # `fail` policy: stop at the first bad row, commit what is done
+            flush()
+            f = failures[0]
+            addr = (chunk.frag_id << 32) + f.offset
+            raise ApplyError(Problem(
+                f"UDF `{node.udf}` failed on row {addr} (fragment {chunk.frag_id}, offset {f.offset}"
+                f"{_key_text(uri, key, chunk.frag_id, f.offset)}): {f.error}", node.path,
+                fix=f"Fix the UDF or the row, or set `on_error: null` on `{node.name}`; "
+                    "`vlmspec apply` resumes from the last checkpoint"))
+        if failures:
+            run.errors += len(failures)
+            _log_errors(errors_log, node, chunk.frag_id, failures, uri, key)
+        buf = buffers.setdefault(chunk.frag_id, _FragmentBuffer(frag_rows[chunk.frag_id]))
+        reporter.advance(node.name, chunk.limit)
+        run.rows += chunk.limit
+        if buf.add(chunk.offset, values):
+            datafile = lance_io.write_column_data(uri, node.name, buf.values(), storage)
+            pending_commit.append((chunk.frag_id, datafile))
+            del buffers[chunk.frag_id]
+            run.fragments += 1
+            flush()
+
+    def flush() -> None:
+        nonlocal version
+        if pending_commit:
+            version = lance_io.commit_column_data(uri, version, pending_commit).version
+            pending_commit.clear()
+
+    try:
+        if parallel and len(chunks) > 1:
+            _run_parallel(uri, ds.version, node, chunks, workers, finish_chunk)
+        else:
+            instance, field_meta = _instantiate(node, model_spec, device)
+            try:
+                for chunk in chunks:
+                    finish_chunk(*_compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
+                                                 chunk, node.batch_size))
+            finally:
+                if hasattr(instance, "close"):
+                    instance.close()
+        flush()
+    finally:
+        run.seconds = time.perf_counter() - started
+        reporter.finish(node.name)
+    _complete(uri, node, field_meta)
+    return run
+
+
+def _instantiate(node: ColumnNode, model_spec: Any, device: str) -> tuple[Callable, dict[str, str]]:
+    """A callable for the UDF, plus field metadata a class UDF wants stored (e.g. the vision grid)."""
+    obj = load_udf(node)
+    if isinstance(obj, type):
+        ctx = UdfContext(node.name, to_pyarrow(node.output), dict(node.params), model_spec, device, node.batch_size)
+        inst = obj(ctx)
+        meta = dict(inst.field_metadata()) if hasattr(inst, "field_metadata") else {}
+        # Params went to the constructor; the call takes arrays only.
+        return _BoundInstance(inst), meta
+    return obj, {}
+
+
+class _BoundInstance:
+    def __init__(self, inst):
+        self.inst = inst
+
+    def __call__(self, *arrays, **_params):
+        return self.inst(*arrays)
+
+    def close(self):
+        if hasattr(self.inst, "close"):
+            self.inst.close()
+
+
+def _complete(uri: str, node: ColumnNode, field_meta: dict[str, str]) -> None:
+    ds = lance.dataset(uri)
+    done = set(lance_io.fragment_fill(ds).get(node.name, []))
+    rows = lance_io.fragment_rows(ds)
+    missing = [f for f, n in rows.items() if n and f not in done]
+    if missing:  # rows were appended while we ran; the next apply fills them
+        return
+    lance_io.update_field_metadata(ds, node.name, {**field_meta, FINGERPRINT: node.fingerprint, TARGET: None})
+
+
+def _run_parallel(uri: str, version: int, node: ColumnNode, chunks: list[Chunk], workers: int,
+                  finish: Callable) -> None:
+    # spawn, not fork: lance/lancedb are not fork-safe (workers segfault; stack-notes §3).
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+        todo = list(reversed(chunks))
+        running = set()
+        try:
+            while todo or running:
+                while todo and len(running) < workers * 2:
+                    running.add(pool.submit(_run_chunk, uri, version, node, todo.pop(), node.batch_size))
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: (f.result()[0].frag_id, f.result()[0].offset)):
+                    finish(*fut.result())
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            raise
+
+
+def _key_text(uri: str, key: str | None, frag_id: int, offset: int) -> str:
+    if not key:
+        return ""
+    try:
+        ds = lance.dataset(uri)
+        if key not in ds.schema.names:
+            return ""
+        val = ds.get_fragment(frag_id).to_table(columns=[key], offset=offset, limit=1).column(key)[0].as_py()
+        return f", {key}={val!r}"
+    except Exception:  # the message is a courtesy; never let it hide the real error
+        return ""
+
+
+def _log_errors(path: Path | None, node: ColumnNode, frag_id: int, failures: list[RowFailure], uri: str,
+                key: str | None) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for fl in failures:
+            f.write(json.dumps({"column": node.name, "fingerprint": node.fingerprint,
+                                "row_addr": (frag_id << 32) + fl.offset, "fragment": frag_id,
+                                "offset": fl.offset, "error": fl.error[:2000],
+                                "time": time.time()}) + "\n")

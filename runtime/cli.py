@@ -1,0 +1,264 @@
+"""The `vlmspec` command line: the composition root, and the only module that prints or exits.
+
+A `VlmspecError` prints `error: ...` on stderr and exits 1 (`--debug` or VLMSPEC_DEBUG=1 re-raises);
+any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from vlmspec.compiler.errors import VlmspecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan and apply VLM fine-tuning experiments on one Lance table.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+STATE = {"debug": os.environ.get("VLMSPEC_DEBUG", "") not in ("", "0")}
+
+VarOpt = typer.Option(None, "--var", help="Override a template variable: --var key=value (repeatable).")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for vlmspec errors.")) -> None:
+    if debug:
+        STATE["debug"] = True
+
+
+def _load(spec: Path, var: list[str] | None):
+    from vlmspec.compiler.load import load_spec
+
+    return load_spec(spec, var or [])
+
+
+def _fail(e: VlmspecError) -> None:
+    if STATE["debug"]:
+        raise e
+    err.print(Text("error: " + str(e).replace("\n", "\nerror: ")))
+    raise typer.Exit(1)
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[list[str]] = VarOpt) -> None:
+    """Check a spec: YAML, templates, fields, column references, types and UDFs."""
+    from .apply import prepare
+
+    try:
+        prep = prepare(_load(spec, var), allow_destructive=True)
+    except VlmspecError as e:
+        _fail(e)
+    c = prep.compiled
+    out.print(f"{spec}: ok ({len(c.columns)} derived columns, steps: "
+              f"{', '.join(s.name for s in c.stages) or 'none'})")
+    for w in c.warnings:
+        out.print(f"warning: {w}")
+
+
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="The spec file."),
+         var: Optional[list[str]] = VarOpt,
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON plan to this file."),
+         detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode",
+                                                help="Exit 0 when nothing would change, 2 when it would."),
+         allow_destructive: bool = typer.Option(False, "--allow-destructive",
+                                                help="Show destructive steps as allowed.")) -> None:
+    """Dry run: what `apply` would do, read from table metadata only."""
+    from vlmspec.compiler.render import render_json, render_plan
+
+    from .apply import prepare
+
+    try:
+        p = prepare(_load(spec, var), allow_destructive=allow_destructive).plan
+    except VlmspecError as e:
+        _fail(e)
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(render_json(p))
+    out.print(render_json(p) if as_json else render_plan(p), end="")
+    if detailed_exitcode and not p.is_empty:
+        raise typer.Exit(2)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} rows/s" if speed else "", style="cyan")
+
+
+class RichReporter:
+    """Progress bars with rows/s and ETA on stderr."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                                 TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def start(self, task: str, total: int) -> None:
+        self.tasks[task] = self.progress.add_task(task, total=total or None)
+
+    def advance(self, task: str, n: int) -> None:
+        if task in self.tasks:
+            self.progress.advance(self.tasks[task], n)
+
+    def finish(self, task: str) -> None:
+        if task in self.tasks:
+            t = self.tasks[task]
+            total = self.progress.tasks[t].total
+            self.progress.update(t, completed=total if total else self.progress.tasks[t].completed)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+@app.command()
+def apply(spec: Path = typer.Argument(..., help="The spec file."),
+          var: Optional[list[str]] = VarOpt,
+          target: Optional[list[str]] = typer.Option(None, "--target",
+                                                     help="Run only what this column or step needs (repeatable)."),
+          until: Optional[str] = typer.Option(None, "--until", help="Stop after a stage: ingest|features|curate|train|eval."),
+          allow_destructive: bool = typer.Option(False, "--allow-destructive",
+                                                 help="Allow dropping columns the spec no longer declares."),
+          workers: Optional[int] = typer.Option(None, "--workers", help="CPU worker processes (default: all cores)."),
+          device: Optional[str] = typer.Option(None, "--device", help="Device for model steps (default: cuda if present).")) -> None:
+    """Do what the plan says: only what is missing or stale, resumably."""
+    from vlmspec.compiler.render import render_plan
+
+    from .apply import UNTIL, apply as run_apply
+
+    if until is not None and until not in UNTIL:
+        _fail(VlmspecError(f"--until must be one of {', '.join(UNTIL)}, got `{until}`"))
+    t0 = time.time()
+    try:
+        loaded = _load(spec, var)
+        with RichReporter(err) as reporter:
+            result = run_apply(loaded, allow_destructive=allow_destructive, targets=target or [], until=until,
+                               reporter=reporter, workers=workers, device=device)
+    except KeyboardInterrupt:
+        err.print("interrupted: committed work is kept; run `vlmspec apply` again to resume.")
+        raise typer.Exit(130)
+    except VlmspecError as e:
+        _fail(e)
+    if result.plan_before.is_empty:
+        out.print("Nothing to do; the table is up to date.")
+    else:
+        out.print(render_plan(result.plan_before), end="")
+        out.print(f"Applied in {time.time() - t0:.1f} s (run {result.record.run_id}):")
+        for line in result.summary:
+            out.print(f"  {line}")
+    if result.plan_after is not None and not result.plan_after.is_empty and not target and not until:
+        out.print("Still to do:")
+        out.print(render_plan(result.plan_after), end="")
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON schema (for editor completion and validation)."""
+    from vlmspec.compiler.model import Spec
+
+    out.print(json.dumps(Spec.model_json_schema(by_alias=True), indent=2, sort_keys=True))
+
+
+@app.command()
+def log(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[list[str]] = VarOpt,
+        limit: int = typer.Option(20, help="Show at most this many runs.")) -> None:
+    """List applies recorded for the spec's table."""
+    from . import history
+
+    try:
+        loaded = _load(spec, var)
+    except VlmspecError as e:
+        _fail(e)
+    runs = history.list_runs(loaded.spec.source.table)[-limit:]
+    if not runs:
+        out.print("No runs recorded.")
+        return
+    out.print(f"{'run':<24} {'status':<11} {'versions':<10} {'spec':<14} steps")
+    for r in runs:
+        versions = f"{r.get('version_before') or '-'}->{r.get('version_after') or '-'}"
+        steps = ", ".join(f"{s['name']}({s['rows']:,})" for s in r.get("steps", []) if s.get("rows")) or "-"
+        out.print(f"{r['run_id']:<24} {r['status']:<11} {versions:<10} {r['spec_hash'][:12]:<14} {steps}")
+
+
+@app.command()
+def status(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[list[str]] = VarOpt) -> None:
+    """Each declared column's fill and freshness, and each step's state."""
+    from .apply import prepare
+
+    try:
+        prep = prepare(_load(spec, var), allow_destructive=True)
+    except VlmspecError as e:
+        _fail(e)
+    st, p = prep.state, prep.plan
+    if not st.exists:
+        out.print(f"{st.uri}: not created yet (run `vlmspec apply {spec}`)")
+        return
+    out.print(f"{st.uri}: version {st.version}, {st.rows:,} rows")
+    width = max([len(s.name) for s in p.columns] + [6])
+    for s in p.columns:
+        col = st.column(s.name)
+        filled = col.filled_rows if col else 0
+        pct = 100.0 * filled / st.rows if st.rows else 0.0
+        fresh = "fresh" if s.kind == "up_to_date" else s.reason
+        out.print(f"  {s.name:<{width}}  {s.tier:<5}  {filled:>10,}/{st.rows:,} filled ({pct:5.1f}%)  {fresh}")
+    for s in p.stages:
+        rec = st.steps.get(s.name)
+        when = f"at version {rec.table_version}" if rec else "never run"
+        out.print(f"  {s.name:<{width}}  {'':<5}  {('fresh' if s.kind == 'up_to_date' else 'stale: ' + s.reason)} ({when})")
+
+
+@app.command()
+def errors(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[list[str]] = VarOpt,
+           column: Optional[str] = typer.Option(None, help="Only this column."),
+           limit: int = typer.Option(50, help="Show at most this many rows.")) -> None:
+    """Rows a UDF failed on (recorded under `on_error: null`)."""
+    from . import lance_io
+
+    try:
+        loaded = _load(spec, var)
+    except VlmspecError as e:
+        _fail(e)
+    path = lance_io.sidecar_dir(loaded.spec.source.table) / "errors.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if column is None or r["column"] == column:
+                rows.append(r)
+    if not rows:
+        out.print("No row errors recorded.")
+        return
+    for r in rows[-limit:]:
+        out.print(f"{r['column']}  row {r['row_addr']}  (fragment {r['fragment']}, offset {r['offset']})  {r['error']}")
+    out.print(f"{len(rows)} row error(s).")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

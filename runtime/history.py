@@ -1,0 +1,91 @@
+"""Run history and the step records `plan` diffs against, kept in the table's sidecar directory.
+
+`<table>.vlmspec/state.json` holds the last completed curate/split/train/eval (fingerprint, table
+version, recipe) and measured UDF throughputs; `<table>.vlmspec/runs/<id>.json` holds one record
+per apply: the spec text and hash, versions before/after, each step's rows, time and throughput,
+fingerprints and library versions. Nothing from the environment (tokens!) is ever written.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import lance_io
+
+LIBRARIES = ("vlmspec", "pylance", "lancedb", "pyarrow", "torch", "transformers", "peft", "bitsandbytes",
+             "pillow", "imagehash", "pydantic", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class RunRecord:
+    spec_file: str
+    spec_hash: str
+    spec_text: str
+    table: str
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    status: str = "running"
+    version_before: int | None = None
+    version_after: int | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    libraries: dict[str, str] = field(default_factory=library_versions)
+    host: str = field(default_factory=platform.node)
+
+    def add_step(self, name: str, kind: str, rows: int, seconds: float, **extra: Any) -> None:
+        rate = rows / seconds if rows and seconds > 0 else None
+        self.steps.append({"name": name, "kind": kind, "rows": rows, "seconds": round(seconds, 3),
+                           "rows_per_s": round(rate, 2) if rate else None, **extra})
+
+    def save(self) -> Path:
+        d = lance_io.sidecar_dir(self.table) / "runs"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{self.run_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+        return path
+
+
+def list_runs(table: str) -> list[dict[str, Any]]:
+    d = lance_io.sidecar_dir(table) / "runs"
+    runs = []
+    for p in sorted(d.glob("*.json")) if d.exists() else []:
+        try:
+            runs.append(json.loads(p.read_text()))
+        except ValueError:
+            continue
+    return runs
+
+
+def record_step(table: str, name: str, fingerprint: str, table_version: int, rows: int,
+                detail: dict[str, Any]) -> None:
+    """Mark a curate/split/train/eval/ingest step complete (what `plan` diffs against)."""
+    side = lance_io.read_sidecar(table)
+    side.setdefault("steps", {})[name] = {"fingerprint": fingerprint, "table_version": table_version,
+                                         "rows": rows, "detail": detail, "time": time.time()}
+    lance_io.write_sidecar(table, side)
+
+
+def record_throughput(table: str, udf: str, rows_per_s: float) -> None:
+    side = lance_io.read_sidecar(table)
+    side.setdefault("throughput", {})[udf] = round(rows_per_s, 3)
+    lance_io.write_sidecar(table, side)

@@ -1,0 +1,187 @@
+"""Tier-3 model UDFs: cached vision-tower hiddens (`vlm.vision_tower`) and SFT tokens (`vlm.sft_tokens`).
+
+Both build their inputs through `vlmspec.runtime.vlm.prompt`, the single definition shared with
+training and evaluation. torch and transformers are imported inside the classes, so importing
+this module stays cheap. A bad row raises `ValueError` naming the row; the engine applies the
+column's `on_error` policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .base import UdfContext
+
+__all__ = ["SftTokens", "VisionTower"]
+
+
+def _as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+class VisionTower:
+    """Merged vision-tower hidden states of `model.image_px`-square images, fp16 [tokens x hidden].
+
+    Loads only the tower (never the language model) once; each call decodes and resizes the batch
+    with `prompt.resize_image`, runs the image processor and ONE tower forward for the batch, and
+    returns a fixed-size list per row, row-major [tokens, hidden].
+    """
+
+    def __init__(self, ctx: UdfContext):
+        import torch
+
+        from vlmspec.runtime.vlm import models
+
+        if ctx.model is None:
+            raise ValueError(f"`{ctx.column}`: vlm.vision_tower needs a `model` section")
+        self.ctx = ctx
+        self.spec = ctx.model
+        self.image_px = int(self.spec.image_px)
+        self.device = ctx.device
+        self.dtype = models.resolve_dtype(getattr(self.spec, "dtype", "auto"), self.device)
+        self.image_processor = models.load_model_processor(self.spec).image_processor
+        self.tower = models.load_vision_tower(self.spec, self.device, self.dtype)
+        cfg = self.tower.config
+        self.hidden_size = int(cfg.out_hidden_size)
+        self.patches = self.image_px // cfg.patch_size
+        self.merge = int(cfg.spatial_merge_size)
+        self.tokens = (self.patches // self.merge) ** 2
+        size = self.tokens * self.hidden_size
+        out = ctx.output_type
+        if not pa.types.is_fixed_size_list(out) or out.list_size != size or out.value_type != pa.float16():
+            raise ValueError(f"`{ctx.column}`: output type {out} does not match the model "
+                             f"({self.tokens} tokens x {self.hidden_size} hidden, float16)")
+        self._torch = torch
+
+    def encode(self, images: pa.Array | list) -> Any:
+        """Tower outputs [B, tokens, hidden] in the tower's dtype (before the fp16 cast)."""
+        from vlmspec.runtime.vlm.prompt import image_processor_kwargs, resize_image
+
+        torch = self._torch
+        values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
+        pil = []
+        for i, v in enumerate(values):
+            if v is None:
+                raise ValueError(f"row {i}: image is null")
+            try:
+                pil.append(resize_image(v, self.image_px))
+            except Exception as e:  # noqa: BLE001 - any decode failure is this row's error
+                raise ValueError(f"row {i}: cannot decode image: {e}") from e
+        batch = self.image_processor(images=pil, return_tensors="pt", **image_processor_kwargs(self.image_px))
+        grid = batch["image_grid_thw"]
+        expected = torch.tensor([1, self.patches, self.patches])
+        if not bool((grid == expected).all()):
+            raise ValueError(f"image processor produced grids {grid.tolist()}, expected {expected.tolist()}")
+        with torch.inference_mode():
+            out = self.tower(batch["pixel_values"].to(self.device, self.dtype), grid_thw=grid.to(self.device))
+        return out.pooler_output.reshape(len(pil), self.tokens, self.hidden_size)
+
+    def __call__(self, images: pa.Array) -> pa.Array:
+        if len(images) == 0:
+            return pa.array([], type=self.ctx.output_type)
+        feats = self.encode(images).to(self._torch.float16).cpu().numpy()
+        finite = np.isfinite(feats).reshape(len(feats), -1).all(axis=1)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"row {i}: vision hiddens overflow float16 (non-finite after the cast)")
+        flat = pa.array(feats.reshape(-1), type=pa.float16())
+        return pa.FixedSizeListArray.from_arrays(flat, type=self.ctx.output_type)
+
+    def field_metadata(self) -> dict[str, str]:
+        return {
+            "vlmspec.grid_thw": f"1,{self.patches},{self.patches}",
+            "vlmspec.hidden_size": str(self.hidden_size),
+            "vlmspec.image_px": str(self.image_px),
+            "vlmspec.image_tokens": str(self.tokens),
+            "vlmspec.layout": "row-major [tokens, hidden]",
+        }
+
+    def close(self) -> None:
+        self.tower = None
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+
+class SftTokens:
+    """Chat-template prompt with the image pads, answer + end-of-turn as labels, prompt masked.
+
+    Rows are right-padded to `max_tokens` (pad id, mask 0, label -100). A row whose prompt plus
+    answer plus end token does not fit raises instead of being truncated: a cut answer would teach
+    the model to stop mid-answer (or never emit the end token), and a cut prompt would lose image
+    pads or leave every label masked.
+    """
+
+    def __init__(self, ctx: UdfContext):
+        from vlmspec.runtime.vlm import models, prompt
+
+        if ctx.model is None:
+            raise ValueError(f"`{ctx.column}`: vlm.sft_tokens needs a `model` section")
+        self.ctx = ctx
+        self.max_tokens = int(ctx.params.get("max_tokens", 512))
+        out = ctx.output_type
+        for name in ("input_ids", "attention_mask", "labels"):
+            t = out.field(name).type
+            if t.list_size != self.max_tokens:
+                raise ValueError(f"`{ctx.column}`: output field `{name}` has {t.list_size} slots, "
+                                 f"max_tokens is {self.max_tokens}")
+        self.processor = models.load_model_processor(ctx.model)
+        self.tokenizer = self.processor.tokenizer
+        self.image_tokens = int(ctx.model.image_tokens)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(prompt.IMAGE_PAD)
+        self.end_id = self.tokenizer.convert_tokens_to_ids(prompt.answer_end_token(self.tokenizer))
+        self._prompt = prompt
+
+    def _prompt_ids(self, questions: list[str]) -> list[list[int]]:
+        p = self._prompt
+        texts = [p.expand_image_pads(p.prompt_text(self.processor, q), self.image_tokens) for q in questions]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, questions: pa.Array, answers: pa.Array) -> pa.StructArray:
+        qs, ans = _as_array(questions).to_pylist(), _as_array(answers).to_pylist()
+        n, L = len(qs), self.max_tokens
+        for i, (q, a) in enumerate(zip(qs, ans)):
+            if q is None or not q.strip():
+                raise ValueError(f"row {i}: question is null or empty")
+            if a is None or not a.strip():
+                raise ValueError(f"row {i}: answer is null or empty (nothing to learn but the end token)")
+        ids = np.full((n, L), self.pad_id, dtype=np.int32)
+        mask = np.zeros((n, L), dtype=np.int8)
+        labels = np.full((n, L), -100, dtype=np.int32)
+        if n:
+            prompts = self._prompt_ids(qs)
+            answer_ids = self.tokenizer([a.strip() for a in ans], add_special_tokens=False)["input_ids"]
+        for i in range(n):
+            p, a = prompts[i], list(answer_ids[i]) + [self.end_id]
+            pads = sum(1 for t in p if t == self.image_pad_id)
+            if pads != self.image_tokens:
+                raise ValueError(f"row {i}: prompt has {pads} `<|image_pad|>` tokens, expected "
+                                 f"{self.image_tokens} (does the question contain special tokens?)")
+            if len(p) + len(a) > L:
+                raise ValueError(f"row {i}: prompt ({len(p)} tokens, {self.image_tokens} of them image pads) "
+                                 f"+ answer and end token ({len(a)}) = {len(p) + len(a)} > max_tokens {L}; "
+                                 "raise `max_tokens` or lower `model.image_px`")
+            ids[i, :len(p)] = p
+            ids[i, len(p):len(p) + len(a)] = a
+            labels[i, len(p):len(p) + len(a)] = a
+            mask[i, :len(p) + len(a)] = 1
+        data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        fields = list(self.ctx.output_type)
+        arrays = [pa.FixedSizeListArray.from_arrays(pa.array(data[f.name].reshape(-1), type=f.type.value_type),
+                                                    type=f.type) for f in fields]
+        return pa.StructArray.from_arrays(arrays, fields=fields)
+
+    def field_metadata(self) -> dict[str, str]:
+        return {
+            "vlmspec.max_tokens": str(self.max_tokens),
+            "vlmspec.image_tokens": str(self.image_tokens),
+            "vlmspec.pad_id": str(self.pad_id),
+            "vlmspec.image_pad_id": str(self.image_pad_id),
+            "vlmspec.end_id": str(self.end_id),
+            "vlmspec.padding": "right",
+        }
