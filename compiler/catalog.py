@@ -81,6 +81,15 @@ SYNTHETIC_SCHEMA: dict[str, str] = {
     "set_name": "string",
 }
 
+# Sources whose schema is known before ingest (so plans are fully checked offline).
+KNOWN_SOURCES: dict[str, dict[str, str]] = {
+    "lance-format/textvqa-lance": {
+        **SYNTHETIC_SCHEMA,
+        "image_emb": "fixed_size_list<item: float>[512]",
+        "question_emb": "fixed_size_list<item: float>[512]",
+    },
+}
+
 _R = "vlmspec.runtime.udfs"
 BUILTINS: dict[str, UdfSignature] = {
     s.name: s

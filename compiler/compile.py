@@ -53,6 +53,8 @@ class ColumnNode:
     fingerprint: str
     recipe: Mapping[str, Any]
     path: str
+    shape: str = ""
+    """Human shape for plans, e.g. `fp16[400x2048]` (empty: derive from the type)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,9 @@ class _Compiler:
         except UdfLookupError as e:  # a broken install, not a user mistake, but say it plainly
             self.problem(f"{path}.udf", str(e))
             return None
-        recipe_model = None
+        recipe_model, shape = None, ""
+        if sig.name == "vlm.vision_tower":
+            shape = f"fp16[{self.spec.model.image_tokens}x{self.facts.hidden_size}]"
         if sig.uses_model:
             m = self.spec.model
             recipe_model = {"id": m.id, "revision": m.revision, "image_px": m.image_px,
@@ -192,7 +196,7 @@ class _Compiler:
         return dict(udf=sig.name, impl=sig.impl, impl_file=str(src_file), inputs=inputs, params=params,
                     output=output, batch_size=col.batch_size or sig.batch_size, uses_model=sig.uses_model,
                     gpu=sig.gpu, batch=True, parallel=sig.parallel, code=source, slots=[s.accepts for s in sig.slots],
-                    model=recipe_model)
+                    model=recipe_model, shape=shape)
 
     def resolve_user(self, path: str, col: ColumnSpec) -> dict[str, Any] | None:
         module, _, func = col.udf.partition(":")
@@ -220,7 +224,7 @@ class _Compiler:
                     output=output, batch_size=col.batch_size or decl.get("batch_size") or 1024,
                     uses_model=False, gpu=False, batch=bool(decl.get("batch", True)),
                     parallel=bool(decl["parallel"] if decl.get("parallel") is not None else not decl.get("batch", True)),
-                    code=code_hash(src.module, src.node), slots=["any"] * len(inputs), model=None)
+                    code=code_hash(src.module, src.node), slots=["any"] * len(inputs), model=None, shape="")
 
     # -- graph ------------------------------------------------------------------------------
     def columns(self, raw: dict[str, str] | None) -> tuple[ColumnNode, ...] | None:
@@ -274,7 +278,7 @@ class _Compiler:
                 params=r["params"], output=r["output"], batch_size=r["batch_size"], on_error=col.on_error,
                 gpus=col.resources.gpus, cpus=col.resources.cpus,
                 uses_model=r["uses_model"], batch=r["batch"], parallel=r["parallel"], fingerprint=fp, recipe=recipe,
-                path=f"features.{tier}.{n}"))
+                path=f"features.{tier}.{n}", shape=r["shape"]))
         return tuple(nodes)
 
     # -- stages -----------------------------------------------------------------------------

@@ -64,15 +64,14 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
     except IsADirectoryError:
         raise SpecError(Problem("this is a directory, not a spec file", where=Location(file),
                                 fix="Pass the YAML file inside it, e.g. `spec.yaml`")) from None
-    except OSError as e:
-        raise SpecError(Problem(f"cannot read the spec file: {e.strerror or e}", where=Location(file))) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise SpecError(Problem(f"cannot read the spec file: {getattr(e, 'strerror', None) or e}",
+                                where=Location(file))) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise SpecError(Problem(f"not UTF-8 text (byte 0x{raw[e.start]:02x})", where=Location(file, line, col),
-                                fix="Save the spec as UTF-8")) from None
+        raise SpecError(Problem(f"not UTF-8 text (byte 0x{raw[e.start]:02x})", fix="Save the spec as UTF-8",
+                                where=_offset_location(file, raw, e.start))) from None
     return load_spec_text(text, file, overrides)
 
 
@@ -182,19 +181,13 @@ def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> dict[str,
     """
     found = _raw_top_level(text, file)
     name, values = found.get("name"), found.get("vars")
-    context: dict[str, Any] = {}
+    values = {k: v for k, v in values.items() if isinstance(k, str)} if isinstance(values, dict) else {}
     if isinstance(name, str) and ("{{" in name or "{%" in name):
         try:  # `name: exp-{{ size }}` resolves against vars; if it can't, the main render says why
-            name = _environment().from_string(name).render(_str_keys(values) | overrides)
-        except Exception:
+            name = _environment().from_string(name).render(values | overrides)
+        except Exception:  # noqa: BLE001 -- reported by the main render
             name = None
-    if name is not None:
-        context["name"] = name
-    return context | _str_keys(values) | overrides
-
-
-def _str_keys(values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if isinstance(k, str)} if isinstance(values, dict) else {}
+    return ({} if name is None else {"name": name}) | values | overrides
 
 
 def _raw_top_level(text: str, file: str) -> dict[str, Any]:
@@ -250,6 +243,10 @@ def _render(text: str, file: str, context: dict[str, Any]) -> str:
     except jinja2.TemplateSyntaxError as e:
         raise SpecError(Problem(f"template syntax error: {e.message}", where=Location(file, e.lineno or 0),
                                 fix="Check the `{{ }}` / `{% %}` around here")) from None
+    except RecursionError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- jinja's lexer can fail in other ways on odd text
+        raise SpecError(Problem(f"template syntax error: {e}", where=Location(file))) from None
     undefined = sorted(meta.find_undeclared_variables(ast) - set(context) - set(env.globals))
     if undefined:
         raise SpecError([_undefined(file, text, ast, n, list(context)) for n in undefined])
@@ -369,14 +366,11 @@ def _check_tree(file: str, root: Node) -> list[Problem]:
 
 
 def _labelled(node: Node) -> list[tuple[Any, Node]]:
+    """Children with their path labels (a complex key's parts are labelled `?`)."""
     if isinstance(node, SequenceNode):
         return list(enumerate(node.value))
-    if isinstance(node, MappingNode):
-        out: list[tuple[Any, Node]] = []
-        for k, v in node.value:
-            out += [("?", k), (k.value if isinstance(k, ScalarNode) else "?", v)]
-        return out
-    return []
+    pairs = node.value if isinstance(node, MappingNode) else []
+    return [kid for k, v in pairs for kid in (("?", k), (k.value if isinstance(k, ScalarNode) else "?", v))]
 
 
 def _duplicates(file: str, node: MappingNode, path: str) -> list[Problem]:
@@ -399,7 +393,7 @@ def _duplicates(file: str, node: MappingNode, path: str) -> list[Problem]:
 
 
 def _join(path: str, key: Any) -> str:
-    if isinstance(key, int):
+    if isinstance(key, int) and not isinstance(key, bool):
         return f"{path}[{key}]"
     key = str(key)
     if re.fullmatch(r"[^.\[\]\"\s]+", key):
@@ -425,14 +419,25 @@ def _walk(root: Node | None, segments: Sequence[Any]) -> tuple[list[tuple[Node |
             return trail, False
         node, hit = trail[-1][1], None
         if isinstance(node, MappingNode):  # the last occurrence wins, as in the constructed dict
-            hit = next(((k, v) for k, v in reversed(node.value)
-                        if isinstance(k, ScalarNode) and k.value == str(seg)), None)
+            hit = next(((k, v) for k, v in reversed(node.value) if _key_is(k, seg)), None)
         elif isinstance(node, SequenceNode) and isinstance(seg, int) and 0 <= seg < len(node.value):
             hit = (None, node.value[seg])
         if hit is None:
             return trail, False
         trail.append(hit)
     return trail, True
+
+
+def _key_is(key: Node, seg: Any) -> bool:
+    if not isinstance(key, ScalarNode):
+        return False
+    if isinstance(seg, str) or key.tag.endswith(":str"):
+        return key.value == str(seg)
+    try:  # pydantic reports a key such as `on` or `1` by its YAML value: True, 1
+        value = _Loader("").construct_object(key)
+    except yaml.YAMLError:
+        return False
+    return value == seg and type(value) is type(seg)
 
 
 def _node_location(file: str, root: Node | None, segments: Sequence[Any], at_key: bool = False) -> Location:
@@ -450,9 +455,9 @@ def _at(file: str, mark: yaml.Mark) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
-def _offset_location(file: str, text: str, offset: int) -> Location:
-    line = text.count("\n", 0, offset) + 1
-    return Location(file, line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
+def _offset_location(file: str, text: str | bytes, offset: int) -> Location:
+    nl = b"\n" if isinstance(text, bytes) else "\n"
+    return Location(file, text.count(nl, 0, offset) + 1, offset - text.rfind(nl, 0, offset))
 
 
 # --- pydantic errors -> problems ----------------------------------------------------------
@@ -528,10 +533,15 @@ def _problem(file: str, root: Node | None, err: Any) -> Problem:
     """One pydantic error -> a located Problem in plain words."""
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     path, parent, tp, at_key = _resolve(err["loc"])
+    if (at_key or kind == "invalid_key") and path:
+        path[-1] = value  # loc spells keys as str/int (`on` -> 1); the input is the real key, True
     trail, found = _walk(root, path)
     node = trail[-1][1] if found and trail else None
-    dotted, where = _dotted(path), _node_location(file, root, path, at_key or kind == "invalid_key")
-    got = _describe(None if at_key or kind == "invalid_key" else node, value)
+    on_key = at_key or kind == "invalid_key"
+    key_text = trail[-1][0].value if on_key and found and isinstance(trail[-1][0], ScalarNode) else None
+    dotted = _dotted(path if key_text is None else [*path[:-1], key_text])  # `on` as written, not True
+    where = _node_location(file, root, path, on_key or kind == "extra_forbidden")
+    got = _describe(None if on_key else node, value)
     if kind == "extra_forbidden":
         names = [n for name, f in parent.model_fields.items() for n in {name, f.alias or name}] \
             if _is_model(parent) else []
@@ -544,7 +554,8 @@ def _problem(file: str, root: Node | None, err: Any) -> Problem:
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         return _tag_problem(file, root, path, tp, node, str(ctx.get("tag", "")) if kind == "union_tag_invalid" else None)
     if kind == "invalid_key":
-        return Problem(f"keys must be text, got {got}", dotted, where, "Quote the key")
+        return Problem(f"key `{key_text}` is not text (YAML reads it as {got})" if key_text else
+                       f"keys must be text, got {got}", dotted, where, "Quote the key")
     if kind in _EXPECTED:
         quote = kind == "string_type" and isinstance(value, (int, float))
         return Problem(f"expected {_EXPECTED[kind]}, got {got}", dotted, where, "Quote it if you meant text" * quote)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .types import TypeSyntaxError, canonical
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=128)]
 
 
 class SpecModel(BaseModel):
@@ -400,8 +401,8 @@ class ExecutorSpec(SpecModel):
 class Spec(SpecModel):
     """A whole VLM fine-tuning experiment on one Lance table."""
 
-    name: Identifier
-    """Experiment name (used in output paths and run history)."""
+    name: Name
+    """Experiment name (letters, digits, `_`, `-`, `.`; used in output paths and run history)."""
     description: str = ""
     """Free text."""
     vars: dict[Identifier, Any] = Field(default_factory=dict)

@@ -34,6 +34,7 @@ class ColumnStep:
     fingerprint: str = ""
     udf: str = ""
     gpus: float = 0
+    shape: str = ""
     destructive: bool = False
     blocked: bool = False
 
@@ -137,7 +138,7 @@ def _column_step(node: ColumnNode, col: ColumnState | None, expected: int, state
         tput = state.throughput.get(node.udf)
         est = rows / tput if tput and rows else None
         return ColumnStep(node.name, node.tier, kind, reason, rows, node.output, rows * _row_bytes(node.output),
-                          est, node.fingerprint, node.udf, node.gpus)
+                          est, node.fingerprint, node.udf, node.gpus, node.shape)
 
     if col is None:
         return step("new", "new", expected)

@@ -32,7 +32,9 @@ def _column_detail(s: ColumnStep) -> str:
     if s.kind == "drop":
         return "dropped: no longer declared" + ("  BLOCKED: needs --allow-destructive" if s.blocked else "")
     parts = [s.reason]
-    if s.kind in ("new", "recompute") and s.type:
+    if s.kind in ("new", "recompute") and s.shape:
+        parts.append(s.shape)
+    elif s.kind in ("new", "recompute") and s.type:
         from .types import TypeSyntaxError, parse_type
 
         try:

@@ -255,6 +255,11 @@ def errors(spec: Path = typer.Argument(..., help="The spec file."), var: Optiona
     out.print(f"{len(rows)} row error(s).")
 
 
+from .bench.cli import bench_app  # noqa: E402  (cheap: imports no torch)
+
+app.add_typer(bench_app, name="bench")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

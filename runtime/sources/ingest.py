@@ -18,7 +18,7 @@ import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vlmspec.compiler.catalog import SYNTHETIC_SCHEMA
+from vlmspec.compiler.catalog import KNOWN_SOURCES, SYNTHETIC_SCHEMA
 from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.model import SourceSpec
 
@@ -58,7 +58,12 @@ def source_info(source: SourceSpec) -> tuple[int | None, dict[str, str] | None]:
         rows = ds.count_rows()
         cols = {f.name: str(f.type) for f in ds.schema if not ing.columns or f.name in ing.columns}
         return (min(rows, ing.limit) if ing.limit else rows), cols
-    return None, None  # huggingface: known only once streaming starts
+    # huggingface: row count known only once streaming starts; `limit` bounds it, and a few
+    # well-known datasets have a known schema.
+    schema = KNOWN_SOURCES.get(ing.dataset)
+    if schema is not None and ing.columns:
+        schema = {k: v for k, v in schema.items() if k in ing.columns}
+    return ing.limit, (dict(schema) if schema is not None else None)
 
 
 def _parquet_files(path: str) -> list[str]:

@@ -76,7 +76,7 @@ SCHEMA: pa.Schema = pa.schema(
 BLOCK_ROWS = 16          # rows are planned in fixed blocks: the unit of image sharing
 JPEG_QUALITY = 90        # fixed encoder settings => byte-identical JPEGs
 _DUP_QUALITY = 70
-_DUP_P = 0.018           # per image (slot > 0, block > 0): near-duplicate of an earlier image
+_DUP_P = 0.015           # per image (slot > 0, block > 0): near-duplicate of an earlier image
 _R = 256.0               # layout reference canvas; everything is scaled to image_px at render time
 
 # ----------------------------------------------------------------------------- fonts / colours
@@ -598,7 +598,7 @@ def _scene_sign(r: random.Random) -> _Scene:
             other = r.choice(("ONE WAY", "NO PARKING", "DEAD END", "SLOW", "SCHOOL ZONE"))
             sc.rect((50, 14, 206, 54), "white", "black", 2, 3)
             sc.text(128, 34, other, "sans_b", _fit("sans_b", other, 140, 24, 12), "black")
-        if n_fine:
+        if n_fine >= 3:
             sc.rect((146, 160, 246, 248), (240, 238, 228), (60, 60, 60), 1)
             _fineprint(sc, r, (150, 164, 242, 246), n_fine, "black", size=r.choice((7.5, 8.0)))
         sc.q(3, r.choice(("what street is this?", "what is the name of the street?",
@@ -624,7 +624,7 @@ def _scene_sign(r: random.Random) -> _Scene:
         arrow = [(30, 160), (60, 150), (60, 170)] if r.random() < 0.5 else \
             [(226, 160), (196, 150), (196, 170)]
         sc.poly(arrow, fg)
-    if n_fine:
+    if n_fine >= 3:
         sc.rect((30, 188, 226, 250), (244, 242, 236), (50, 50, 50), 1)
         _fineprint(sc, r, (34, 192, 222, 248), n_fine, "black")
     sc.q(3, r.choice(("what does the sign say?", "what is written on the sign?",
@@ -809,37 +809,41 @@ def _scene_screen(r: random.Random) -> _Scene:
     date = f"{r.randint(1, 12):02d}/{r.randint(1, 28):02d}"
     if not phone:
         sc.classes = ("clock", "digital clock")
-        body = r.choice(((30, 30, 32), (70, 70, 75), (120, 85, 50), (200, 200, 205)))
-        sc.rect((10, 46, 246, 212), body, (0, 0, 0), 2, 10)
-        sc.rect((24, 64, 232, 184), (8, 10, 12))
+        body = r.choice(((30, 30, 32), (70, 70, 75), (120, 85, 50), (200, 200, 205),
+                         (150, 30, 30), (235, 235, 228)))
+        left, right = r.uniform(4, 26), _R - r.uniform(4, 26)
+        top = r.uniform(22, 72)
+        bot = min(250.0, top + r.uniform(150, 182))
+        sc.rect((left, top, right, bot), body, (0, 0, 0), 2, r.choice((4, 10, 18)))
+        sx0, sy0, sx1, sy1 = left + r.uniform(10, 16), top + 18, right - r.uniform(10, 16), bot - 28
+        sc.rect((sx0, sy0, sx1, sy1), r.choice(((8, 10, 12), (14, 20, 16), (10, 12, 30))))
         dc = r.choice(("red", "green", "white", (80, 230, 255), "orange"))
-        dcn = dc if isinstance(dc, str) else "blue"
         f = r.choice(("mono_b", "sans_b", "mono_b", "mono"))
         big_ampm = ampm is not None and r.random() < 0.5
-        maxw = 150 if big_ampm else 196
-        s = _fit(f, t, maxw, 78, 40)
-        cx = 114 if big_ampm else 128
-        sc.text(cx, 128, t, f, s, dcn if isinstance(dc, str) else dc, target=True)
+        cw = sx1 - sx0
+        s = _fit(f, t, cw - (58 if big_ampm else 14), 78, 40)
+        cx = (sx0 + sx1) / 2 - (14 if big_ampm else 0)
+        cy = (sy0 + sy1) / 2 + 8
+        sc.text(cx, cy, t, f, s, dc, target=True)
         if ampm:
             if big_ampm:
-                sc.text(cx + _tlen(f, t, s) / 2 + 4, 112, ampm, "sans_b", 20,
-                        dc if not isinstance(dc, str) else dcn, anchor="lm")
+                sc.text(cx + _tlen(f, t, s) / 2 + 4, cy - 16, ampm, "sans_b", 20, dc, anchor="lm")
             else:
-                sc.text(208, 172, ampm, "sans_b", 11, dc if not isinstance(dc, str) else dcn)
-        sc.text(36, 84, day, "sans_b", 18, dc if not isinstance(dc, str) else dcn, anchor="lm")
-        sc.text(220, 84, date, "sans", 12, dc if not isinstance(dc, str) else dcn, anchor="rm")
+                sc.text(sx1 - 20, sy1 - 10, ampm, "sans_b", 11, dc)
+        sc.text(sx0 + 10, sy0 + 18, day, "sans_b", 18, dc, anchor="lm")
+        sc.text(sx1 - 10, sy0 + 18, date, "sans", 12, dc, anchor="rm")
         bt = "white" if _lum(body) < 0.3 else "black"
-        sc.text(128, 198, _brand(r, 9).upper(), "sans_b", 10, bt)
+        sc.text((left + right) / 2, bot - 14, _brand(r, 9).upper(), "sans_b", 10, bt)
         if n_fine:
-            _fineprint(sc, r, (6, 2, 250, 44), n_fine // 2,
-                       _on(r, _bg_color(sc.bg), ("black", "white"), 2.5))
-            _fineprint(sc, r, (6, 216, 250, 254), n_fine - n_fine // 2,
-                       _on(r, _bg_color(sc.bg), ("black", "white"), 2.5))
+            fc = _on(r, _bg_color(sc.bg), ("black", "white"), 2.5)
+            _fineprint(sc, r, (6, 2, 250, top - 4), n_fine // 2, fc)
+            _fineprint(sc, r, (6, bot + 4, 250, 254), n_fine - n_fine // 2, fc)
         ans = f"{t} {ampm.lower()}" if big_ampm else t
         shown = f"{t} {ampm}" if big_ampm else t
     else:
         sc.classes = ("mobile phone", "screen", "gadget")
-        sc.rect((36, 2, 220, 254), (20, 20, 22), (90, 90, 95), 2, 18)
+        sc.rect((36, 2, 220, 254), r.choice(((20, 20, 22), (200, 200, 205), (60, 40, 90))),
+                (90, 90, 95), 2, 18)
         scr = r.choice(((20, 40, 90), (70, 20, 80), (10, 70, 70), (230, 230, 235), (30, 30, 34)))
         sc.rect((46, 16, 210, 242), scr)
         fg = "white" if _lum(scr) < 0.4 else "black"
@@ -1380,8 +1384,9 @@ def _plan(seed: int, b: int) -> _Plan:
     while total < BLOCK_ROWS:
         n = min(r.choices((1, 2, 3), (74, 22, 4))[0], BLOCK_ROWS - total)
         slot = len(images)
-        x, back, mode = r.random(), r.randint(1, 64), r.choice(("quality", "crop", "bright"))
-        src = b - min(back, b) if (slot > 0 and b > 0 and x < _DUP_P) else -1
+        x, y, mode = r.random(), r.random(), r.choice(("quality", "crop", "bright"))
+        # source: slot 0 of one of the previous (up to 64) blocks, uniformly
+        src = b - 1 - int(y * min(b, 64)) if (slot > 0 and b > 0 and x < _DUP_P) else -1
         images.append((n, src, mode))
         rows.extend((slot, q) for q in range(n))
         total += n

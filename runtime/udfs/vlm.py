@@ -138,8 +138,12 @@ class SftTokens:
         self._prompt = prompt
 
     def _prompt_ids(self, questions: list[str]) -> list[list[int]]:
-        p = self._prompt
-        texts = [p.expand_image_pads(p.prompt_text(self.processor, q), self.image_tokens) for q in questions]
+        p, texts = self._prompt, []
+        for i, q in enumerate(questions):
+            try:
+                texts.append(p.expand_image_pads(p.prompt_text(self.processor, q), self.image_tokens))
+            except ValueError as e:  # e.g. the question itself contains `<|image_pad|>`
+                raise ValueError(f"row {i}: {e}") from e
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def __call__(self, questions: pa.Array, answers: pa.Array) -> pa.StructArray:

@@ -30,7 +30,7 @@ VALID = {
         "tier2": {"dhash": {"udf": "image.dhash", "inputs": ["image"], "output": "uint64",
                             "resources": {"cpus": 1}}},
     },
-    "curation": {"where": "question_length > 3", "dedup": {"on": "dhash", "max_distance": 4}},
+    "curation": {"where": "question_length > 3", "dedup": {"column": "dhash", "max_distance": 4}},
     "split": {"by": "image_id", "fraction": 0.2},
     "train": {"quant": {"bits": 4}, "lora": {"r": 8, "alpha": 16, "targets": ["q_proj"]},
               "optim": {"steps": 10, "lr": 0.0001}},

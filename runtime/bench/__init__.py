@@ -1,0 +1,1 @@
+"""Benchmarks users can run on their own tables: each writes a results JSON and a Markdown table."""
