@@ -7,6 +7,8 @@ input text, never execute YAML tags or unsandboxed template code, and never touc
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -48,9 +50,7 @@ class LoadedSpec:
     def locate(self, path: str) -> Location:
         """`file:line:col` of the YAML node at a dotted path (or its nearest existing ancestor)."""
         segments = _parse_path(path)
-        if segments is None:
-            return Location(self.file)
-        return _node_location(self.file, self._root, segments)
+        return Location(self.file) if segments is None else _node_location(self.file, self._root, segments)
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
@@ -61,12 +61,10 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
     except FileNotFoundError:
         raise SpecError(Problem("no such spec file", where=Location(file),
                                 fix="Check the path (it is relative to the current directory)")) from None
-    except IsADirectoryError:
-        raise SpecError(Problem("this is a directory, not a spec file", where=Location(file),
-                                fix="Pass the YAML file inside it, e.g. `spec.yaml`")) from None
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        raise SpecError(Problem(f"cannot read the spec file: {getattr(e, 'strerror', None) or e}",
-                                where=Location(file))) from None
+    except (OSError, ValueError) as e:  # a directory, no permission, a NUL in the path
+        what = "a directory, not a spec file" if isinstance(e, IsADirectoryError) else \
+            f"cannot read the spec file: {getattr(e, 'strerror', None) or e}"
+        raise SpecError(Problem(what, where=Location(file), fix="Pass the path of a YAML spec")) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -88,8 +86,8 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
         root = _compose(rendered, file)
         data = _construct(root, file)
     except RecursionError:
-        raise SpecError(Problem("the spec is nested too deeply", where=Location(file),
-                                fix="Flatten it: real specs are a few levels deep")) from None
+        raise SpecError(Problem("the spec (or a template expression in it) is nested too deeply",
+                                where=Location(file), fix="Flatten it")) from None
     if data is None:
         raise SpecError(Problem("the spec is empty", where=Location(file),
                                 fix="Start with `name:` and `source: {table: ...}`"))
@@ -103,10 +101,8 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
         data["vars"] = {**data.get("vars", {}), **extra}
     try:
         spec = Spec.model_validate(data)
-    except ValidationError as e:
+    except ValidationError as e:  # pydantic-core guards its own recursion, so only this comes out
         raise SpecError([_problem(file, root, err) for err in e.errors()]) from None
-    except RecursionError:
-        raise SpecError(Problem("the spec is nested too deeply", where=Location(file))) from None
     digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
     return LoadedSpec(spec=spec, file=file, text=rendered, source_hash=digest, _root=root)
 
@@ -124,22 +120,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             problems.append(Problem(f"--var `{key}` is not a valid variable name",
                                     fix="Use letters, digits and `_`, not starting with a digit"))
         else:
-            out[key] = _scalar(value)
+            # `--var x=` is an empty string, and what YAML reads as a list, mapping or date stays
+            # the text typed: `--var where=a: b` must not become a mapping.
+            try:
+                parsed = yaml.safe_load(value) if value else ""
+            except (yaml.YAMLError, ValueError, RecursionError):
+                parsed = value
+            out[key] = parsed if parsed is None or isinstance(parsed, (str, int, float, bool)) else value
     if problems:
         raise SpecError(problems)
     return out
-
-
-def _scalar(value: str) -> Any:
-    # `--var x=` means an empty string, and anything YAML would read as a list, mapping or date
-    # stays the text the user typed: `--var where=a: b` must not become a mapping.
-    if not value:
-        return ""
-    try:
-        parsed = yaml.safe_load(value)
-    except (yaml.YAMLError, ValueError, RecursionError):
-        return value
-    return parsed if parsed is None or isinstance(parsed, (str, int, float, bool)) else value
 
 
 # --- templating ---------------------------------------------------------------------------
@@ -151,18 +141,14 @@ class _Sandbox(SandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if _too_big(operator, left, right):
+        if operator == "**":
+            too_big = isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > 10**6
+        else:  # "x" * 10**9 or [0] * 10**9
+            too_big = any(isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                          and len(seq) * n > _MAX_VALUES for seq, n in ((left, right), (right, left)))
+        if too_big:
             raise jinja2.exceptions.SecurityError(f"the result of `{operator}` would be too large")
         return super().call_binop(context, operator, left, right)
-
-
-def _too_big(operator: str, left: Any, right: Any) -> bool:
-    if operator == "**":
-        return isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > 1_000_000
-    for seq, n in ((left, right), (right, left)):
-        if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_VALUES:
-            return True
-    return False
 
 
 def _environment() -> SandboxedEnvironment:
@@ -197,12 +183,14 @@ def _raw_top_level(text: str, file: str) -> dict[str, Any]:
         return _raw_top_level_textual(text, file)
     out: dict[str, Any] = {}
     for key, value in root.value if isinstance(root, MappingNode) else ():
-        if isinstance(key, ScalarNode) and key.value in ("vars", "name"):
-            try:
-                out[key.value] = _construct(value, file, *_VARS_UNREADABLE)
-            except SpecError:
-                if key.value == "vars":
-                    raise
+        if isinstance(key, ScalarNode) and key.value == "vars":
+            problems = _check_tree(file, value, "vars")  # vars get rendered: stop alias bombs first
+            if problems:
+                raise SpecError(problems)
+            out["vars"] = _construct(value, file, *_VARS_UNREADABLE)
+        elif isinstance(key, ScalarNode) and key.value == "name":
+            with contextlib.suppress(SpecError):  # the main parse reports it
+                out["name"] = _construct(value, file)
     return out
 
 
@@ -211,24 +199,15 @@ def _raw_top_level_textual(text: str, file: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for i, line in enumerate(lines):
         if re.match(r"name\s*:", line):
-            try:
+            with contextlib.suppress(yaml.YAMLError, ValueError, AttributeError, RecursionError):
                 out["name"] = yaml.safe_load(line).get("name")
-            except (yaml.YAMLError, ValueError, AttributeError, RecursionError):
-                pass
         if not re.match(r"vars\s*:", line):
             continue
         end = i + 1  # the block runs on through indented, blank and comment lines
         while end < len(lines) and (not lines[end].strip() or lines[end][:1] in (" ", "\t", "#")):
             end += 1
         block = "\n" * i + "\n".join(lines[i:end])  # padded so marks keep file line numbers
-        try:
-            loader = yaml.SafeLoader(block)
-            try:
-                node = loader.get_single_node()
-            finally:
-                loader.dispose()
-        except yaml.YAMLError as e:
-            raise SpecError(_yaml_problem(file, e, *_VARS_UNREADABLE, block)) from None
+        node = _compose(block, file, *_VARS_UNREADABLE)
         out["vars"] = _construct(node, file, *_VARS_UNREADABLE).get("vars")
     return out
 
@@ -263,7 +242,8 @@ def _render(text: str, file: str, context: dict[str, Any]) -> str:
             if tb.tb_frame.f_code.co_filename == "<template>":
                 line = tb.tb_lineno
             tb = tb.tb_next
-        raise SpecError(Problem(f"template error: {what}".replace("\n", " "), where=Location(file, line))) from None
+        what = f"template error: {what}".replace("\n", " ")
+        raise SpecError(Problem(what, where=Location(file, line))) from None
 
 
 def _undefined(file: str, text: str, ast: nodes.Template, name: str, known: list[str]) -> Problem:
@@ -297,7 +277,8 @@ class _Loader(yaml.SafeLoader):
                                                     node.start_mark) from None
 
 
-def _compose(text: str, file: str) -> Node | None:
+def _compose(text: str, file: str, what: str = "invalid YAML",
+             fix: str = "Check the indentation and quoting here") -> Node | None:
     try:
         loader = _Loader(text)  # the reader rejects control characters right here
         try:
@@ -305,7 +286,7 @@ def _compose(text: str, file: str) -> Node | None:
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
-        raise SpecError(_yaml_problem(file, e, "invalid YAML", "Check the indentation and quoting here", text)) from None
+        raise SpecError(_yaml_problem(file, e, what, fix, text)) from None
     if root is not None:
         problems = _check_tree(file, root)
         if problems:
@@ -328,19 +309,20 @@ def _construct(node: Node | None, file: str, what: str = "invalid YAML value", f
 def _yaml_problem(file: str, e: yaml.YAMLError, what: str, fix: str, text: str | None = None) -> Problem:
     if isinstance(e, yaml.reader.ReaderError):  # a control character; no mark, only an offset
         where = Location(file) if text is None else _offset_location(file, text, e.position)
-        return Problem(f"{what}: control character U+{e.character:04X} is not allowed", where=where, fix="Remove it")
+        return Problem(f"{what}: control character U+{e.character:04X} is not allowed", where=where,
+                       fix="Remove it")
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     where = _at(file, mark) if mark else Location(file)
     detail = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
     return Problem(f"{what}: {detail or e}".replace("\n", " "), where=where, fix=fix)
 
 
-def _check_tree(file: str, root: Node) -> list[Problem]:
+def _check_tree(file: str, root: Node, path: str = "") -> list[Problem]:
     """Duplicate keys, self-referencing aliases and alias bombs, in one pass over the nodes."""
     problems: list[Problem] = []
     sizes: dict[int, int] = {}
     open_ids: set[int] = set()  # the chain of ancestors: an alias back into it is a cycle
-    stack: list[tuple[Node, str, bool]] = [(root, "", False)]
+    stack: list[tuple[Node, str, bool]] = [(root, path, False)]
     while stack:
         node, path, done = stack.pop()
         if done:
@@ -374,18 +356,15 @@ def _labelled(node: Node) -> list[tuple[Any, Node]]:
 
 
 def _duplicates(file: str, node: MappingNode, path: str) -> list[Problem]:
-    first_line: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, str], ScalarNode] = {}
     problems = []
-    for key, _ in node.value:
-        if not isinstance(key, ScalarNode) or key.tag == _MERGE_TAG:
-            continue
-        line = key.start_mark.line + 1
-        if (key.tag, key.value) in first_line:
-            first = first_line[(key.tag, key.value)]
-            lines = f"lines {first} and {line}" if first != line else f"twice on line {line}"
+    for key in (k for k, _ in node.value if isinstance(k, ScalarNode) and k.tag != _MERGE_TAG):
+        seen = first.setdefault((key.tag, key.value), key)
+        if seen is not key:
+            a, b = seen.start_mark.line + 1, key.start_mark.line + 1
+            lines = f"lines {a} and {b}" if a != b else f"twice on line {b}"
             problems.append(Problem(f"duplicate key `{key.value}` ({lines})", _join(path, key.value),
                                     _at(file, key.start_mark), "Keep only one of them"))
-        first_line.setdefault((key.tag, key.value), line)
     return problems
 
 
@@ -468,10 +447,14 @@ def _unwrap(tp: Any) -> Any:
     while True:
         if get_origin(tp) is Annotated:
             tp = get_args(tp)[0]
-        elif get_origin(tp) in (Union, types.UnionType) and sum(a is not type(None) for a in get_args(tp)) == 1:
-            tp = next(a for a in get_args(tp) if a is not type(None))
+        elif get_origin(tp) in (Union, types.UnionType) and len(_members(tp)) == 1:
+            tp = _members(tp)[0]
         else:
             return tp
+
+
+def _members(union: Any) -> list[Any]:
+    return [a for a in get_args(union) if a is not type(None)]
 
 
 def _is_model(tp: Any) -> bool:
@@ -498,8 +481,8 @@ def _resolve(loc: Sequence[Any]) -> tuple[list[Any], Any, Any, bool]:
             continue
         cur = _unwrap(tp)
         if get_origin(cur) in (Union, types.UnionType):  # a tag or member name, not a data key
-            members = [_unwrap(m) for m in get_args(cur) if m is not type(None)]
-            tp = next((m for m in members if _is_model(m) and (elem == m.__name__ or elem in _tags(m)[1])), None)
+            models = [m for m in map(_unwrap, _members(cur)) if _is_model(m)]
+            tp = next((m for m in models if elem == m.__name__ or elem in _tags(m)[1]), None)
             continue
         parent = cur
         if _is_model(cur):
@@ -513,12 +496,9 @@ def _resolve(loc: Sequence[Any]) -> tuple[list[Any], Any, Any, bool]:
     return path, parent, _unwrap(tp), at_key
 
 
-_EXPECTED = {
-    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
-    "float_type": "a number", "float_parsing": "a number", "bool_type": "`true` or `false`",
-    "bool_parsing": "`true` or `false`", "string_type": "a string", "list_type": "a list",
-    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
-    "int_parsing_size": "an integer of sensible size", "string_unicode": "a string",
+_EXPECTED = {  # by the first word of pydantic's `<type>_type` / `<type>_parsing` error kinds
+    "int": "an integer", "float": "a number", "bool": "`true` or `false`", "string": "a string",
+    "list": "a list", "dict": "a mapping", "model": "a mapping",
 }
 _BOUNDS = {
     "greater_than": "must be greater than {gt}", "greater_than_equal": "must be at least {ge}",
@@ -543,26 +523,29 @@ def _problem(file: str, root: Node | None, err: Any) -> Problem:
     where = _node_location(file, root, path, on_key or kind == "extra_forbidden")
     got = _describe(None if on_key else node, value)
     if kind == "extra_forbidden":
-        names = [n for name, f in parent.model_fields.items() for n in {name, f.alias or name}] \
-            if _is_model(parent) else []
-        shown = [f.alias or name for name, f in parent.model_fields.items()] if names else []
-        fix = did_you_mean(str(path[-1]), names) or (f"Valid keys here: {_listing(shown)}" if names else "Remove it")
+        fields = parent.model_fields.items() if _is_model(parent) else []
+        shown = [f.alias or name for name, f in fields]  # `from`, the spelling users write
+        fix = did_you_mean(str(path[-1]), [*shown, *(name for name, _ in fields)])
+        fix = fix or (f"Valid keys here: {_listing(shown)}" if shown else "Remove it")
         return Problem(f"unknown key `{path[-1]}`", dotted, where, fix)
     if kind == "missing":
         under = f"under `{_dotted(path[:-1])}`" if path[:-1] else "at the top level"
         return Problem(f"missing required key `{path[-1]}`", dotted, where, f"Add `{path[-1]}:` {under}")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        return _tag_problem(file, root, path, tp, node, str(ctx.get("tag", "")) if kind == "union_tag_invalid" else None)
+        tag = str(ctx.get("tag", "")) if kind == "union_tag_invalid" else None
+        return _tag_problem(file, root, path, tp, node, tag)
     if kind == "invalid_key":
         return Problem(f"key `{key_text}` is not text (YAML reads it as {got})" if key_text else
                        f"keys must be text, got {got}", dotted, where, "Quote the key")
-    if kind in _EXPECTED:
+    if kind.split("_")[0] in _EXPECTED and kind.endswith(("_type", "_parsing", "_size", "_unicode", "float")):
+        expected = "a whole number" if kind == "int_from_float" else _EXPECTED[kind.split("_")[0]]
         quote = kind == "string_type" and isinstance(value, (int, float))
-        return Problem(f"expected {_EXPECTED[kind]}, got {got}", dotted, where, "Quote it if you meant text" * quote)
+        fix = "Quote it if you meant text" if quote else ""
+        return Problem(f"expected {expected}, got {got}", dotted, where, fix)
     if kind == "literal_error" and get_origin(tp) is Literal:
         choices = list(get_args(tp))
         return Problem(f"must be one of {_listing(choices)}, got {got}", dotted, where,
-                       did_you_mean(str(value), [str(c) for c in choices]))
+                       did_you_mean(value, [str(c) for c in choices]) if isinstance(value, str) else "")
     if kind == "string_pattern_mismatch" and ctx.get("pattern") == _VAR_NAME.pattern:
         return Problem(f"must be an identifier, got {got}", dotted, where,
                        "Use letters, digits and `_`, not starting with a digit")
@@ -577,13 +560,15 @@ def _problem(file: str, root: Node | None, err: Any) -> Problem:
 def _tag_problem(file: str, root: Node | None, path: list[Any], union: Any, node: Node | None,
                  tag: str | None) -> Problem:
     """A tagged union (`source.ingest`) whose `from:` is missing (tag None) or unknown."""
-    members = [_unwrap(m) for m in get_args(union) if _is_model(_unwrap(m))]
-    key = (_tags(members[0])[0] if members else None) or "kind"
-    choices = [t for m in members for t in _tags(m)[1]]
+    models = [m for m in map(_unwrap, _members(union)) if _is_model(m)]
+    key = (_tags(models[0])[0] if models else None) or "kind"
+    choices = [t for m in models for t in _tags(m)[1]]
     if tag is not None:
-        return Problem(f"unknown `{key}` value `{tag}`", _dotted([*path, key]), _node_location(file, root, [*path, key]),
-                       " ".join(filter(None, [f"Choose one of {_listing(choices)}.", did_you_mean(tag, choices)])))
-    keys = [k.value for k, _ in node.value if isinstance(k, ScalarNode)] if isinstance(node, MappingNode) else []
+        fix = " ".join(filter(None, [f"Choose one of {_listing(choices)}.", did_you_mean(tag, choices)]))
+        return Problem(f"unknown `{key}` value `{tag}`", _dotted([*path, key]),
+                       _node_location(file, root, [*path, key]), fix)
+    pairs = node.value if isinstance(node, MappingNode) else []
+    keys = [k.value for k, _ in pairs if isinstance(k, ScalarNode)]
     typo = next((k for k in keys if did_you_mean(k, [key])), None)
     if typo is not None:  # `frm: lance` reads better as a typo than as a missing `from`
         return Problem(f"unknown key `{typo}`", _dotted([*path, typo]),
@@ -593,10 +578,7 @@ def _tag_problem(file: str, root: Node | None, path: list[Any], union: Any, node
 
 
 def _dotted(path: Sequence[Any]) -> str:
-    out = ""
-    for p in path:
-        out = _join(out, p)
-    return out
+    return functools.reduce(_join, path, "")
 
 
 def _listing(values: Sequence[Any]) -> str:
@@ -609,10 +591,8 @@ def _describe(node: Node | None, value: Any) -> str:
         return "a mapping"
     if isinstance(node, SequenceNode) or (node is None and isinstance(value, (list, tuple))):
         return "a list"
-    if isinstance(node, ScalarNode):
-        text = node.value
-    else:
-        text = value if isinstance(value, str) else json.dumps(value, default=repr)
+    text = node.value if isinstance(node, ScalarNode) else value if isinstance(value, str) \
+        else json.dumps(value, default=repr)
     if not text:
         return "an empty value"
     text = text.replace("\n", " ")

@@ -13,6 +13,7 @@ Raw columns are only ever read.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -22,20 +23,23 @@ import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 import lance
 import pyarrow as pa
 
-from vlmspec.compiler.compile import ColumnNode
 from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.state import FINGERPRINT, RECIPE, TARGET
 
 from . import lance_io
 from .arrow_types import to_pyarrow
 from .udfs.base import UdfContext
+
+if TYPE_CHECKING:  # not at run time: worker processes must not pay for importing the compiler
+    from vlmspec.compiler.compile import ColumnNode
 
 
 class Reporter(Protocol):
@@ -93,7 +97,11 @@ def load_udf(node: ColumnNode) -> Any:
     """Import the implementation: builtins by module path, user UDFs from the file the spec named."""
     module, _, attr = node.impl.partition(":")
     if node.udf == node.impl:  # user UDF: import from the resolved file, under a private name
-        name = f"vlmspec_user_udf_{abs(hash(node.impl_file))}"
+        # The name covers the file's content, not just its path: a long-lived process (a notebook,
+        # tests, a second apply) that edits the UDF must run the new code, which is what the new
+        # fingerprint was compiled from, not the module cached from the old file.
+        content = hashlib.sha256(Path(node.impl_file).read_bytes()).hexdigest()[:16]
+        name = f"vlmspec_user_udf_{abs(hash(node.impl_file))}_{content}"
         mod = sys.modules.get(name)
         if mod is None:
             spec = importlib.util.spec_from_file_location(name, node.impl_file)
@@ -150,15 +158,44 @@ class _RowError(Exception):
 
 # --- worker side (separate processes for CPU UDFs) ------------------------------------------
 
-_WORKER_CACHE: dict[str, Any] = {}
+@dataclass(frozen=True)
+class WorkerNode:
+    """The part of a `ColumnNode` a worker needs, as plain values: unpickling it imports no compiler
+    (pydantic, sqlglot), which takes a third off each spawned worker's start-up."""
+
+    name: str
+    udf: str
+    impl: str
+    impl_file: str
+    inputs: tuple[str, ...]
+    params: Mapping[str, Any]
+    output: str
+    batch: bool
+    on_error: str
+
+    @classmethod
+    def of(cls, node: ColumnNode) -> "WorkerNode":
+        return cls(node.name, node.udf, node.impl, node.impl_file, tuple(node.inputs), dict(node.params),
+                   node.output, node.batch, node.on_error)
 
 
-def _run_chunk(uri: str, version: int, node: ColumnNode, chunk: Chunk, batch_size: int):
+_WORKER_CACHE: dict[Any, Any] = {}
+
+
+def _run_chunk(uri: str, version: int, node: WorkerNode, chunk: Chunk, batch_size: int):
     """Compute one chunk in a worker process; returns (chunk, values, failures) or the row error."""
-    fn = _WORKER_CACHE.get(node.impl)
-    if fn is None:
-        fn = _WORKER_CACHE[node.impl] = load_udf(node)
-    ds = lance.dataset(uri, version=version)
+    if node.udf == node.impl:
+        fn = load_udf(node)  # user UDF: load_udf keys its module on the file's content (pools outlive edits)
+    else:
+        fn = _WORKER_CACHE.get(node.impl)
+        if fn is None:
+            fn = _WORKER_CACHE[node.impl] = load_udf(node)
+    # A table version never changes: keep the last one open instead of re-reading its manifest per chunk.
+    ds = _WORKER_CACHE.get(("dataset", uri, version))
+    if ds is None:
+        for k in [k for k in _WORKER_CACHE if isinstance(k, tuple) and k[0] == "dataset"]:
+            del _WORKER_CACHE[k]
+        ds = _WORKER_CACHE[("dataset", uri, version)] = lance.dataset(uri, version=version)
     return _compute_chunk(ds, fn, node, chunk, batch_size)
 
 
@@ -340,24 +377,65 @@ def _complete(uri: str, node: ColumnNode, field_meta: dict[str, str]) -> None:
     lance_io.update_field_metadata(ds, node.name, {**field_meta, FINGERPRINT: node.fingerprint, TARGET: None})
 
 
+_SHARED: dict[str, Any] = {"depth": 0, "pool": None, "workers": 0}
+
+
+@contextmanager
+def shared_pool() -> Iterator[None]:
+    """Reuse one worker pool for every parallel column backfilled inside (e.g. all columns of one
+    apply): the spawn start-up (an interpreter plus lance/pyarrow imports, about a second per worker)
+    is paid once, not per column. Outside it, each column gets its own pool, closed when it is done."""
+    _SHARED["depth"] += 1
+    try:
+        yield
+    finally:
+        _SHARED["depth"] -= 1
+        if _SHARED["depth"] == 0:
+            _close_shared()
+
+
+def _close_shared() -> None:
+    pool, _SHARED["pool"], _SHARED["workers"] = _SHARED["pool"], None, 0
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: lance/lancedb are not fork-safe (workers segfault; stack-notes §3).
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _run_parallel(uri: str, version: int, node: ColumnNode, chunks: list[Chunk], workers: int,
                   finish: Callable) -> None:
-    # spawn, not fork: lance/lancedb are not fork-safe (workers segfault; stack-notes §3).
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
-        todo = list(reversed(chunks))
-        running = set()
-        try:
-            while todo or running:
-                while todo and len(running) < workers * 2:
-                    running.add(pool.submit(_run_chunk, uri, version, node, todo.pop(), node.batch_size))
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in sorted(done, key=lambda f: (f.result()[0].frag_id, f.result()[0].offset)):
-                    finish(*fut.result())
-        except BaseException:
-            for fut in running:
-                fut.cancel()
-            raise
+    shared = _SHARED["depth"] > 0
+    if shared:
+        if _SHARED["pool"] is None or _SHARED["workers"] != workers:
+            _close_shared()
+            _SHARED["pool"], _SHARED["workers"] = _new_pool(workers), workers
+        pool = _SHARED["pool"]
+    else:
+        pool = _new_pool(min(workers, len(chunks)))
+    wnode = WorkerNode.of(node)
+    todo = list(reversed(chunks))
+    running = set()
+    ok = False
+    try:
+        while todo or running:
+            while todo and len(running) < workers * 2:
+                running.add(pool.submit(_run_chunk, uri, version, wnode, todo.pop(), node.batch_size))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: (f.result()[0].frag_id, f.result()[0].offset)):
+                finish(*fut.result())
+        ok = True
+    except BaseException:
+        for fut in running:
+            fut.cancel()
+        raise
+    finally:
+        if not shared:
+            pool.shutdown(wait=True)
+        elif not ok:  # a failed or broken pool is not reused
+            _close_shared()
 
 
 def _key_text(uri: str, key: str | None, frag_id: int, offset: int) -> str:

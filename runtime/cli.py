@@ -192,11 +192,11 @@ def log(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[l
     if not runs:
         out.print("No runs recorded.")
         return
-    out.print(f"{'run':<24} {'status':<11} {'versions':<10} {'spec':<14} steps")
+    out.print(f"{'run':<26} {'status':<11} {'versions':<10} {'spec':<14} steps")
     for r in runs:
         versions = f"{r.get('version_before') or '-'}->{r.get('version_after') or '-'}"
         steps = ", ".join(f"{s['name']}({s['rows']:,})" for s in r.get("steps", []) if s.get("rows")) or "-"
-        out.print(f"{r['run_id']:<24} {r['status']:<11} {versions:<10} {r['spec_hash'][:12]:<14} {steps}")
+        out.print(f"{r['run_id']:<26} {r['status']:<11} {versions:<10} {r['spec_hash'][:12]:<14} {steps}")
 
 
 @app.command()
@@ -237,15 +237,29 @@ def errors(spec: Path = typer.Argument(..., help="The spec file."), var: Optiona
         loaded = _load(spec, var)
     except VlmspecError as e:
         _fail(e)
-    path = lance_io.sidecar_dir(loaded.spec.source.table) / "errors.jsonl"
-    rows = []
+    from vlmspec.compiler.state import FINGERPRINT, TARGET
+
+    table = loaded.spec.source.table
+    path = lance_io.sidecar_dir(table) / "errors.jsonl"
+    # errors.jsonl is append-only: it keeps errors of values since recomputed (a fixed UDF, new
+    # params) and logs a fragment's rows again when a killed run recomputes it. Show only errors
+    # of the values the table holds now (the column's current fingerprint), each row once.
+    ds = lance_io.open_dataset(table)
+    current = {}
+    for f in ds.schema if ds is not None else []:
+        md = lance_io.decode_metadata(f.metadata)
+        current[f.name] = {md.get(FINGERPRINT), md.get(TARGET)} - {None}
+    rows, seen = [], set()
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
             except ValueError:
                 continue
-            if column is None or r["column"] == column:
+            ident = (r["column"], r.get("fingerprint"), r["row_addr"])
+            if (column is None or r["column"] == column) and r.get("fingerprint") in current.get(r["column"], ()) \
+                    and ident not in seen:
+                seen.add(ident)
                 rows.append(r)
     if not rows:
         out.print("No row errors recorded.")

@@ -33,13 +33,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def new_run_id() -> str:
+    """Sortable and unique per apply. Seconds and pid alone are not: two applies from one process
+    within a second (a notebook, `apply --target` then `apply`) shared an id, and the second
+    record silently overwrote the first. Milliseconds, kept strictly increasing per process."""
+    global _LAST_RUN_MS
+    ms = _LAST_RUN_MS = max(time.time_ns() // 1_000_000, _LAST_RUN_MS + 1)
+    return time.strftime("%Y%m%dT%H%M%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}-{os.getpid()}"
+
+
+_LAST_RUN_MS = 0
+
+
 @dataclass
 class RunRecord:
     spec_file: str
     spec_hash: str
     spec_text: str
     table: str
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}")
+    run_id: str = field(default_factory=new_run_id)
     started: float = field(default_factory=time.time)
     finished: float | None = None
     status: str = "running"

@@ -49,12 +49,17 @@ def fragment_fill(ds: lance.LanceDataset) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {name: [] for name in ids}
     for frag in ds.get_fragments():
         present: set[int] = set()
-        for df in frag.metadata.data_files():
+        for df in _files(frag.metadata):
             present.update(df.fields)
         for name, fids in ids.items():
             if fids & present:
                 out[name].append(frag.fragment_id)
     return out
+
+
+def _files(md) -> list:
+    # pylance 14 renamed FragmentMetadata.data_files() to the `files` attribute.
+    return md.files if hasattr(md, "files") else md.data_files()
 
 
 def fragment_rows(ds: lance.LanceDataset) -> dict[int, int]:
@@ -126,7 +131,7 @@ def write_column_data(uri: str, name: str, values: pa.Array, data_storage_versio
     """Write one column's values for one fragment as a standalone data file (not yet committed)."""
     frags = lance.fragment.write_fragments(pa.table({name: values}), uri,
                                            data_storage_version=data_storage_version)
-    files = frags[0].data_files()
+    files = _files(frags[0])
     if len(frags) != 1 or len(files) != 1:
         raise RuntimeError(f"expected one data file for `{name}`, got {len(frags)} fragments")
     return files[0]

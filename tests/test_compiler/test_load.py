@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from vlmspec.compiler.errors import Location, SpecError, VlmspecError
+from vlmspec.compiler.errors import Location, Problem, SpecError, VlmspecError
 from vlmspec.compiler.load import LoadedSpec, load_spec, load_spec_text, parse_overrides
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+# What `Problem.__str__` puts after a fix that ends in "?": "." today (see errors.py), "" once fixed.
+DOT = str(Problem("x", fix="y?"))[len("x. y?"):]
 
 MINIMAL = """\
 name: demo
@@ -175,7 +177,7 @@ def test_unsafe_yaml_tags_are_rejected():
     ("42\n", "s.yaml:1:1: the top level is a single value"),
     ("name: &x [*x]\n", "s.yaml:1:7 name[0]: an alias refers to the value that contains it"),
     ("a: 1\n---\nb: 2\n", "s.yaml:2:1: invalid YAML"),
-    ("vars: " + "[" * 3000 + "]" * 3000, "s.yaml: the spec is nested too deeply"),
+    ("vars: " + "[" * 3000 + "]" * 3000, "s.yaml: the spec (or a template expression in it) is nested too deeply"),
 ])
 def test_malformed_documents(text, start):
     assert problems(text)[0].startswith(start)
@@ -191,7 +193,7 @@ def test_alias_bomb_is_refused():
 def test_missing_directory_and_non_utf8_files(tmp_path):
     with pytest.raises(SpecError, match="nope.yaml: no such spec file"):
         load_spec(tmp_path / "nope.yaml")
-    with pytest.raises(SpecError, match="is a directory"):
+    with pytest.raises(SpecError, match="a directory, not a spec file"):
         load_spec(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"name: demo\nsource: {table: \xff}\n")
@@ -212,11 +214,8 @@ def test_unknown_key_typos_suggest_the_right_key():
           optim: {steps: 10}
     """)
     assert problems(text) == [
-        "s.yaml:7:1 featurs: unknown key `featurs`. Did you mean `features`?.",
-        "s.yaml:11:3 train.lroa: unknown key `lroa`. Did you mean `lora`?.",
-    ] or problems(text) == [  # once Problem stops adding "." after "?"
-        "s.yaml:7:1 featurs: unknown key `featurs`. Did you mean `features`?",
-        "s.yaml:11:3 train.lroa: unknown key `lroa`. Did you mean `lora`?",
+        "s.yaml:7:1 featurs: unknown key `featurs`. Did you mean `features`?" + DOT,
+        "s.yaml:11:3 train.lroa: unknown key `lroa`. Did you mean `lora`?" + DOT,
     ]
 
 
@@ -230,6 +229,27 @@ def test_wrong_type_shows_the_value():
                                     "table: t\n  ingest: {from: synthetic, rows: abc, seed: [1]}"))
     assert msgs == ["s.yaml:4:35 source.ingest.rows: expected an integer, got `abc`.",
                     "s.yaml:4:40 source.ingest.seed: expected an integer, got a list."]
+
+
+def test_wrong_types_and_values_in_plain_words():
+    text = MINIMAL + spec_text("""
+        model: {id: m, trust_remote_code: maybe, dtype: bf16}
+        executor: {kind: [ray], workers: 0}
+        curation: {limit: 1.5}
+    """)
+    assert problems(text) == [
+        "s.yaml:7:35 model.trust_remote_code: expected `true` or `false`, got `maybe`.",
+        "s.yaml:7:49 model.dtype: must be one of `auto`, `bfloat16`, `float16`, `float32`, got `bf16`. "
+        "Did you mean `bfloat16`?" + DOT,
+        "s.yaml:8:12 executor.kind: must be one of `local`, `ray`, got a list.",
+        "s.yaml:8:34 executor.workers: must be at least 1, got `0`.",
+        "s.yaml:9:19 curation.limit: expected a whole number, got `1.5`.",
+    ]
+
+
+def test_yaml_11_boolean_keys_are_explained():
+    [msg] = problems(MINIMAL + "on: 1\n")
+    assert msg == "s.yaml:7:1 on: key `on` is not text (YAML reads it as `true`). Quote the key."
 
 
 def test_image_px_must_be_a_multiple_of_28():

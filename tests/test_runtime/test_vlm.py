@@ -346,18 +346,22 @@ def test_cached_logits_equal_full_model(full, lm, tower_udf, sft_udf, batch):
     ref = _full_inputs(sft_udf.processor, images, questions, answers)
     fp32 = tower_udf.encode(pa.array(images, pa.binary()))
     col = tower_udf(pa.array(images, pa.binary()))
-    fp16 = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(len(images), -1))
+    fp16 = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(len(images), -1).copy())
     width = ref["input_ids"].shape[1]
     assert torch.equal(ids[:, :width], ref["input_ids"]) and not bool(mask[:, width:].any())
     with torch.no_grad():
         out32 = cached.cached_forward(lm, ids, mask, fp32, (1, 8, 8), labels=labels)
         out16 = cached.cached_forward(lm, ids, mask, fp16, (1, 8, 8), labels=labels)
+        # Same padded width as the processor batch: identical kernels, so (near-)bitwise equal.
+        same = cached.cached_forward(lm, ids[:, :width], mask[:, :width], fp32, (1, 8, 8),
+                                     labels=labels[:, :width])
     want = _label_logits(full, ref, out32.label_positions)
     assert out32.logits.shape == want.shape and out32.targets.numel() == want.shape[0]
-    diff32 = (out32.logits - want).abs().max().item()
-    diff16 = (out16.logits - want).abs().max().item()
+    diff32 = (out32.logits - want).abs().max().item()  # measured 3.9e-6 (SFT width 128 vs 67)
+    diff16 = (out16.logits - want).abs().max().item()  # measured 9.7e-4 (fp16 storage)
     assert diff32 <= 1e-5, diff32
-    assert diff16 <= 5e-2, diff16
+    assert diff16 <= 1e-2, diff16
+    assert (same.logits - want).abs().max().item() <= 1e-6  # measured 0.0
     ref_loss = torch.nn.functional.cross_entropy(want, out32.targets)
     assert abs(out32.loss.item() - ref_loss.item()) <= 1e-5
 
@@ -416,6 +420,21 @@ def test_cached_forward_without_labels_keeps_last_logits(lm, sft_udf, batch):
     ids, mask, _ = _sft_tensors(sft_udf, questions[:1], answers[:1])
     out = cached.cached_forward(lm, ids, mask, torch.zeros(1, TOKENS, 128), (1, 8, 8), logits_to_keep=1)
     assert out.loss is None and out.logits.shape == (1, 1, lm.config.text_config.vocab_size)
+
+
+def test_cached_forward_trains_lora_through_peft(spec, tower_udf, sft_udf, batch):
+    from peft import LoraConfig, get_peft_model
+
+    base = models.load_language_model(spec, None, "cpu", torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    images, questions, answers = batch
+    ids, mask, labels = _sft_tensors(sft_udf, questions[:2], answers[:2])
+    feats = tower_udf.encode(pa.array(images[:2], pa.binary()))
+    out = cached.cached_forward(model, ids, mask, feats, (1, 8, 8), labels=labels)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
 
 
 # --- builder --------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""Evaluation: base vs tuned on raw held-out images through the full model (vision tower included).
+
+Images and prompts go through `vlm.prompt` exactly as in training (same square resize, same chat
+prompt); accuracy is the official TextVQA metric (`metrics.vqa_accuracy`), both models answer the
+same seeded sample of questions, and the lift gets a paired-bootstrap confidence interval.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmspec.compiler.errors import ApplyError, Problem
+
+from . import lance_io
+from .metrics import paired_bootstrap, vqa_accuracy
+
+__all__ = ["vqa_accuracy", "evaluate_from_spec", "generate_answers", "eval_rows"]
+
+
+def eval_rows(spec, limit: int | None, seed: int) -> tuple[list[dict[str, Any]], int, str]:
+    """The held-out questions (a seeded sample of `limit`), read at the slice's pinned version."""
+    import lance
+
+    from .curate import read_slice
+
+    side = lance_io.read_sidecar(spec.source.table).get("steps", {})
+    rec = side.get("split")
+    if rec is None:
+        raise ApplyError(Problem("no held-out split recorded", "eval", fix="Add a `split:` section and apply"))
+    sl = rec["detail"]["slice"]
+    uri = sl.get("eval_uri") or spec.source.table
+    version = int(sl.get("eval_version") or sl["table_version"])
+    addrs = read_slice(sl["path"], "eval")
+    if limit is not None and len(addrs) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(addrs), size=limit, replace=False))
+        addrs = addrs[pick]
+    ds = lance.dataset(uri, version=version)
+    key = spec.source.key
+    cols = [c for c in dict.fromkeys([key, "image", "question", "answers"]) if c in ds.schema.names]
+    # `take` wants offsets; `_take_rows` takes row addresses (what slices store) and keeps their order.
+    table = ds._take_rows(addrs.tolist(), columns=cols)
+    rows = table.to_pylist()
+    for r in rows:
+        r.setdefault("question_id", r.get(key))
+    return rows, version, uri
+
+
+def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int,
+                     generation, device: str, progress=None) -> list[str]:
+    """Greedy (or sampled) short answers, batched, left-padded, with the training prompt."""
+    import torch
+
+    from .vlm.prompt import image_processor_kwargs, prompt_text, resize_image
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"  # generation appends on the right; prompts must end aligned
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        texts = [prompt_text(processor, r["question"]) for r in chunk]
+        images = [resize_image(r["image"], image_px) for r in chunk]
+        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True,
+                           **image_processor_kwargs(image_px)).to(device)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
+                                 temperature=generation.temperature if generation.do_sample else None,
+                                 pad_token_id=tok.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        if progress:
+            progress(len(chunk))
+    return answers
+
+
+def evaluate_from_spec(prep, device: str | None = None, reporter=None) -> dict[str, Any]:
+    """Run `spec.eval`: answers per compared model, accuracy, lift with CI, JSON + report."""
+    import torch
+
+    from .report import write_report
+    from .vlm.models import load_full_model, load_model_processor
+
+    spec = prep.loaded.spec
+    ev = spec.eval
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(ev.seed)
+    rows, version, uri = eval_rows(spec, ev.limit, ev.seed)
+    if not rows:
+        raise ApplyError(Problem("the held-out split is empty", "split", fix="Raise `split.fraction`"))
+    train_out = Path(spec.train.output_dir or f"runs/{spec.name}") if spec.train else None
+    out_dir = Path(ev.output_dir) if ev.output_dir else (train_out or Path(f"runs/{spec.name}")) / "eval"
+    processor = load_model_processor(spec.model)
+    quant = spec.train.quant if spec.train is not None and spec.train.quant.bits in (4, 8) else None
+    preds: dict[str, list[str]] = {}
+    timing: dict[str, float] = {}
+    for name in ev.compare:
+        adapter = None
+        if name == "tuned":
+            adapter = train_out / "adapter"
+            if not (adapter / "adapter_config.json").exists():
+                raise ApplyError(Problem(f"no trained adapter at `{adapter}`", "eval.compare",
+                                         fix="Run the train step first (`vlmspec apply`)"))
+        t0 = time.perf_counter()
+        model = load_full_model(spec.model, device=device, adapter_dir=str(adapter) if adapter else None,
+                                quant=quant)
+        if reporter:
+            reporter.start(f"eval {name}", len(rows))
+        preds[name] = generate_answers(model, processor, rows, spec.model.image_px, ev.batch_size,
+                                       ev.generation, device,
+                                       progress=(lambda n, t=f"eval {name}": reporter.advance(t, n)) if reporter else None)
+        if reporter:
+            reporter.finish(f"eval {name}")
+        timing[name] = round(time.perf_counter() - t0, 2)
+        del model
+    scores = {m: [vqa_accuracy(p, r["answers"]) for p, r in zip(preds[m], rows)] for m in preds}
+    results: dict[str, Any] = {
+        "metric": ev.metric, "n": len(rows), "table": uri, "table_version": version,
+        "model": {"id": spec.model.id, "revision": spec.model.revision, "image_px": spec.model.image_px},
+        "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
+        "spec_hash": prep.loaded.source_hash,
+    }
+    if "base" in scores and "tuned" in scores:
+        boot = paired_bootstrap(scores["base"], scores["tuned"], resamples=ev.bootstrap, seed=ev.seed)
+        results["bootstrap"] = boot
+        results.update(base=boot["base"], tuned=boot["tuned"], lift=boot["lift"],
+                       ci_low=boot["ci_low"], ci_high=boot["ci_high"])
+    report_rows = [{"question_id": str(r.get("question_id")), "question": r["question"], "answers": r["answers"],
+                    "image": r["image"], "base": preds.get("base", [None] * len(rows))[i],
+                    "tuned": preds.get("tuned", [None] * len(rows))[i],
+                    "base_score": scores["base"][i] if "base" in scores else None,
+                    "tuned_score": scores["tuned"][i] if "tuned" in scores else None} for i, r in enumerate(rows)]
+    paths = write_report(results, report_rows, out_dir)
+    (out_dir / "predictions.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n" for r in report_rows))
+    summary = "eval: " + ", ".join(f"{m} {a:.3f}" for m, a in results["accuracy"].items())
+    if "lift" in results:
+        summary += (f"; lift {100 * results['lift']:+.1f} pp (95% CI {100 * results['ci_low']:+.1f} to "
+                    f"{100 * results['ci_high']:+.1f}) on {len(rows)} questions -> {paths['markdown']}")
+    return {**results, "summary": summary, "report": str(paths["markdown"])}

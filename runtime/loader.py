@@ -1,0 +1,145 @@
+"""Training loader: the LanceDB Permutation API over the pinned slice, zero-copy into tensors.
+
+Each epoch is a deterministic shuffle of the slice's row addresses (seed + epoch), sharded across
+data-parallel ranks. Workers are spawned (lance is not fork-safe) and open their own Permutation
+lazily (it holds Rust async state and must not be pickled open). A batch is one Arrow RecordBatch
+of the projected columns only; collate views its buffers as tensors with no per-row Python objects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+
+def epoch_order(row_addrs: np.ndarray, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """This rank's row addresses for `epoch`, shuffled deterministically (same for any worker count)."""
+    order = np.random.default_rng([seed, epoch]).permutation(np.asarray(row_addrs, dtype=np.uint64))
+    if world > 1:  # equal shards (drop the remainder) so ranks step in lockstep
+        n = len(order) // world * world
+        order = order[:n][rank::world]
+    return order
+
+
+class SliceDataset(Dataset):
+    """Rows of a pinned table version, in a given order, fetched a batch at a time."""
+
+    def __init__(self, uri: str, version: int, row_addrs: np.ndarray, columns: list[str]):
+        self.uri, self.version, self.columns = str(uri), int(version), list(columns)
+        self.row_addrs = np.asarray(row_addrs, dtype=np.uint64)
+        self._perm = None
+
+    def __len__(self) -> int:
+        return len(self.row_addrs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_perm"] = None  # reopened in each worker
+        return state
+
+    def _open(self):
+        import lancedb
+        from lancedb.permutation import Permutation
+
+        path = Path(self.uri)
+        db = lancedb.connect(str(path.parent))
+        base = db.open_table(path.name.removesuffix(".lance"), version=self.version)
+        perm = lancedb.connect("memory://").create_table("perm", pa.table({
+            "row_id": pa.array(self.row_addrs, pa.uint64()),
+            "split_id": pa.array(np.zeros(len(self.row_addrs), np.uint64)),
+        }))
+        self._perm = Permutation.from_tables(base, perm, 0).select_columns(self.columns).with_format("arrow")
+
+    def __getitems__(self, indices: list[int]) -> pa.RecordBatch:
+        if self._perm is None:
+            self._open()
+        return self._perm.__getitems__(list(indices))
+
+    def __getitem__(self, index: int) -> pa.RecordBatch:
+        return self.__getitems__([int(index)])
+
+
+def _view(arr: pa.Array, dtype: np.dtype) -> np.ndarray:
+    if arr.null_count:
+        raise ValueError("a cached column holds nulls in the training slice; run `vlmspec apply` to fill it")
+    return arr.to_numpy(zero_copy_only=True).astype(dtype, copy=False)
+
+
+@dataclass
+class CachedBatch:
+    vision_hiddens: torch.Tensor  # [B, tokens, hidden] fp16
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long, -100 where no loss
+
+    def to(self, device: Any, non_blocking: bool = True) -> "CachedBatch":
+        return CachedBatch(*(t.to(device, non_blocking=non_blocking) for t in
+                             (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)))
+
+
+class CachedCollate:
+    """RecordBatch of (hiddens, tokens struct) -> CachedBatch; picklable for spawned workers."""
+
+    def __init__(self, hiddens: str, tokens: str, image_tokens: int):
+        self.hiddens, self.tokens, self.image_tokens = hiddens, tokens, image_tokens
+
+    def __call__(self, rb: pa.RecordBatch) -> CachedBatch:
+        n = rb.num_rows
+        h = rb.column(self.hiddens)
+        flat = _view(h.values, np.float16)
+        tok = rb.column(self.tokens)
+
+        def field(name: str, dtype) -> torch.Tensor:
+            values = tok.field(name).values if isinstance(tok, pa.StructArray) else pa.StructArray.field(tok, name).values
+            return torch.from_numpy(_view(values, dtype).reshape(n, -1)).long()
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Arrow buffers are read-only; we never write to them
+            hidden = torch.from_numpy(flat.reshape(n, self.image_tokens, -1))
+        return CachedBatch(hidden, field("input_ids", np.int32), field("attention_mask", np.int8),
+                           field("labels", np.int32))
+
+
+def make_loader(uri: str, version: int, row_addrs: np.ndarray, *, hiddens: str, tokens: str, image_tokens: int,
+                batch_size: int, seed: int, epoch: int, num_workers: int = 0, rank: int = 0, world: int = 1,
+                drop_last: bool = True) -> DataLoader:
+    """A DataLoader over one epoch of the slice (projected columns only)."""
+    ds = SliceDataset(uri, version, epoch_order(row_addrs, seed, epoch, rank, world), [hiddens, tokens])
+    sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size, drop_last=drop_last)
+    kw: dict[str, Any] = {}
+    if num_workers:
+        kw = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
+                  persistent_workers=False)
+    # With a batch sampler, torch hands each index list to __getitems__ in one call (one Lance take).
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=CachedCollate(hiddens, tokens, image_tokens),
+                      pin_memory=torch.cuda.is_available(), **kw)
+
+
+def iterate_epochs(make, start_epoch: int = 0, skip_batches: int = 0) -> Iterator[tuple[int, int, CachedBatch]]:
+    """(epoch, batch index, batch) forever; `skip_batches` resumes mid-epoch without reading them."""
+    epoch = start_epoch
+    while True:
+        loader = make(epoch)
+        for i, batch in enumerate(_skip(loader, skip_batches)):
+            yield epoch, i + skip_batches, batch
+        skip_batches = 0
+        epoch += 1
+
+
+def _skip(loader: DataLoader, n: int):
+    if n <= 0:
+        yield from loader
+        return
+    # Skip at the sampler level: a resumed run must not fetch the batches it already trained on.
+    kept = list(loader.batch_sampler)[n:]
+    sub = DataLoader(loader.dataset, batch_sampler=kept, collate_fn=loader.collate_fn,
+                     pin_memory=loader.pin_memory, num_workers=loader.num_workers,
+                     multiprocessing_context=loader.multiprocessing_context if loader.num_workers else None)
+    yield from sub

@@ -1,0 +1,270 @@
+"""LoRA/QLoRA training from cached Lance columns: the vision tower is never loaded.
+
+One readable loop in named phases: setup -> load -> fit -> save. The language model reads cached
+vision hiddens scattered into the `<|image_pad|>` slots with 3D M-RoPE positions (so the forward
+equals the full model's), logits are computed only where labels are set, and every
+`checkpoint_every` steps the adapter, optimizer, scheduler, RNG and loader position are saved
+atomically, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmspec.compiler.errors import ApplyError, Problem
+
+from . import history, lance_io
+from .loader import iterate_epochs, make_loader
+
+LM_PREFIX = r".*language_model\..*"  # LoRA never touches the vision tower or merger
+
+
+def lora_target_regex(targets: list[str]) -> str:
+    """Anchor module names to the language model, so eval (full model) adapts the same modules."""
+    names = "|".join(t if not t.isidentifier() else re.escape(t) for t in targets)
+    return rf"{LM_PREFIX}\.({names})"
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return f
+
+
+@dataclass
+class Slice:
+    uri: str
+    version: int
+    path: str
+    train: np.ndarray
+
+
+def pinned_slice(spec) -> Slice:
+    """The train side of the slice recorded by the last curate/split, at its pinned version."""
+    from .curate import read_slice
+
+    side = lance_io.read_sidecar(spec.source.table).get("steps", {})
+    rec = side.get("split") or side.get("curate")
+    if rec is None:
+        raise ApplyError(Problem("no training slice recorded", "train",
+                                 fix="Run `vlmspec apply` without --until/--target so curate and split run first"))
+    sl = rec["detail"]["slice"]
+    # The slice's row addresses were chosen at its version; cached columns may have been added
+    # since (adding columns never moves rows), so training pins the table version it starts on.
+    version = lance_io.open_dataset(spec.source.table).version
+    if version < int(sl["table_version"]):
+        raise ApplyError(Problem("the table is older than the recorded slice", "train",
+                                 fix="Run `vlmspec apply` to rebuild the slice"))
+    return Slice(spec.source.table, version, sl["path"], read_slice(sl["path"], "train"))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def build_model(spec, device: str):
+    """Language model only (4-bit NF4 for QLoRA), wrapped with LoRA per the spec."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from .vlm.models import load_language_model
+
+    tr = spec.train
+    quant = tr.quant if tr.quant.bits in (4, 8) else None
+    dtype = {16: "bfloat16" if device.startswith("cuda") else "float32", 32: "float32"}.get(tr.quant.bits, "auto")
+    model = load_language_model(spec.model, quant=quant, device=device, dtype=dtype)
+    gc_kwargs = {"use_reentrant": False}
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tr.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    config = LoraConfig(r=tr.lora.r, lora_alpha=tr.lora.alpha, lora_dropout=tr.lora.dropout, bias="none",
+                        target_modules=lora_target_regex(tr.lora.targets),
+                        modules_to_save=list(tr.lora.modules_to_save) or None, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.train()
+    return model
+
+
+def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict[str, Any]) -> None:
+    from peft import get_peft_model_state_dict
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(), **state}, tmp / "state.pt")
+    old = ckpt.with_name(ckpt.name + ".old")
+    if ckpt.exists():
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)  # the checkpoint appears whole or not at all
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt: Path, fingerprint: str) -> dict[str, Any] | None:
+    f = ckpt / "state.pt"
+    if not f.exists():
+        return None
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def train_from_spec(prep, device: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Train per `spec.train`; resumes from `<output_dir>/checkpoint` when its fingerprint matches."""
+    from peft import set_peft_model_state_dict
+
+    from .vlm.cached import cached_forward
+
+    # -- setup ------------------------------------------------------------------------------
+    spec = prep.loaded.spec
+    tr, opt_spec = spec.train, spec.train.optim
+    node = prep.compiled.stage("train")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(tr.output_dir or f"runs/{spec.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    sl = pinned_slice(spec)
+    grid = (1, spec.model.image_px // 14, spec.model.image_px // 14)
+    per_step = opt_spec.batch_size * opt_spec.grad_accum
+    total = opt_spec.steps or max(1, math.ceil(opt_spec.epochs * len(sl.train) / per_step))
+    if len(sl.train) < opt_spec.batch_size:
+        raise ApplyError(Problem(f"the training slice has {len(sl.train)} rows, fewer than one batch",
+                                 "train.optim.batch_size", fix="Lower batch_size or loosen the curation"))
+    _seed_all(opt_spec.seed)
+
+    # -- load -------------------------------------------------------------------------------
+    model = build_model(spec, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay)
+    warmup = int(opt_spec.warmup * total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, total))
+    step, epoch, batch_idx, elapsed = 0, 0, 0, 0.0
+    state = _load_checkpoint(ckpt, node.fingerprint)
+    if state is not None:
+        set_peft_model_state_dict(model, state["adapter"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, epoch, batch_idx, elapsed = state["step"], state["epoch"], state["batch"], state["elapsed"]
+    log_path = out / "train_log.jsonl"
+    if state is None and log_path.exists():
+        log_path.unlink()  # a fresh run (new fingerprint) starts a fresh log
+
+    def make(ep: int):
+        return make_loader(sl.uri, sl.version, sl.train, hiddens=tr.hiddens, tokens=tr.tokens,
+                           image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size,
+                           seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers)
+
+    batches = iterate_epochs(make, epoch, batch_idx)
+    per_epoch = len(sl.train) // opt_spec.batch_size
+
+    # -- fit --------------------------------------------------------------------------------
+    t0 = time.perf_counter() - elapsed
+    window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, time.perf_counter()
+    last_loss = float("nan")
+    while step < total:
+        micro = [next(batches) for _ in range(opt_spec.grad_accum)]
+        epoch, batch_idx = micro[-1][0], micro[-1][1] + 1
+        n_tokens = sum(int((b.labels[:, 1:] != -100).sum()) for _, _, b in micro)
+        if n_tokens == 0:
+            raise ApplyError(Problem("a training step has no label tokens", "train",
+                                     fix="Check `sft_tokens` (max_tokens too small for the answers?)"))
+        step_loss = 0.0
+        for _, _, b in micro:
+            b = b.to(device)
+            res = cached_forward(model, b.input_ids, b.attention_mask, b.vision_hiddens, grid, labels=b.labels)
+            k = len(res.targets)
+            (res.loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
+            step_loss += float(res.loss.detach()) * k
+        if opt_spec.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, opt_spec.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = step_loss / n_tokens
+        window_loss += step_loss
+        window_tokens += n_tokens
+        window_samples += per_step
+        if step % tr.log_every == 0 or step == total:
+            now = time.perf_counter()
+            rec = {"step": step, "epoch": round(epoch + batch_idx / max(per_epoch, 1), 4),
+                   "loss": round(window_loss / window_tokens, 5), "lr": sched.get_last_lr()[0],
+                   "samples_per_s": round(window_samples / max(now - tw, 1e-9), 3),
+                   "elapsed_s": round(now - t0, 2)}
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, now
+        if step % tr.checkpoint_every == 0 and step < total:
+            _save_checkpoint(ckpt, model, opt, sched, {"fingerprint": node.fingerprint, "step": step,
+                                                        "epoch": epoch, "batch": batch_idx,
+                                                        "elapsed": time.perf_counter() - t0})
+        if stop_after is not None and step >= stop_after:  # tests: simulate an interrupted run
+            return {"stopped_at": step}
+
+    # -- save -------------------------------------------------------------------------------
+    adapter = out / "adapter"
+    model.save_pretrained(str(adapter))
+    plot_loss(log_path, out / "loss.png")
+    manifest = {
+        "spec_file": prep.loaded.file, "spec_hash": prep.loaded.source_hash, "train_fingerprint": node.fingerprint,
+        "table": sl.uri, "table_version": sl.version, "slice": sl.path, "rows": int(len(sl.train)),
+        "columns": {c: prep.compiled.column(c).fingerprint for c in (tr.hiddens, tr.tokens)},
+        "model": {"id": spec.model.id, "revision": spec.model.revision, "image_px": spec.model.image_px},
+        "lora": tr.lora.model_dump(), "quant": tr.quant.model_dump(), "optim": opt_spec.model_dump(),
+        "steps": step, "final_loss": last_loss, "seconds": round(time.perf_counter() - t0, 2),
+        "device": device, "libraries": history.library_versions(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"table_version": sl.version, "rows": int(len(sl.train)), "steps": step, "final_loss": last_loss,
+            "adapter": str(adapter), "seconds": manifest["seconds"]}
+
+
+def plot_loss(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], marker="o", markersize=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
