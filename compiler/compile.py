@@ -362,7 +362,8 @@ class _Compiler:
             if any(w in t for w in VISION_MODULE_WORDS):
                 self.problem(f"train.lora.modules_to_save[{i}]",
                              f"`{t}` trains part of the vision tower or merger, but training reads cached hiddens",
-                             "Remove it; vision-side training needs the raw-image path")
+                             "The cache would be stale by construction: remove it (only language-model "
+                             "modules can be trained from cached hiddens)")
         for path, col, udf in (("train.hiddens", tr.hiddens, "vlm.vision_tower"), ("train.tokens", tr.tokens, "vlm.sft_tokens")):
             node = self.spec.features.columns()
             producer = next((c.udf for _, n, c in node if n == col), None)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .types import TypeSyntaxError, canonical
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=128)]
 
 
@@ -21,7 +22,7 @@ class SpecModel(BaseModel):
     """Base of every spec section: frozen, strict about unknown keys, documented."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True,
-                              populate_by_name=True)
+                              populate_by_name=True, allow_inf_nan=False)
 
 
 # --- source -------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ class SyntheticIngestSpec(SpecModel):
     kind: Literal["synthetic"] = Field(alias="from")
     rows: int = Field(2000, ge=1, le=10_000_000)
     """How many rows to generate."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the generator; the same seed gives byte-identical rows."""
     image_px: int = Field(256, ge=64, le=2048)
     """Size of the rendered square scenes in pixels."""
@@ -235,7 +236,7 @@ class CurationSpec(SpecModel):
     """Optional near-duplicate removal."""
     limit: int | None = Field(None, ge=1)
     """Keep at most this many rows (a deterministic sample)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for the `limit` sample."""
 
 
@@ -246,7 +247,7 @@ class SplitSpec(SpecModel):
     """Group column; every row of a group lands on the same side."""
     fraction: float | None = Field(0.1, gt=0, lt=1)
     """Fraction of groups held out for evaluation."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the group assignment (deterministic)."""
     table: str | None = None
     """Use an existing Lance table as the eval set instead of holding out a fraction."""
@@ -312,7 +313,7 @@ class OptimSpec(SpecModel):
     """AdamW weight decay."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping norm (null: no clipping)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed for initialisation, shuffling and dropout."""
 
     @model_validator(mode="after")
@@ -372,7 +373,7 @@ class EvalSpec(SpecModel):
     """Models to evaluate on the same questions."""
     limit: int | None = Field(400, ge=1)
     """Evaluate at most this many held-out questions (a seeded random sample)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the question sample and the bootstrap."""
     bootstrap: int = Field(2000, ge=100, le=1_000_000)
     """Paired bootstrap resamples for the lift's confidence interval."""

@@ -109,7 +109,7 @@ def _recipe_reason(old: Mapping[str, Any] | None, new: Mapping[str, Any], upstre
         if o.get("fp") != n.get("fp"):
             return f"upstream `{n['column']}` changed"
     if old.get("output") != new.get("output"):
-        return f"output type changed {old.get('output')} -> {new.get('output')}"
+        return "output type changed"
     if old.get("engine") != new.get("engine"):
         return "vlmspec engine version changed"
     return "fingerprint changed"
@@ -142,14 +142,13 @@ def _column_step(node: ColumnNode, col: ColumnState | None, expected: int, state
 
     if col is None:
         return step("new", "new", expected)
-    if col.type != node.output and (col.fingerprint or col.target):
-        s = step("recompute", f"output type changed {col.type} -> {node.output}", expected)
-        return ColumnStep(**{**s.__dict__, "destructive": True})
     if not col.is_derived:
         s = step("recompute", "column exists but was not made by vlmspec", expected)
         return ColumnStep(**{**s.__dict__, "destructive": True})
     current = col.fingerprint or col.target
     if current != node.fingerprint:
+        # A derived column is reproducible from its recipe, so a new type (e.g. image_px changed the
+        # hidden-state size) is an ordinary recompute, not a destructive change.
         return step("recompute", _recipe_reason(_stored_recipe(col), node.recipe, changed), expected)
     missing = max(expected - col.filled_rows, 0)
     if col.fingerprint is None or missing:
