@@ -295,7 +295,7 @@ def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
     history.record_step(table, "train", node.fingerprint, out["table_version"], out["rows"],
                         {"recipe": node.recipe, **out})
     result.record.add_step("train", "run", out["rows"], time.perf_counter() - t0,
-                           **{k: v for k, v in out.items() if k != "rows"})
+                           **{k: v for k, v in out.items() if k not in ("rows", "seconds")})
     result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {out['adapter']}")
 
 

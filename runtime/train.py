@@ -181,6 +181,10 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
     log_path = out / "train_log.jsonl"
     if state is None and log_path.exists():
         log_path.unlink()  # a fresh run (new fingerprint) starts a fresh log
+    elif state is not None and log_path.exists():
+        # Steps after the checkpoint are redone: drop their records so no step is logged twice.
+        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
 
     def make(ep: int):
         return make_loader(sl.uri, sl.version, sl.train, hiddens=tr.hiddens, tokens=tr.tokens,

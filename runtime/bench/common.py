@@ -207,11 +207,11 @@ def render_markdown(data: dict[str, Any]) -> str:
              "- Libraries: " + ", ".join(f"{k} {v}" for k, v in lib.items()),
              "- Settings: " + ", ".join(f"`{k}={v}`" for k, v in data["settings"].items()), ""]
     if data["derived"]:
-        lines += ["## Headline", "", "| | value | target | met |", "|---|---:|---|---|"]
+        lines += ["## Headline", "", "| | value | target | met | how |", "|---|---:|---|---|---|"]
         for d in data["derived"].values():
             val = "–" if d["value"] is None else f"{_num(d['value'])}{(' ' + d['unit']) if d['unit'] else ''}"
             lines.append(f"| {d['label']} | {val} | {d['target'] or ''} | "
-                         f"{'' if d['met'] is None else ('yes' if d['met'] else '**no**')} |")
+                         f"{'' if d['met'] is None else ('yes' if d['met'] else '**no**')} | {d.get('how') or ''} |")
         lines.append("")
     lines += ["## Figures (spread over repeats)", "",
               "| figure | median | min | max | n | load 1-min (before→after) |", "|---|---:|---:|---:|---:|---|"]

@@ -90,16 +90,27 @@ def _setup(workdir: Path, label: str, rows: int, rows_per_fragment: int) -> dict
             "data_bytes": dir_bytes(uri, "data"), "manifest_bytes": _manifest_bytes(str(uri), prep.state.version)}
 
 
-def _time_prepare(res: Results, key: str, label: str, table: dict[str, Any], repeats: int) -> None:
+def _prepare_job(res: Results, key: str, label: str, table: dict[str, Any]):
+    """A callable timing one prepare() into figure `key` (after an untimed warm-up)."""
     from ..apply import prepare
 
     loaded = table["loaded"]
     prepare(loaded)  # warm-up: imports, first manifest read
     fig = res.figure(key, label, "s", rows=table["rows"], fragments=table["fragments"])
-    for _ in range(repeats):
+
+    def job() -> None:
         s, prep, lb, la = timed(lambda: prepare(loaded))
         assert prep.plan.is_empty
         fig.add(s, lb, la)
+    return job
+
+
+def _rounds(jobs: list, repeats: int) -> None:
+    """Run every job once per round, rotating the order, so changing load hits all of them alike."""
+    for r in range(repeats):
+        k = r % len(jobs)
+        for job in jobs[k:] + jobs[:k]:
+            job()
 
 
 def _io_stats(table: dict[str, Any]) -> dict[str, Any]:
@@ -115,15 +126,23 @@ def _io_stats(table: dict[str, Any]) -> dict[str, Any]:
             "read_fraction_of_data": round(read / table["data_bytes"], 6) if table["data_bytes"] else None}
 
 
-def _time_cli(res: Results, key: str, label: str, args: list[str], repeats: int, cwd: Path, **extra) -> None:
-    cmd = vlmspec_command() + args
+IMPORTS = "import vlmspec.runtime.cli, vlmspec.runtime.apply, vlmspec.compiler.load, vlmspec.compiler.render"
+
+
+def _cli_job(res: Results, key: str, label: str, args: list[str], cwd: Path, *,
+             cmd: list[str] | None = None, **extra):
+    """A callable timing one subprocess run into figure `key`."""
+    cmd = cmd or vlmspec_command() + args
     env = {**os.environ, "VLMSPEC_DEBUG": "0", "LANCE_LOG": os.environ.get("LANCE_LOG", "error")}
-    fig = res.figure(key, label, "s", command="vlmspec " + " ".join(args), **extra)
-    for _ in range(repeats):
+    fig = res.figure(key, label, "s", command=" ".join(args) if cmd[0] == sys.executable else
+                     "vlmspec " + " ".join(args), **extra)
+
+    def job() -> None:
         s, proc, lb, la = timed(lambda: subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True))
         if proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr[-2000:]}")
         fig.add(s, lb, la)
+    return job
 
 
 def run(rows_list: list[int], repeats: int, out: Path, *, rows_per_fragment: int = 8192,
@@ -144,18 +163,22 @@ def run(rows_list: list[int], repeats: int, out: Path, *, rows_per_fragment: int
         if control and big > small and tables[big]["fragments"] > tables[small]["fragments"]:
             per = math.ceil(big / tables[small]["fragments"])
             ctrl = _setup(tmp, f"control{big}", big, per)
-        # In-process prepare(), every table, then the CLI (kept apart so one never warms the other).
-        for rows in rows_list:
-            _time_prepare(res, f"prepare_{rows}", f"prepare() at {rows:,} rows ({tables[rows]['fragments']} fragments)",
-                          tables[rows], repeats)
+        # In-process prepare() on every table, then the CLI (kept apart so one never warms the other);
+        # within each group the figures are interleaved round by round.
+        jobs = [_prepare_job(res, f"prepare_{rows}",
+                             f"prepare() at {rows:,} rows ({tables[rows]['fragments']} fragments)", tables[rows])
+                for rows in rows_list]
         if ctrl is not None:
-            _time_prepare(res, f"prepare_control_{big}",
-                          f"prepare() at {big:,} rows in {ctrl['fragments']} fragments (control)", ctrl, repeats)
-        _time_cli(res, "cli_help", "`vlmspec --help` (start-up floor)", ["--help"], cli_repeats, tmp)
-        for rows in rows_list:
-            _time_cli(res, f"cli_plan_{rows}", f"`vlmspec plan` at {rows:,} rows (subprocess)",
-                      ["plan", tables[rows]["spec"]], cli_repeats, tmp, rows=rows,
-                      fragments=tables[rows]["fragments"])
+            jobs.append(_prepare_job(res, f"prepare_control_{big}",
+                                     f"prepare() at {big:,} rows in {ctrl['fragments']} fragments (control)", ctrl))
+        _rounds(jobs, repeats)
+        jobs = [_cli_job(res, "cli_help", "`vlmspec --help` (start-up floor)", ["--help"], tmp),
+                _cli_job(res, "cli_imports", "python: import what `vlmspec plan` imports (no work)",
+                         ["-c", f"'{IMPORTS}'"], tmp, cmd=[sys.executable, "-c", IMPORTS])]
+        jobs += [_cli_job(res, f"cli_plan_{rows}", f"`vlmspec plan` at {rows:,} rows (subprocess)",
+                          ["plan", tables[rows]["spec"]], tmp, rows=rows, fragments=tables[rows]["fragments"])
+                 for rows in rows_list]
+        _rounds(jobs, cli_repeats)
         io = {rows: _io_stats(tables[rows]) for rows in rows_list}
         if ctrl is not None:
             io[f"control_{big}"] = _io_stats(ctrl)
@@ -167,7 +190,8 @@ def run(rows_list: list[int], repeats: int, out: Path, *, rows_per_fragment: int
                    met=med(f"prepare_{big}") <= 1.0)
         res.derive("cli_big", f"`vlmspec plan` wall time at {big:,} rows", med(f"cli_plan_{big}"), unit="s",
                    target="<= 1 s", met=med(f"cli_plan_{big}") <= 1.0,
-                   how="includes interpreter start and imports; compare `vlmspec --help`")
+                   how=f"includes interpreter start and imports: importing alone takes "
+                       f"{med('cli_imports'):.2f} s (`cli_imports`), the plan itself {med(f'prepare_{big}'):.3f} s")
         if big > small:
             ratio = med(f"prepare_{big}") / med(f"prepare_{small}")
             res.derive("ratio", f"prepare() time ratio {big:,} / {small:,} rows", round(ratio, 2), unit="x",
