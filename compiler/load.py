@@ -8,33 +8,30 @@ input text, never execute YAML tags or unsandboxed template code, and never touc
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import json
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union, get_args, get_origin
+from typing import Any, Sequence
 
 import jinja2
 import yaml
 from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import BaseModel, ValidationError
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from pydantic import ValidationError
+from yaml.nodes import MappingNode, Node, ScalarNode
 
+from ._pydantic_errors import _VAR_NAME, _problem
+from ._yaml import (_MAX_VALUES, _check_tree, _compose, _construct, _node_location, _offset_location,
+                    _parse_path)
 from .errors import Location, Problem, SpecError, did_you_mean
 from .model import Spec
 
 __all__ = ["LoadedSpec", "load_spec", "load_spec_text", "parse_overrides"]
 
-_MAX_VALUES = 1_000_000  # nodes after expanding aliases; real specs hold a few hundred
 _VARS_UNREADABLE = ("cannot read `vars:` before rendering templates",
                     "`vars:` values are not templated; quote any `{{ }}` in them")
-_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
@@ -226,6 +223,12 @@ def _render(text: str, file: str, context: dict[str, Any]) -> str:
         raise
     except Exception as e:  # noqa: BLE001 -- jinja's lexer can fail in other ways on odd text
         raise SpecError(Problem(f"template syntax error: {e}", where=Location(file))) from None
+    reads = [n for n in ast.find_all((nodes.Import, nodes.FromImport, nodes.Include, nodes.Extends))]
+    if reads:  # refused before rendering: a spec is one file, and its templates read no others
+        raise SpecError([Problem(f"`{{% {type(n).__name__.lower().replace('fromimport', 'from')} %}}` is not "
+                                 "allowed: templates in a spec cannot read other files",
+                                 where=Location(file, n.lineno), fix="Put the values under `vars:`")
+                         for n in reads])
     undefined = sorted(meta.find_undeclared_variables(ast) - set(context) - set(env.globals))
     if undefined:
         raise SpecError([_undefined(file, text, ast, n, list(context)) for n in undefined])
@@ -261,339 +264,3 @@ def _undefined(file: str, text: str, ast: nodes.Template, name: str, known: list
     hint = did_you_mean(name, known)
     return Problem(f"undefined variable `{name}`", where=Location(file, line, col),
                    fix=f"{fix}. {hint}" if hint else fix)
-
-
-# --- YAML ---------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose value errors (`!!int abc`, `2020-13-45`) carry the node's mark."""
-
-    def construct_object(self, node: Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value ({e})",
-                                                    node.start_mark) from None
-
-
-def _compose(text: str, file: str, what: str = "invalid YAML",
-             fix: str = "Check the indentation and quoting here") -> Node | None:
-    try:
-        loader = _Loader(text)  # the reader rejects control characters right here
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        raise SpecError(_yaml_problem(file, e, what, fix, text)) from None
-    if root is not None:
-        problems = _check_tree(file, root)
-        if problems:
-            raise SpecError(problems)
-    return root
-
-
-def _construct(node: Node | None, file: str, what: str = "invalid YAML value", fix: str = "") -> Any:
-    if node is None:
-        return None
-    loader = _Loader("")
-    try:
-        return loader.construct_document(node)
-    except yaml.YAMLError as e:
-        raise SpecError(_yaml_problem(file, e, what, fix)) from None
-    finally:
-        loader.dispose()
-
-
-def _yaml_problem(file: str, e: yaml.YAMLError, what: str, fix: str, text: str | None = None) -> Problem:
-    if isinstance(e, yaml.reader.ReaderError):  # a control character; no mark, only an offset
-        where = Location(file) if text is None else _offset_location(file, text, e.position)
-        return Problem(f"{what}: control character U+{e.character:04X} is not allowed", where=where,
-                       fix="Remove it")
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    where = _at(file, mark) if mark else Location(file)
-    detail = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p)
-    return Problem(f"{what}: {detail or e}".replace("\n", " "), where=where, fix=fix)
-
-
-def _check_tree(file: str, root: Node, path: str = "") -> list[Problem]:
-    """Duplicate keys, self-referencing aliases and alias bombs, in one pass over the nodes."""
-    problems: list[Problem] = []
-    sizes: dict[int, int] = {}
-    open_ids: set[int] = set()  # the chain of ancestors: an alias back into it is a cycle
-    stack: list[tuple[Node, str, bool]] = [(root, path, False)]
-    while stack:
-        node, path, done = stack.pop()
-        if done:
-            open_ids.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes.get(id(k), 0) for _, k in _labelled(node))
-            if sizes[id(node)] > _MAX_VALUES:
-                return [Problem(f"the spec holds more than {_MAX_VALUES:,} values once aliases are expanded",
-                                path, _at(file, node.start_mark), "Use fewer `*alias` references")]
-            continue
-        if id(node) in sizes:
-            continue
-        open_ids.add(id(node))
-        stack.append((node, path, True))
-        if isinstance(node, MappingNode):
-            problems += _duplicates(file, node, path)
-        for key, kid in _labelled(node):
-            if id(kid) in open_ids:
-                return [Problem("an alias refers to the value that contains it", _join(path, key),
-                                _at(file, kid.start_mark), "Remove the `*alias` or point it elsewhere")]
-            if id(kid) not in sizes:
-                stack.append((kid, _join(path, key), False))
-    return problems
-
-
-def _labelled(node: Node) -> list[tuple[Any, Node]]:
-    """Children with their path labels (a complex key's parts are labelled `?`)."""
-    if isinstance(node, SequenceNode):
-        return list(enumerate(node.value))
-    pairs = node.value if isinstance(node, MappingNode) else []
-    return [kid for k, v in pairs for kid in (("?", k), (k.value if isinstance(k, ScalarNode) else "?", v))]
-
-
-def _duplicates(file: str, node: MappingNode, path: str) -> list[Problem]:
-    first: dict[tuple[str, str], ScalarNode] = {}
-    problems = []
-    for key in (k for k, _ in node.value if isinstance(k, ScalarNode) and k.tag != _MERGE_TAG):
-        seen = first.setdefault((key.tag, key.value), key)
-        if seen is not key:
-            a, b = seen.start_mark.line + 1, key.start_mark.line + 1
-            lines = f"lines {a} and {b}" if a != b else f"twice on line {b}"
-            problems.append(Problem(f"duplicate key `{key.value}` ({lines})", _join(path, key.value),
-                                    _at(file, key.start_mark), "Keep only one of them"))
-    return problems
-
-
-# --- paths and locations ------------------------------------------------------------------
-
-
-def _join(path: str, key: Any) -> str:
-    if isinstance(key, int) and not isinstance(key, bool):
-        return f"{path}[{key}]"
-    key = str(key)
-    if re.fullmatch(r"[^.\[\]\"\s]+", key):
-        return f"{path}.{key}" if path else key
-    return f"{path}[{json.dumps(key)}]"
-
-
-def _parse_path(path: str) -> list[Any] | None:
-    out: list[Any] = []
-    for m in re.finditer(r'\.?([^.\[\]"\s]+)|\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]|(.)', path):
-        plain, index, quoted, junk = m.groups()
-        if junk is not None:
-            return None
-        out.append(plain if plain is not None else int(index) if index is not None else json.loads(quoted))
-    return out
-
-
-def _walk(root: Node | None, segments: Sequence[Any]) -> tuple[list[tuple[Node | None, Node]], bool]:
-    """(key node, value node) pairs along the path, and whether the whole path exists."""
-    trail: list[tuple[Node | None, Node]] = [] if root is None else [(None, root)]
-    for seg in segments:
-        if not trail:
-            return trail, False
-        node, hit = trail[-1][1], None
-        if isinstance(node, MappingNode):  # the last occurrence wins, as in the constructed dict
-            hit = next(((k, v) for k, v in reversed(node.value) if _key_is(k, seg)), None)
-        elif isinstance(node, SequenceNode) and isinstance(seg, int) and 0 <= seg < len(node.value):
-            hit = (None, node.value[seg])
-        if hit is None:
-            return trail, False
-        trail.append(hit)
-    return trail, True
-
-
-def _key_is(key: Node, seg: Any) -> bool:
-    if not isinstance(key, ScalarNode):
-        return False
-    if isinstance(seg, str) or key.tag.endswith(":str"):
-        return key.value == str(seg)
-    try:  # pydantic reports a key such as `on` or `1` by its YAML value: True, 1
-        value = _Loader("").construct_object(key)
-    except yaml.YAMLError:
-        return False
-    return value == seg and type(value) is type(seg)
-
-
-def _node_location(file: str, root: Node | None, segments: Sequence[Any], at_key: bool = False) -> Location:
-    trail, found = _walk(root, segments)
-    if not trail:
-        return Location(file)
-    key, value = trail[-1]
-    # A scalar's own position is the most precise; a block mapping or list starts on the line
-    # after its key, so point at the key, which is where the reader sees the field.
-    use_key = key is not None and (at_key or not found or not isinstance(value, ScalarNode))
-    return _at(file, key.start_mark if use_key else value.start_mark)
-
-
-def _at(file: str, mark: yaml.Mark) -> Location:
-    return Location(file, mark.line + 1, mark.column + 1)
-
-
-def _offset_location(file: str, text: str | bytes, offset: int) -> Location:
-    nl = b"\n" if isinstance(text, bytes) else "\n"
-    return Location(file, text.count(nl, 0, offset) + 1, offset - text.rfind(nl, 0, offset))
-
-
-# --- pydantic errors -> problems ----------------------------------------------------------
-
-
-def _unwrap(tp: Any) -> Any:
-    """Strip Annotated and Optional layers down to the type that says what goes here."""
-    while True:
-        if get_origin(tp) is Annotated:
-            tp = get_args(tp)[0]
-        elif get_origin(tp) in (Union, types.UnionType) and len(_members(tp)) == 1:
-            tp = _members(tp)[0]
-        else:
-            return tp
-
-
-def _members(union: Any) -> list[Any]:
-    return [a for a in get_args(union) if a is not type(None)]
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _tags(model: type[BaseModel]) -> tuple[str | None, list[Any]]:
-    """The discriminator key (by alias) and its values, for one member of a tagged union."""
-    for name, f in model.model_fields.items():
-        if get_origin(_unwrap(f.annotation)) is Literal:
-            return f.alias or name, list(get_args(_unwrap(f.annotation)))
-    return None, []
-
-
-def _resolve(loc: Sequence[Any]) -> tuple[list[Any], Any, Any, bool]:
-    """pydantic loc -> (data path, type of the parent, type at the end, ends at a dict key)."""
-    path: list[Any] = []
-    tp: Any = Spec
-    parent: Any = None
-    at_key = False
-    for elem in loc:
-        if elem == "[key]":
-            at_key = True
-            continue
-        cur = _unwrap(tp)
-        if get_origin(cur) in (Union, types.UnionType):  # a tag or member name, not a data key
-            models = [m for m in map(_unwrap, _members(cur)) if _is_model(m)]
-            tp = next((m for m in models if elem == m.__name__ or elem in _tags(m)[1]), None)
-            continue
-        parent = cur
-        if _is_model(cur):
-            f = next((f for n, f in cur.model_fields.items() if elem in (n, f.alias)), None)
-            tp = f.annotation if f else None
-        elif get_origin(cur) in (dict, list, tuple, set, frozenset) and get_args(cur):
-            tp = get_args(cur)[-1] if get_origin(cur) is dict else get_args(cur)[0]
-        else:
-            tp = None
-        path.append(elem)
-    return path, parent, _unwrap(tp), at_key
-
-
-_EXPECTED = {  # by the first word of pydantic's `<type>_type` / `<type>_parsing` error kinds
-    "int": "an integer", "float": "a number", "bool": "`true` or `false`", "string": "a string",
-    "list": "a list", "dict": "a mapping", "model": "a mapping",
-}
-_BOUNDS = {
-    "greater_than": "must be greater than {gt}", "greater_than_equal": "must be at least {ge}",
-    "less_than": "must be less than {lt}", "less_than_equal": "must be at most {le}",
-    "too_short": "needs at least {min_length} item(s)", "too_long": "takes at most {max_length} item(s)",
-    "string_too_long": "must be at most {max_length} characters", "finite_number": "must be a finite number",
-    "multiple_of": "must be a multiple of {multiple_of}",
-}
-
-
-def _problem(file: str, root: Node | None, err: Any) -> Problem:
-    """One pydantic error -> a located Problem in plain words."""
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    path, parent, tp, at_key = _resolve(err["loc"])
-    if (at_key or kind == "invalid_key") and path:
-        path[-1] = value  # loc spells keys as str/int (`on` -> 1); the input is the real key, True
-    trail, found = _walk(root, path)
-    node = trail[-1][1] if found and trail else None
-    on_key = at_key or kind == "invalid_key"
-    key_text = trail[-1][0].value if on_key and found and isinstance(trail[-1][0], ScalarNode) else None
-    dotted = _dotted(path if key_text is None else [*path[:-1], key_text])  # `on` as written, not True
-    where = _node_location(file, root, path, on_key or kind == "extra_forbidden")
-    got = _describe(None if on_key else node, value)
-    if kind == "extra_forbidden":
-        fields = parent.model_fields.items() if _is_model(parent) else []
-        shown = [f.alias or name for name, f in fields]  # `from`, the spelling users write
-        fix = did_you_mean(str(path[-1]), [*shown, *(name for name, _ in fields)])
-        fix = fix or (f"Valid keys here: {_listing(shown)}" if shown else "Remove it")
-        return Problem(f"unknown key `{path[-1]}`", dotted, where, fix)
-    if kind == "missing":
-        under = f"under `{_dotted(path[:-1])}`" if path[:-1] else "at the top level"
-        return Problem(f"missing required key `{path[-1]}`", dotted, where, f"Add `{path[-1]}:` {under}")
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        tag = str(ctx.get("tag", "")) if kind == "union_tag_invalid" else None
-        return _tag_problem(file, root, path, tp, node, tag)
-    if kind == "invalid_key":
-        return Problem(f"key `{key_text}` is not text (YAML reads it as {got})" if key_text else
-                       f"keys must be text, got {got}", dotted, where, "Quote the key")
-    if kind.split("_")[0] in _EXPECTED and kind.endswith(("_type", "_parsing", "_size", "_unicode", "float")):
-        expected = "a whole number" if kind == "int_from_float" else _EXPECTED[kind.split("_")[0]]
-        quote = kind == "string_type" and isinstance(value, (int, float))
-        fix = "Quote it if you meant text" if quote else ""
-        return Problem(f"expected {expected}, got {got}", dotted, where, fix)
-    if kind == "literal_error" and get_origin(tp) is Literal:
-        choices = list(get_args(tp))
-        return Problem(f"must be one of {_listing(choices)}, got {got}", dotted, where,
-                       did_you_mean(value, [str(c) for c in choices]) if isinstance(value, str) else "")
-    if kind == "string_pattern_mismatch" and ctx.get("pattern") == _VAR_NAME.pattern:
-        return Problem(f"must be an identifier, got {got}", dotted, where,
-                       "Use letters, digits and `_`, not starting with a digit")
-    if kind == "string_too_short" and ctx.get("min_length") == 1:
-        return Problem("must not be empty", dotted, where)
-    if kind in _BOUNDS:
-        return Problem(f"{_BOUNDS[kind].format(**ctx)}, got {got}", dotted, where)
-    msg = re.sub(r"^(Value error|Assertion failed), ", "", str(err.get("msg", kind)))
-    return Problem(re.sub(r"^Input should be", "should be", msg), dotted, where)
-
-
-def _tag_problem(file: str, root: Node | None, path: list[Any], union: Any, node: Node | None,
-                 tag: str | None) -> Problem:
-    """A tagged union (`source.ingest`) whose `from:` is missing (tag None) or unknown."""
-    models = [m for m in map(_unwrap, _members(union)) if _is_model(m)]
-    key = (_tags(models[0])[0] if models else None) or "kind"
-    choices = [t for m in models for t in _tags(m)[1]]
-    if tag is not None:
-        fix = " ".join(filter(None, [f"Choose one of {_listing(choices)}.", did_you_mean(tag, choices)]))
-        return Problem(f"unknown `{key}` value `{tag}`", _dotted([*path, key]),
-                       _node_location(file, root, [*path, key]), fix)
-    pairs = node.value if isinstance(node, MappingNode) else []
-    keys = [k.value for k, _ in pairs if isinstance(k, ScalarNode)]
-    typo = next((k for k in keys if did_you_mean(k, [key])), None)
-    if typo is not None:  # `frm: lance` reads better as a typo than as a missing `from`
-        return Problem(f"unknown key `{typo}`", _dotted([*path, typo]),
-                       _node_location(file, root, [*path, typo], True), f"Did you mean `{key}`?")
-    return Problem(f"missing required key `{key}`", _dotted([*path, key]), _node_location(file, root, path),
-                   f"Add `{key}:` with one of {_listing(choices)}")
-
-
-def _dotted(path: Sequence[Any]) -> str:
-    return functools.reduce(_join, path, "")
-
-
-def _listing(values: Sequence[Any]) -> str:
-    return ", ".join(f"`{v}`" for v in values)
-
-
-def _describe(node: Node | None, value: Any) -> str:
-    """How the offending value reads in the file: `abc`, an empty value, a list, a mapping."""
-    if isinstance(node, MappingNode) or (node is None and isinstance(value, dict)):
-        return "a mapping"
-    if isinstance(node, SequenceNode) or (node is None and isinstance(value, (list, tuple))):
-        return "a list"
-    text = node.value if isinstance(node, ScalarNode) else value if isinstance(value, str) \
-        else json.dumps(value, default=repr)
-    if not text:
-        return "an empty value"
-    text = text.replace("\n", " ")
-    return f"`{text[:40]}...`" if len(text) > 40 else f"`{text}`"

@@ -134,11 +134,38 @@ def test_undefined_variable_is_located_with_suggestion():
 @pytest.mark.parametrize("payload", [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{{ cycler.__init__.__globals__ }}",
+    "{{ self.__init__.__globals__ }}",
+    "{{ self._TemplateReference__context }}",
+    "{{ joiner.__init__.__globals__['os'] }}",
+    "{{ ''.format.__globals__ }}",
+    "{{ ().__class__.__base__.__subclasses__() }}",
+    "{% set f = namespace.__init__ %}{{ f }}",
 ])
 def test_sandbox_escape_is_refused(payload):
     text = MINIMAL.replace("data/demo.lance", f'"{payload}"')
     [msg] = problems(text)
     assert msg.startswith("s.yaml:3: template error: refused by the template sandbox")
+
+
+@pytest.mark.parametrize("name", ["lipsum", "config", "request", "os", "__builtins__"])
+def test_no_globals_to_walk_from(name):
+    """`lipsum` is removed and flask-style `config`/`request` never exist: they are undefined names."""
+    [msg] = problems(MINIMAL.replace("data/demo.lance", f'"{{{{ {name}.__globals__ }}}}"'))
+    assert msg.startswith("s.yaml:3:") and f"undefined variable `{name}`" in msg
+
+
+@pytest.mark.parametrize("stmt, word", [("{% import 'os' as os %}", "import"), ("{% from 'os' import path %}", "from"),
+                                        ("{% include '/etc/passwd' %}", "include"),
+                                        ("{% extends '/etc/passwd' %}", "extends")])
+def test_templates_cannot_read_other_files(stmt, word):
+    [msg] = problems(MINIMAL.replace("data/demo.lance", f'"{stmt}"'))
+    assert msg == (f"s.yaml:3: `{{% {word} %}}` is not allowed: templates in a spec cannot read other files. "
+                   "Put the values under `vars:`.")
+
+
+def test_import_without_a_name_is_a_located_syntax_error():
+    [msg] = problems(MINIMAL.replace("data/demo.lance", '"{% import os %}"'))
+    assert msg.startswith("s.yaml:3: template syntax error")
 
 
 @pytest.mark.parametrize("expr", ["{{ 1/0 }}", "{{ 9 ** (9 ** 9) }}", "{{ 'a' * 10**9 }}", "{{ {}.x }}",
