@@ -60,7 +60,11 @@ def _vision_output(params: dict[str, Any], model: Any) -> str:
 
 
 def _sft_output(params: dict[str, Any], model: Any) -> str:
-    n = int(params.get("max_tokens", 512))
+    n = params.get("max_tokens", 512)
+    if isinstance(n, str) and n.strip().isdigit():  # `max_tokens: "{{ n }}"` renders as text
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
+        raise ValueError(f"`max_tokens` must be a whole number from 1 to 1,000,000, got {n!r}")
     return (f"struct<input_ids: fixed_size_list<item: int32>[{n}], "
             f"attention_mask: fixed_size_list<item: int8>[{n}], "
             f"labels: fixed_size_list<item: int32>[{n}]>")

@@ -8,6 +8,7 @@ problem before raising one `CompileError`. Pure: reads UDF source files, never t
 from __future__ import annotations
 
 import graphlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -142,6 +143,12 @@ class _Compiler:
     # -- UDF resolution ---------------------------------------------------------------------
     def resolve(self, tier: str, name: str, col: ColumnSpec) -> dict[str, Any] | None:
         path = f"features.{tier}.{name}"
+        try:  # params are fingerprinted and stored as JSON: mixed key types or inf would crash later
+            json.dumps(col.params, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            self.problem(f"{path}.params", f"params must be plain values with text keys and finite numbers ({e})",
+                         "Quote the keys; use numbers, strings, booleans and lists")
+            return None
         if ":" in col.udf:
             return self.resolve_user(path, col)
         sig = BUILTINS.get(col.udf)
@@ -176,7 +183,7 @@ class _Compiler:
             self.warnings.append(f"`{path}.output` is ignored: `{sig.name}` declares its output type")
         try:
             output = sig.output_type(params, (self.spec.model, self.facts))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, ArithmeticError) as e:
             self.problem(f"{path}.params", f"bad parameters for `{sig.name}`: {e}")
             return None
         module, _, attr = sig.impl.partition(":")
@@ -370,7 +377,25 @@ class _Compiler:
             if producer is not None and producer != udf:
                 self.problem(path, f"`{col}` is made by `{producer}`, training needs a `{udf}` column")
 
+    # -- trust ------------------------------------------------------------------------------
+    def check_trust(self) -> None:
+        """Warnings for what a reviewer of an untrusted spec must see before `apply` runs it."""
+        model = self.spec.model
+        if model is not None and model.trust_remote_code:
+            self.warnings.append(f"`model.trust_remote_code` is on: loading `{model.id}` runs Python code "
+                                 "shipped with the model; keep it off unless you trust that repository")
+        outputs = [("source.table", self.spec.source.table)]
+        if self.spec.train is not None:
+            outputs.append(("train.output_dir", self.spec.train.output_dir))
+        if self.spec.eval is not None:
+            outputs.append(("eval.output_dir", self.spec.eval.output_dir))
+        for path, value in outputs:
+            if value and ".." in value.replace("\\", "/").split("/"):
+                self.warnings.append(f"`{path}` `{value}` has a `..` segment: it writes outside the directory "
+                                     "it names; check that is intended")
+
     def run(self) -> Compiled:
+        self.check_trust()
         raw = self.raw_columns()
         cols = self.columns(raw)
         checked = raw is not None and cols is not None  # after a cycle, references can't be judged

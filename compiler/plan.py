@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from .compile import Compiled, ColumnNode, StageNode
+from .errors import CompileError, Problem
 from .state import RECIPE, ColumnState, TableState
 from .types import TypeSyntaxError, parse_type
 
@@ -37,6 +38,8 @@ class ColumnStep:
     shape: str = ""
     destructive: bool = False
     blocked: bool = False
+    placement: str = ""
+    """Where the step's chunks run: `in-process`, `processes x4`, `cpu tasks x8`, `gpu actors x2 (1 GPU each)`."""
 
 
 @dataclass(frozen=True)
@@ -193,19 +196,77 @@ def _ingest_step(compiled: Compiled, state: TableState) -> tuple[StageStep | Non
     return StageStep("ingest", "up_to_date", "up to date", 0, node.fingerprint, spec.source.ingest.kind), state.rows
 
 
+def _executor(compiled: Compiled, facts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The spec's executor plus what the runtime found out (`cpus`, `gpus`: cluster or machine totals),
+    passed in as data. Without facts (goldens, unit tests) the plan says only what the spec says."""
+    spec = compiled.spec.executor
+    ex = {"kind": spec.kind, "address": spec.address, "workers": spec.workers, **(facts or {})}
+    if ex["kind"] == "ray":
+        ex["address"] = ex.get("address") or "local"
+    return ex
+
+
+def _placement(node: ColumnNode, ex: Mapping[str, Any]) -> str:
+    """Where a column's chunks run under the executor (the runtime's rules, ray_exec.RayExecutor and
+    backfill.backfill_column)."""
+    workers, cpus, gpus = ex.get("workers"), ex.get("cpus"), ex.get("gpus")
+    if ex["kind"] == "ray":
+        if node.gpus:
+            n = max(int(gpus // node.gpus), 1) if gpus else None
+            n = min(n, workers) if n and workers else n
+            return f"gpu actors{f' x{n}' if n else ''} ({node.gpus:g} GPU each)"
+        if node.uses_model:
+            return "cpu actor x1"
+        n = max(int(cpus // node.cpus), 1) if cpus else None
+        n = min(n, workers) if n and workers else (n or workers)
+        return f"cpu tasks{f' x{n}' if n else ''}"
+    n = workers or cpus
+    if node.parallel and not node.uses_model and n != 1:
+        return f"processes{f' x{n}' if n else ''}"
+    return "in-process"
+
+
+def _gpu_check(node: ColumnNode, ex: Mapping[str, Any], problems: list[Problem], warnings: list[str]) -> None:
+    """A GPU column against the GPUs the executor has (when the runtime said how many)."""
+    have = ex.get("gpus")
+    if not node.gpus or have is None:
+        return
+    need = f"{node.gpus:g} GPU{'' if node.gpus == 1 else 's'}"
+    if ex["kind"] == "ray" and have < node.gpus:
+        addr = ex.get("address")
+        where = "the local Ray cluster (this machine)" if addr == "local" else f"the Ray cluster at `{addr}`"
+        problems.append(Problem(
+            f"`{node.name}` needs {need} per worker but {where} has {'none' if not have else f'only {have:g}'}",
+            f"{node.path}.resources.gpus",
+            fix="Point `executor.address` at a cluster with GPU workers or use `executor: {kind: local}`"))
+    elif ex["kind"] == "local" and not have:
+        warnings.append(f"`{node.name}` asks for {need} but no CUDA device is visible: it runs on the CPU (slow)")
+
+
 def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool = False,
                executor: Mapping[str, Any] | None = None) -> Plan:
-    """Diff compiled vs stored; every declared column, drop and step appears, in run order."""
+    """Diff compiled vs stored; every declared column, drop and step appears, in run order.
+
+    `executor` holds runtime facts about where it would run (see `_executor`); a GPU column the Ray
+    cluster cannot place is refused here, before anything runs."""
     ingest, expected = _ingest_step(compiled, state)
+    ex = _executor(compiled, executor)
     steps: list[ColumnStep] = []
     changed: dict[str, str] = {}
+    problems: list[Problem] = []
+    warnings = list(compiled.warnings)
     for node in compiled.columns:
         s = _column_step(node, state.column(node.name) if state.exists else None, expected, state, changed)
         if s.destructive and not allow_destructive:
             s = ColumnStep(**{**s.__dict__, "blocked": True})
         if s.kind in ("new", "recompute"):
             changed[node.name] = s.kind
+        if s.kind != "up_to_date":
+            s = ColumnStep(**{**s.__dict__, "placement": _placement(node, ex)})
+            _gpu_check(node, ex, problems, warnings)
         steps.append(s)
+    if problems:
+        raise CompileError(problems)
     declared = {c.name for c in compiled.columns}
     for col in state.columns if state.exists else ():
         if col.is_derived and col.name not in declared:
@@ -219,4 +280,4 @@ def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool
         s = _stage_step(node, state, expected)
         stages.append(StageStep(**{**s.__dict__, "label": labels.get(node.name, "")}))
     return Plan(compiled.file, compiled.spec_hash, compiled.spec.source.table, state.exists, state.version,
-                state.rows, expected, ingest, tuple(steps), tuple(stages), compiled.warnings, dict(executor or {}))
+                state.rows, expected, ingest, tuple(steps), tuple(stages), tuple(warnings), ex)

@@ -62,21 +62,24 @@ def render_plan(plan: Plan) -> str:
         head += f" (version {plan.version}, {plan.rows:,} rows)"
     else:
         head += " (new table)"
-    lines = [head]
-    rows: list[tuple[str, str, str, str, str]] = []
+    lines = [head, executor_line(plan)]
+    rows: list[tuple[str, str, str, str, str, str]] = []
     if plan.ingest is not None:
         i = plan.ingest
-        rows.append((SYMBOL[i.kind], "ingest", i.label, i.reason, _rows(i.rows)))
+        rows.append((SYMBOL[i.kind], "ingest", i.label, i.reason, "", _rows(i.rows)))
     for s in plan.columns:
-        rows.append((SYMBOL[s.kind], s.name, s.tier, _column_detail(s), _rows(s.rows)))
+        rows.append((SYMBOL[s.kind], s.name, s.tier, _column_detail(s), s.placement, _rows(s.rows)))
     for st in plan.stages:
         name = f"{st.name} {st.label}".strip() if st.name == "curate" else st.name
-        rows.append((SYMBOL[st.kind], name, "", st.reason, _rows(st.rows) if st.kind != "up_to_date" else ""))
+        rows.append((SYMBOL[st.kind], name, "", st.reason, "", _rows(st.rows) if st.kind != "up_to_date" else ""))
     if rows:
         wn = max(len(r[1]) for r in rows)
         wt = max(len(r[2]) for r in rows)
         wd = max(len(r[3]) for r in rows)
-        for sym, name, tier, detail, n in rows:
+        wp = max(len(r[4]) for r in rows)
+        for sym, name, tier, detail, place, n in rows:
+            # The placement (where the chunks run) gets a column of its own when any step has one.
+            detail = f"{detail:<{wd}}  {place:<{wp}}" if wp else detail
             line = f"  {sym} {name:<{wn}}  {tier:<{wt}}  {detail:<{wd}}  {n:>12}" if n else \
                 f"  {sym} {name:<{wn}}  {tier:<{wt}}  {detail}"
             lines.append(line.rstrip())
@@ -84,6 +87,25 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  ! {w}")
     lines.append(summary(plan))
     return "\n".join(lines) + "\n"
+
+
+def executor_line(plan: Plan) -> str:
+    """`Executor  local (8 worker processes)` / `Executor  ray (local cluster, 2 CPUs)`: only what the
+    spec says and what the runtime passed in (nothing for goldens to drift on)."""
+    ex = plan.executor or {}
+    workers = ex.get("workers")
+    if ex.get("kind") == "ray":
+        addr = ex.get("address") or "local"
+        parts = ["local cluster" if addr == "local" else addr]
+        if ex.get("cpus") is not None:
+            parts.append(f"{ex['cpus']:g} CPUs")
+        if ex.get("gpus"):
+            parts.append(f"{ex['gpus']:g} GPUs")
+        if workers:
+            parts.append(f"at most {workers} workers")
+        return f"Executor  ray ({', '.join(parts)})"
+    n = workers or ex.get("cpus")
+    return "Executor  local" + (f" ({n} worker process{'es' if n != 1 else ''})" if n else "")
 
 
 def summary(plan: Plan) -> str:

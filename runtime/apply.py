@@ -10,10 +10,10 @@ import fcntl
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from vlmspec.compiler.compile import Compiled, compile_spec
 from vlmspec.compiler.errors import ApplyError, PlanBlocked, Problem, VlmspecError
@@ -22,7 +22,9 @@ from vlmspec.compiler.plan import Plan, build_plan
 from vlmspec.compiler.state import TableState
 
 from . import history, lance_io
-from .backfill import NullReporter, Reporter, backfill_column
+from .backfill import shared_pool, NullReporter, Reporter, backfill_column
+from .executors import open_executor
+from .guards import check_saved_plan, storage_errno, storage_error
 from .sources.ingest import ingest, source_info
 
 UNTIL = ("ingest", "features", "curate", "train", "eval")
@@ -67,7 +69,13 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False) -> Prepared:
     state = lance_io.read_state(spec.source.table, source_rows=rows, source_schema=schema)
     compiled = compile_spec(spec, state, file=loaded.file, spec_hash=loaded.source_hash,
                             facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent)
-    executor = {"kind": spec.executor.kind, "workers": spec.executor.workers or os.cpu_count() or 1}
+    from .executors import executor_facts
+
+    # Where the plan would run, as data (the compiler imports no Ray): totals of the Ray cluster, or
+    # this machine's cores (and CUDA devices when a column asks for GPUs).
+    executor = {"kind": spec.executor.kind, "address": spec.executor.address, "workers": spec.executor.workers,
+                "cpus": os.cpu_count() or 1,
+                **executor_facts(spec.executor, needs_gpus=any(c.gpus for c in compiled.columns))}
     plan = build_plan(compiled, state, allow_destructive=allow_destructive, executor=executor)
     return Prepared(loaded, compiled, state, plan)
 
@@ -145,22 +153,28 @@ class ApplyResult:
     plan_before: Plan
     plan_after: Plan | None = None
     summary: list[str] = field(default_factory=list)
+    current: str = ""
+    """The step running now (named in an I/O error)."""
 
 
 def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[str] | None = None,
           until: str | None = None, reporter: Reporter | None = None, workers: int | None = None,
-          device: str | None = None) -> ApplyResult:
+          device: str | None = None, saved_plan: Mapping[str, Any] | None = None) -> ApplyResult:
+    """Run what the plan says; with `saved_plan` (a `vlmspec plan --out` JSON) only if it still holds."""
     reporter = reporter or NullReporter()
     spec = loaded.spec
     table = spec.source.table
     with table_lock(table):
         prep = prepare(loaded, allow_destructive=allow_destructive)
+        if saved_plan is not None:  # checked under the lock: nothing else can move the table now
+            check_saved_plan(saved_plan, prep.plan)
         if prep.plan.blocked:
             names = ", ".join(f"`{s.name}`" for s in prep.plan.blocked)
             raise PlanBlocked(Problem(f"the plan has destructive steps: {names}",
                                       fix="Review `vlmspec plan`, then rerun with --allow-destructive"))
         record = history.RunRecord(loaded.file, loaded.source_hash, loaded.text, table,
-                                   version_before=prep.state.version)
+                                   version_before=prep.state.version,
+                                   secrets=history.secret_values(spec.vars))  # `--var hf_token=...`
         result = ApplyResult(record, prep.plan)
         try:
             _run(prep, result, targets or [], until, reporter, workers, device)
@@ -172,13 +186,20 @@ def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[
             record.status, record.error = "failed", str(e)
             raise
         except Exception as e:
+            if storage_errno(e) is not None:  # a full disk or a read-only table: a clear error, no traceback
+                err = storage_error(e, table, result.current)
+                record.status, record.error = "failed", str(err)
+                raise err from e
             record.status, record.error = "crashed", f"{type(e).__name__}: {e}"
             raise
         finally:
             ds = lance_io.open_dataset(table)
             record.version_after = ds.version if ds is not None else None
             record.finished = time.time()
-            record.save()
+            try:
+                record.save()
+            except OSError:  # the disk that just failed may refuse the record too; the error says why
+                pass
         result.plan_after = prepare(loaded, allow_destructive=allow_destructive).plan
         return result
 
@@ -191,6 +212,7 @@ def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | N
 
     # 1. ingest
     if prep.plan.ingest is not None and prep.plan.ingest.kind != "up_to_date":
+        result.current = "ingest"
         run = ingest(spec.source, reporter, total=prep.plan.expected_rows)
         node = prep.compiled.stage("ingest")
         ds = lance_io.open_dataset(table)
@@ -208,24 +230,18 @@ def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | N
         result.summary.append("dropped: " + ", ".join(f"`{d}`" for d in drops))
 
     # 3. columns, in dependency order
-    nworkers = workers or spec.executor.workers or os.cpu_count() or 1
     steps = {s.name: s for s in prep.plan.columns}
     errors_log = lance_io.sidecar_dir(table) / "errors.jsonl"
-    for node in prep.compiled.columns:
-        step = steps[node.name]
-        if node.name not in want_cols or step.kind == "up_to_date":
-            continue
-        dev = device or _default_device(node)
-        run = backfill_column(table, node, model_spec=spec.model, device=dev, workers=nworkers,
-                              reporter=reporter, errors_log=errors_log, key=spec.source.key)
-        record.add_step(node.name, step.kind, run.rows, run.seconds, fingerprint=node.fingerprint,
-                        udf=node.udf, errors=run.errors, fragments=run.fragments)
-        if run.rows_per_s:
-            history.record_throughput(table, node.udf, run.rows_per_s)
-        text = f"{node.name}: {run.rows:,} rows in {run.seconds:.1f} s"
-        if run.errors:
-            text += f", {run.errors} row errors (see `vlmspec errors`)"
-        result.summary.append(text)
+    todo = [n for n in prep.compiled.columns if n.name in want_cols and steps[n.name].kind != "up_to_date"]
+    with ExitStack() as stack:
+        # The Ray executor (started or joined once per apply, and only when there is work) places the
+        # chunks on a cluster; None is the local executor. Commits happen here either way.
+        ex = stack.enter_context(open_executor(spec.executor, workers, device)) if todo else None
+        if ex is None:
+            stack.enter_context(shared_pool())  # one local worker pool for every column of this apply
+        nworkers = workers or spec.executor.workers or (None if ex is not None else os.cpu_count() or 1)
+        for node in todo:
+            _backfill_one(prep, result, node, steps[node.name], ex, nworkers, device, reporter, errors_log)
 
     # 4. downstream steps, each only when stale
     prep = prepare(loaded, allow_destructive=True)
@@ -235,12 +251,31 @@ def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | N
             continue
         if name == "curate" and "split" in want_stages:
             continue  # curate and split are built together (the slice holds both sides)
+        result.current = name
         if name == "split" or (name == "curate" and spec.split is None):
             _run_slice(prep, result)
         elif name == "train":
             _run_train(prep, result, device)
         elif name == "eval":
             _run_eval(prep, result, device)
+
+
+def _backfill_one(prep: Prepared, result: ApplyResult, node, step, ex, nworkers: int | None, device: str | None,
+                  reporter: Reporter, errors_log: Path) -> None:
+    spec, table, record = prep.loaded.spec, prep.loaded.spec.source.table, result.record
+    result.current = node.name
+    # Under Ray, an actor picks its own device (the driver may have no GPU) unless --device says.
+    dev = device or (None if ex is not None else _default_device(node))
+    run = backfill_column(table, node, model_spec=spec.model, device=dev, workers=nworkers,
+                          reporter=reporter, errors_log=errors_log, key=spec.source.key, executor=ex)
+    record.add_step(node.name, step.kind, run.rows, run.seconds, fingerprint=node.fingerprint,
+                    udf=node.udf, errors=run.errors, fragments=run.fragments)
+    if run.rows_per_s:
+        history.record_throughput(table, node.udf, run.rows_per_s)
+    text = f"{node.name}: {run.rows:,} rows in {run.seconds:.1f} s"
+    if run.errors:
+        text += f", {run.errors} row errors (see `vlmspec errors`)"
+    result.summary.append(text)
 
 
 def _default_device(node) -> str:

@@ -9,6 +9,9 @@ Protocol (what makes a killed apply resumable):
 3. When every fragment holds data, `vlmspec.fingerprint` is written and `vlmspec.target` removed:
    the fingerprint appears when, and only when, the column is complete.
 Raw columns are only ever read.
+
+An executor only decides where chunks run (this process and a spawn pool, or Ray tasks and actors:
+runtime/executors/); `FragmentSink` is the commit side every executor shares.
 """
 
 from __future__ import annotations
@@ -135,7 +138,9 @@ def compute(fn: Callable, arrays: list[pa.Array], params: dict, out_type: pa.Dat
     """Run the UDF on a batch; on failure isolate the bad rows (`null`) or report the first (`fail`)."""
     try:
         return _call(fn, arrays, params, out_type, batch), []
-    except Exception:
+    except Exception as e:
+        if len(arrays[0]) > 1 and _is_cuda_oom(e):  # too big a batch, not a bad row: halve it
+            return _halve(fn, arrays, params, out_type, batch, on_error)
         if len(arrays[0]) == 1 and on_error == "fail":
             raise
     values, failures = [], []
@@ -153,7 +158,34 @@ def compute(fn: Callable, arrays: list[pa.Array], params: dict, out_type: pa.Dat
 class _RowError(Exception):
     def __init__(self, offset: int, error: Exception):
         super().__init__(f"{type(error).__name__}: {error}")
-        self.offset = offset
+        self.offset, self.error = offset, error
+
+
+# CUDA out-of-memory retry (a small local addition to `compute`): a GPU UDF given more rows than fit
+# is retried on each half of the batch, down to single rows, before the column's policy applies.
+def _is_cuda_oom(e: Exception) -> bool:
+    torch = sys.modules.get("torch")  # only a UDF that imported torch can run out of GPU memory
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return oom is not None and isinstance(e, oom)
+
+
+def _halve(fn: Callable, arrays: list[pa.Array], params: dict, out_type: pa.DataType, batch: bool,
+           on_error: str) -> tuple[pa.Array, list[RowFailure]]:
+    torch = sys.modules["torch"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # release what the failed call cached before the smaller retries
+    n = len(arrays[0])
+    values, failures = [], []
+    for start, length in ((0, n // 2), (n // 2, n - n // 2)):
+        try:
+            v, f = compute(fn, [a.slice(start, length) for a in arrays], params, out_type, batch, on_error)
+        except _RowError as e:  # offsets are relative to the half: make them relative to the batch
+            raise _RowError(start + e.offset, e.error) from e.error
+        except Exception as e:  # a single row failed under `fail`
+            raise _RowError(start, e) from e
+        values.append(v)
+        failures += [RowFailure(start + x.offset, x.error) for x in f]
+    return pa.concat_arrays(values), failures
 
 
 # --- worker side (separate processes for CPU UDFs) ------------------------------------------
@@ -273,69 +305,98 @@ def node_path(name: str) -> str:
     return f"column `{name}`"
 
 
-def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, device: str = "cpu",
-                    workers: int = 1, reporter: Reporter | None = None, errors_log: Path | None = None,
-                    key: str | None = None) -> ColumnRun:
-    """Fill `node` to completion (or raise ApplyError); resumable at fragment granularity."""
-    reporter = reporter or NullReporter()
-    ds, action = prepare_column(uri, node)
-    run = ColumnRun(node.name, node.udf, node.fingerprint, action=action)
-    frag_rows = lance_io.fragment_rows(ds)
-    parallel = workers > 1 and node.parallel and not node.uses_model
-    chunk_rows = node.batch_size * (4 if parallel else 64)
-    chunks = pending_chunks(ds, node.name, chunk_rows)
-    total = sum(c.limit for c in chunks)
-    reporter.start(node.name, total)
-    buffers: dict[int, _FragmentBuffer] = {}
-    version = ds.version
-    storage = ds.data_storage_version
-    started = time.perf_counter()
-    pending_commit: list[tuple[int, Any]] = []
-    field_meta: dict[str, str] = {}
+class FragmentSink:
+    """The commit side of the protocol, shared by every executor (executors only decide where chunks
+    run). Takes chunk results in any order: buffers a fragment's values until it is whole, writes its
+    data file (or takes the one a worker wrote) and attaches it with a `DataReplacement` commit, one
+    per completed fragment (or per group of fragments completed together) = one checkpoint. Row
+    failures are logged (`null`) or end the column with an ApplyError after committing what is done
+    (`fail`)."""
 
-    def finish_chunk(chunk: Chunk, values: pa.Array | None, failures: list[RowFailure]) -> None:
-        nonlocal version
-        if values is None:  # `fail` policy: stop at the first bad row, commit what is done
-            flush()
+    def __init__(self, uri: str, node: ColumnNode, ds: lance.LanceDataset, run: ColumnRun, reporter: Reporter,
+                 errors_log: Path | None = None, key: str | None = None):
+        self.uri, self.node, self.run, self.reporter = uri, node, run, reporter
+        self.errors_log, self.key = errors_log, key
+        self.version = ds.version
+        self.storage = ds.data_storage_version
+        self.frag_rows = lance_io.fragment_rows(ds)
+        self.buffers: dict[int, _FragmentBuffer] = {}
+        self.pending: list[tuple[int, Any]] = []
+
+    def whole(self, chunk: Chunk) -> bool:
+        """True when `chunk` is its whole fragment (a worker may then write the data file itself)."""
+        return chunk.offset == 0 and chunk.limit == self.frag_rows[chunk.frag_id]
+
+    def add(self, chunk: Chunk, values: pa.Array | None, failures: list[RowFailure], datafile: Any = None,
+            *, commit: bool = True) -> None:
+        """One chunk's result: `values`, or a `datafile` already written for the whole fragment, or
+        neither (a row failed under `fail`: commit what is done, then raise)."""
+        node = self.node
+        if values is None and datafile is None:  # `fail` policy: stop at the first bad row
+            self.flush()
             f = failures[0]
             addr = (chunk.frag_id << 32) + f.offset
             raise ApplyError(Problem(
                 f"UDF `{node.udf}` failed on row {addr} (fragment {chunk.frag_id}, offset {f.offset}"
-                f"{_key_text(uri, key, chunk.frag_id, f.offset)}): {f.error}", node.path,
+                f"{_key_text(self.uri, self.key, chunk.frag_id, f.offset)}): {f.error}", node.path,
                 fix=f"Fix the UDF or the row, or set `on_error: null` on `{node.name}`; "
                     "`vlmspec apply` resumes from the last checkpoint"))
         if failures:
-            run.errors += len(failures)
-            _log_errors(errors_log, node, chunk.frag_id, failures, uri, key)
-        buf = buffers.setdefault(chunk.frag_id, _FragmentBuffer(frag_rows[chunk.frag_id]))
-        reporter.advance(node.name, chunk.limit)
-        run.rows += chunk.limit
-        if buf.add(chunk.offset, values):
-            datafile = lance_io.write_column_data(uri, node.name, buf.values(), storage)
-            pending_commit.append((chunk.frag_id, datafile))
-            del buffers[chunk.frag_id]
-            run.fragments += 1
-            flush()
+            self.run.errors += len(failures)
+            _log_errors(self.errors_log, node, chunk.frag_id, failures, self.uri, self.key)
+        self.reporter.advance(node.name, chunk.limit)
+        self.run.rows += chunk.limit
+        if datafile is None:
+            buf = self.buffers.setdefault(chunk.frag_id, _FragmentBuffer(self.frag_rows[chunk.frag_id]))
+            if not buf.add(chunk.offset, values):
+                return
+            datafile = lance_io.write_column_data(self.uri, node.name, buf.values(), self.storage)
+            del self.buffers[chunk.frag_id]
+        self.pending.append((chunk.frag_id, datafile))
+        self.run.fragments += 1
+        if commit:
+            self.flush()
 
-    def flush() -> None:
-        nonlocal version
-        if pending_commit:
-            version = lance_io.commit_column_data(uri, version, pending_commit).version
-            pending_commit.clear()
+    def flush(self) -> None:
+        if self.pending:
+            self.version = lance_io.commit_column_data(self.uri, self.version, self.pending).version
+            self.pending.clear()
 
+
+def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, device: str | None = "cpu",
+                    workers: int = 1, reporter: Reporter | None = None, errors_log: Path | None = None,
+                    key: str | None = None, executor: Any = None) -> ColumnRun:
+    """Fill `node` to completion (or raise ApplyError); resumable at fragment granularity.
+
+    `executor` decides where chunks run: None is this process (and a spawn pool for parallel CPU
+    UDFs); a `RayExecutor` (runtime/executors/ray_exec.py) runs them on a Ray cluster. Either way
+    the column is prepared, committed and completed here, by the same protocol."""
+    reporter = reporter or NullReporter()
+    ds, action = prepare_column(uri, node)
+    run = ColumnRun(node.name, node.udf, node.fingerprint, action=action)
+    sink = FragmentSink(uri, node, ds, run, reporter, errors_log, key)
+    started = time.perf_counter()
+    field_meta: dict[str, str] = {}
     try:
-        if parallel and len(chunks) > 1:
-            _run_parallel(uri, ds.version, node, chunks, workers, finish_chunk)
+        if executor is not None:
+            field_meta = executor.backfill(uri, ds, node, sink, model_spec=model_spec, device=device,
+                                           workers=workers)
         else:
-            instance, field_meta = _instantiate(node, model_spec, device)
-            try:
-                for chunk in chunks:
-                    finish_chunk(*_compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
+            parallel = workers > 1 and node.parallel and not node.uses_model
+            chunks = pending_chunks(ds, node.name, node.batch_size * (4 if parallel else 64))
+            reporter.start(node.name, sum(c.limit for c in chunks))
+            if parallel and len(chunks) > 1:
+                _run_parallel(uri, ds.version, node, chunks, workers, sink.add)
+            else:
+                instance, field_meta = _instantiate(node, model_spec, device or "cpu")
+                try:
+                    for chunk in chunks:
+                        sink.add(*_compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
                                                  chunk, node.batch_size))
-            finally:
-                if hasattr(instance, "close"):
-                    instance.close()
-        flush()
+                finally:
+                    if hasattr(instance, "close"):
+                        instance.close()
+        sink.flush()
     finally:
         run.seconds = time.perf_counter() - started
         reporter.finish(node.name)

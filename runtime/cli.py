@@ -78,15 +78,18 @@ def plan(spec: Path = typer.Argument(..., help="The spec file."),
     from vlmspec.compiler.render import render_json, render_plan
 
     from .apply import prepare
+    from .history import redact, secret_values
 
     try:
-        p = prepare(_load(spec, var), allow_destructive=allow_destructive).plan
+        loaded = _load(spec, var)
+        p = prepare(loaded, allow_destructive=allow_destructive).plan
     except VlmspecError as e:
         _fail(e)
+    secrets = secret_values(loaded.spec.vars, os.environ)  # a token in a --var never reaches a plan
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(render_json(p))
-    out.print(render_json(p) if as_json else render_plan(p), end="")
+        out_file.write_text(redact(render_json(p), secrets))
+    out.print(redact(render_json(p) if as_json else render_plan(p), secrets), end="")
     if detailed_exitcode and not p.is_empty:
         raise typer.Exit(2)
 
@@ -131,8 +134,10 @@ class RichReporter:
 
 
 @app.command()
-def apply(spec: Path = typer.Argument(..., help="The spec file."),
+def apply(spec: Optional[Path] = typer.Argument(None, help="The spec file (default: the one --plan was made from)."),
           var: Optional[list[str]] = VarOpt,
+          plan_file: Optional[Path] = typer.Option(None, "--plan", help="Apply this saved plan (`vlmspec plan SPEC "
+                                                   "--out FILE`) only if the table and spec have not moved since."),
           target: Optional[list[str]] = typer.Option(None, "--target",
                                                      help="Run only what this column or step needs (repeatable)."),
           until: Optional[str] = typer.Option(None, "--until", help="Stop after a stage: ingest|features|curate|train|eval."),
@@ -149,10 +154,13 @@ def apply(spec: Path = typer.Argument(..., help="The spec file."),
         _fail(VlmspecError(f"--until must be one of {', '.join(UNTIL)}, got `{until}`"))
     t0 = time.time()
     try:
-        loaded = _load(spec, var)
+        saved = _read_saved_plan(plan_file) if plan_file is not None else None
+        if spec is None and saved is None:
+            raise VlmspecError("give a spec file, or a saved plan with --plan FILE")
+        loaded = _load(spec if spec is not None else Path(saved["spec_file"]), var)
         with RichReporter(err) as reporter:
             result = run_apply(loaded, allow_destructive=allow_destructive, targets=target or [], until=until,
-                               reporter=reporter, workers=workers, device=device)
+                               reporter=reporter, workers=workers, device=device, saved_plan=saved)
     except KeyboardInterrupt:
         err.print("interrupted: committed work is kept; run `vlmspec apply` again to resume.")
         raise typer.Exit(130)
@@ -168,6 +176,22 @@ def apply(spec: Path = typer.Argument(..., help="The spec file."),
     if result.plan_after is not None and not result.plan_after.is_empty and not target and not until:
         out.print("Still to do:")
         out.print(render_plan(result.plan_after), end="")
+
+
+def _read_saved_plan(path: Path) -> dict:
+    from vlmspec.compiler.errors import Location, Problem
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise VlmspecError(Problem(f"cannot read the plan: {e.strerror or e}", where=Location(str(path)),
+                                   fix="Write one with `vlmspec plan SPEC --out FILE`")) from None
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict) or not {"spec_file", "spec_hash", "table", "version"} <= saved.keys():
+        raise VlmspecError(Problem("not a plan written by `vlmspec plan --out`", where=Location(str(path)),
+                                   fix="Write one with `vlmspec plan SPEC --out FILE`"))
+    return saved
 
 
 @app.command()
@@ -276,6 +300,9 @@ app.add_typer(bench_app, name="bench")
 
 def main() -> None:
     """Console-script entry point."""
+    # Lance logs a WARN per DataReplacement commit ("not stable yet"): one line per fragment is
+    # noise on a terminal. An explicit LANCE_LOG still wins.
+    os.environ.setdefault("LANCE_LOG", "error")
     app()
 
 

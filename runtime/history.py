@@ -3,7 +3,8 @@
 `<table>.vlmspec/state.json` holds the last completed curate/split/train/eval (fingerprint, table
 version, recipe) and measured UDF throughputs; `<table>.vlmspec/runs/<id>.json` holds one record
 per apply: the spec text and hash, versions before/after, each step's rows, time and throughput,
-fingerprints and library versions. Nothing from the environment (tokens!) is ever written.
+fingerprints and library versions. Nothing from the environment (tokens!) is ever written, and
+secrets that reach a record anyway (a `--var hf_token=...` rendered into the spec text) are redacted.
 """
 
 from __future__ import annotations
@@ -12,15 +13,56 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from . import lance_io
 
 LIBRARIES = ("vlmspec", "pylance", "lancedb", "pyarrow", "torch", "transformers", "peft", "bitsandbytes",
              "pillow", "imagehash", "pydantic", "numpy")
+
+
+REDACTED = "<redacted>"
+_SECRET_VAR = re.compile(r"token|secret|passw|credential|key", re.I)
+_SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|ACCESS_KEY|PRIVATE_KEY", re.I)
+
+
+def secret_values(variables: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """Values no record may hold: template vars named like a secret (`hf_token`, `api_key`), and the
+    values of secret-named environment variables (`HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, ...), which
+    may reach a spec through `--var x=$HF_TOKEN` under any name."""
+    out = {str(v) for k, v in (variables or {}).items()
+           if _SECRET_VAR.search(str(k)) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+           and len(str(v)) >= 4}  # shorter values would garble the text and protect nothing
+    # Reading the environment outside cli.py, on purpose: whichever entry point wrote the record
+    # (CLI, notebook, tests), a token in the environment must never be written to disk.
+    env = os.environ if environ is None else environ
+    out |= {v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= 8}
+    return frozenset(out)
+
+
+def redact(value: Any, secrets: Iterable[str]) -> Any:
+    """`value` (strings, lists and dicts, keys included) with every secret replaced by REDACTED."""
+    secrets = sorted(set(secrets), key=len, reverse=True)  # a longer secret may contain a shorter one
+    if not secrets:
+        return value
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            for s in secrets:
+                v = v.replace(s, REDACTED)
+            return v
+        if isinstance(v, dict):
+            return {walk(k): walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(value)
 
 
 def library_versions() -> dict[str, str]:
@@ -61,6 +103,8 @@ class RunRecord:
     error: str | None = None
     libraries: dict[str, str] = field(default_factory=library_versions)
     host: str = field(default_factory=platform.node)
+    secrets: frozenset[str] = field(default=frozenset(), repr=False)
+    """Values to redact before saving (see `secret_values`); never saved themselves."""
 
     def add_step(self, name: str, kind: str, rows: int, seconds: float, **extra: Any) -> None:
         rate = rows / seconds if rows and seconds > 0 else None
@@ -72,7 +116,9 @@ class RunRecord:
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{self.run_id}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True, default=str))
+        data = {k: v for k, v in self.__dict__.items() if k != "secrets"}
+        data = redact(json.loads(json.dumps(data, default=str)), self.secrets | secret_values())
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
         os.replace(tmp, path)
         return path
 
@@ -93,7 +139,7 @@ def record_step(table: str, name: str, fingerprint: str, table_version: int, row
     """Mark a curate/split/train/eval/ingest step complete (what `plan` diffs against)."""
     side = lance_io.read_sidecar(table)
     side.setdefault("steps", {})[name] = {"fingerprint": fingerprint, "table_version": table_version,
-                                         "rows": rows, "detail": detail, "time": time.time()}
+                                         "rows": rows, "detail": redact(detail, secret_values()), "time": time.time()}
     lance_io.write_sidecar(table, side)
 
 

@@ -4,6 +4,7 @@ Each epoch is a deterministic shuffle of the slice's row addresses (seed + epoch
 data-parallel ranks. Workers are spawned (lance is not fork-safe) and open their own Permutation
 lazily (it holds Rust async state and must not be pickled open). A batch is one Arrow RecordBatch
 of the projected columns only; collate views its buffers as tensors with no per-row Python objects.
+Reads stay on the pinned version whatever is committed meanwhile (see `pinned_clone`).
 """
 
 from __future__ import annotations
@@ -45,16 +46,24 @@ class SliceDataset(Dataset):
         return state
 
     def _open(self):
+        import lance
         import lancedb
         from lancedb.permutation import Permutation
 
-        path = Path(self.uri)
-        db = lancedb.connect(str(path.parent))
-        base = db.open_table(path.name.removesuffix(".lance"), version=self.version)
         perm = lancedb.connect("memory://").create_table("perm", pa.table({
             "row_id": pa.array(self.row_addrs, pa.uint64()),
             "split_id": pa.array(np.zeros(len(self.row_addrs), np.uint64)),
         }))
+        # lancedb's permutation reader reads the version its base table handle loaded when it was
+        # opened, and ignores `open_table(version=...)` / `checkout`: opened after a commit, it would
+        # read rows that were since deleted, overwritten or recomputed. So read the table itself
+        # only when nothing moved past the pinned version while it opened; else a pinned clone.
+        if lance.dataset(self.uri).version == self.version:
+            base = _open_table(self.uri)
+            if lance.dataset(self.uri).version == self.version:
+                self._perm = Permutation.from_tables(base, perm, 0).select_columns(self.columns).with_format("arrow")
+                return
+        base = _open_table(pinned_clone(self.uri, self.version))
         self._perm = Permutation.from_tables(base, perm, 0).select_columns(self.columns).with_format("arrow")
 
     def __getitems__(self, indices: list[int]) -> pa.RecordBatch:
@@ -64,6 +73,36 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> pa.RecordBatch:
         return self.__getitems__([int(index)])
+
+
+def _open_table(uri: str):
+    import lancedb
+
+    path = Path(uri)
+    return lancedb.connect(str(path.parent)).open_table(path.name.removesuffix(".lance"))
+
+
+def pinned_clone(uri: str, version: int) -> str:
+    """A shallow clone of `uri` at `version` (metadata only: same data files, fragments and row
+    addresses), made once in the table's sidecar and shared by every worker and epoch."""
+    import shutil
+    import uuid
+
+    import lance
+
+    from .lance_io import sidecar_dir
+
+    pins = sidecar_dir(uri) / "pins"
+    target = pins / f"v{version}.lance"
+    if not (target / "_versions").exists():
+        pins.mkdir(parents=True, exist_ok=True)
+        tmp = pins / f".v{version}-{uuid.uuid4().hex[:8]}.lance"
+        lance.dataset(uri).shallow_clone(str(tmp), version)
+        try:
+            tmp.rename(target)  # atomic: a reader sees no clone or a whole one
+        except OSError:  # another worker made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def _view(arr: pa.Array, dtype: np.dtype) -> np.ndarray:

@@ -72,3 +72,73 @@ def backfill_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of t
     res = backfill.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
                        rows_per_fragment=rows_per_fragment, noop_rows=_ints(noop_rows, "--noop-rows"))
     _report(res, out)
+
+
+@bench_app.command("ray")
+def ray_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of the synthetic table."),
+            image_px: int = typer.Option(256, "--image-px", min=64, help="Size of the synthetic images."),
+            workers: str = typer.Option("1,2", "--workers", help="Worker counts (the Ray cluster gets the largest)."),
+            repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
+            rows_per_fragment: int = typer.Option(256, "--rows-per-fragment", min=16),
+            cold: bool = typer.Option(True, "--cold/--no-cold",
+                                      help="Also time applies that start their own local cluster."),
+            out: Path = OutOpt) -> None:
+    """Ray executor vs local: tier-2 scaling over workers, and Ray's overhead for the same plan."""
+    _quiet_lance()
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter("needs Ray: pip install 'vlmspec[ray]'", param_hint="vlmspec bench ray") from None
+    from . import ray_executor
+
+    res = ray_executor.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
+                           rows_per_fragment=rows_per_fragment, cold=cold)
+    _report(res, out)
+
+
+@bench_app.command("reads")
+def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the synthetic table."),
+              tokens: int = typer.Option(400, "--tokens", min=1, help="Image tokens per row (hiddens)."),
+              hidden: int = typer.Option(2048, "--hidden", min=1, help="Hidden size (2048 = Qwen2.5-VL-3B)."),
+              image_kb: int = typer.Option(60, "--image-kb", min=1, help="Image bytes per row, in kB."),
+              batch: int = typer.Option(8, "--batch", min=1, help="Rows per read (training batch)."),
+              workers: str = typer.Option("0,2", "--workers", help="Loader worker counts (0 = in process)."),
+              loader: bool = typer.Option(True, "--loader/--no-loader", help="Also time our training loader "
+                                          "(needs lancedb)."),
+              repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
+              out: Path = OutOpt) -> None:
+    """Lance vs Parquet (raw and cached hiddens, sequential and shuffled), our loader, plain file reads."""
+    _quiet_lance()
+    from . import reads
+
+    workers_list = [int(x) for x in workers.split(",") if x.strip()]
+    res = reads.run(rows, tokens, hidden, image_kb, repeats, out, batch=batch, workers=workers_list, loader=loader)
+    _report(res, out)
+
+
+@bench_app.command("gpu")
+def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases",
+                                       help="Comma-separated: equivalence, tower, trainstep, qlora, tier3."),
+            shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.5-VL-3B, random weights) or `tiny`."),
+            compile_: bool = typer.Option(True, "--compile/--no-compile", help="Also time torch.compile variants."),
+            deadline_s: float = typer.Option(540.0, "--deadline-s", help="Skip work that would start after this."),
+            rows: int = typer.Option(1024, "--rows", min=8, help="tier3: rows of the synthetic table."),
+            tier3_batch: int = typer.Option(64, "--tier3-batch", min=1, help="tier3: engine batch size."),
+            sub_batch: int = typer.Option(16, "--sub-batch", min=1, help="tier3: tower sub-batch in the UDF."),
+            repeats: int = typer.Option(3, "--repeats", min=1),
+            out: Path = OutOpt) -> None:
+    """Vision tower, LoRA/QLoRA train step and tier-3 backfill at the Qwen2.5-VL-3B shape (GPU)."""
+    _quiet_lance()
+    from . import gpu
+
+    res = gpu.run([p.strip() for p in phases.split(",") if p.strip()], out, shape=shape, compile=compile_,
+                  deadline_s=deadline_s, rows=rows, tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats)
+    for r in res.values():
+        _report(r, out)
+
+
+# The reliability benchmarks (chaos, fuzz, badrows) and the README section they feed live in their
+# own module; registered here, on the one `bench_app`.
+from .reliability_cli import add_commands as _add_reliability_commands  # noqa: E402
+
+_add_reliability_commands(bench_app)

@@ -219,7 +219,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         med, unit = _seconds_unit(f["median"], f["unit"])
         lo, _ = _seconds_unit(f["min"], f["unit"])
         hi, _ = _seconds_unit(f["max"], f["unit"])
-        ld = f"{min(f['load_before']):.2f}–{max(f['load_before']):.2f} → {min(f['load_after']):.2f}–{max(f['load_after']):.2f}"
+        lb, la = f["load_before"], f["load_after"]
+        ld = f"{min(lb):.2f}–{max(lb):.2f} → {min(la):.2f}–{max(la):.2f}"
         lines.append(f"| {f['label']} | {_num(med)} {unit} | {_num(lo)} | {_num(hi)} | {f['n']} | {ld} |")
     lines.append("")
     if data["notes"]:

@@ -216,8 +216,8 @@ def run(rows_list: list[int], repeats: int, out: Path, *, rows_per_fragment: int
         if ctrl is not None:
             res.details["control_table"] = {k: v for k, v in ctrl.items() if k not in ("loaded", "uri", "spec")}
         res.details["io_stats"] = {str(k): v for k, v in io.items()}
-        res.notes.append("prepare() = read_state (manifest + sidecar) + compile + diff; the plan is empty "
-                         "(tier-1 features applied once before timing), as for a `vlmspec plan` on an up-to-date table.")
+        res.notes.append("prepare() = read_state (manifest + sidecar) + compile + diff; the plan is empty (tier-1 "
+                         "features applied once before timing), as for a `vlmspec plan` on an up-to-date table.")
         res.notes.append("Lance I/O counters come from the dataset objects read_state opens; they count the "
                          "manifest read, and would count any data page read.")
         if load() > (os.cpu_count() or 1):

@@ -1,22 +1,21 @@
 """Tier-2 builtins: image features that decode pixels. The engine spreads batches over all cores.
 
 Hashes equal `imagehash`'s exactly (no reduced-size JPEG draft decoding), stored as uint64
-(`int(str(hash), 16)`: the hex string's bits, most significant first).
+(`int(str(hash), 16)`: the hex string's bits, most significant first). Every image is opened inside
+`open_image`: a corrupt, truncated or bomb-sized image raises, and the engine applies `on_error`.
 """
 
 from __future__ import annotations
-
-import io
 
 import imagehash
 import pyarrow as pa
 from PIL import Image
 
+from .base import open_image
+
 
 def _decode(blob: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(blob))
-    img.load()
-    return img
+    return open_image(blob)
 
 
 def _hash_column(images: pa.Array, fn, hash_size: int) -> pa.Array:
@@ -49,9 +48,10 @@ def size(images: pa.Array) -> pa.Array:
             widths.append(None)
             heights.append(None)
             continue
-        with Image.open(io.BytesIO(blob)) as img:
+        with open_image(blob, decode=False) as img:
             w, h = img.size
         widths.append(w)
         heights.append(h)
+    # A null image is a null size, not a size of nulls.
     return pa.StructArray.from_arrays([pa.array(widths, pa.int32()), pa.array(heights, pa.int32())],
-                                      names=["width", "height"])
+                                      names=["width", "height"], mask=images.is_null())

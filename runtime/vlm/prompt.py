@@ -65,18 +65,22 @@ def image_processor_kwargs(image_px: int) -> dict[str, Any]:
     return {"size": {"shortest_edge": area, "longest_edge": area}}
 
 
-def build_messages(question: str) -> list[dict[str, Any]]:
-    """One user turn: the image, then the question with the fixed answer-style suffix."""
+def build_messages(question: str, suffix: str = PROMPT_SUFFIX) -> list[dict[str, Any]]:
+    """One user turn: the image, then the question with the fixed answer-style suffix.
+
+    `suffix` exists for the tiny model's pretraining (`vlm.pretrain`), which asks plain questions;
+    SFT tokens, training and eval always use the default.
+    """
     return [{"role": "user", "content": [
         {"type": "image"},
-        {"type": "text", "text": f"{question.strip()}{PROMPT_SUFFIX}"},
+        {"type": "text", "text": f"{question.strip()}{suffix}"},
     ]}]
 
 
-def prompt_text(processor_or_tokenizer: Any, question: str) -> str:
+def prompt_text(processor_or_tokenizer: Any, question: str, suffix: str = PROMPT_SUFFIX) -> str:
     """The chat-template prompt (with the assistant header) containing exactly ONE image pad."""
     text = processor_or_tokenizer.apply_chat_template(
-        build_messages(question), tokenize=False, add_generation_prompt=True)
+        build_messages(question, suffix), tokenize=False, add_generation_prompt=True)
     if isinstance(text, list):  # some processor versions return a batch
         (text,) = text
     n = text.count(IMAGE_PAD)

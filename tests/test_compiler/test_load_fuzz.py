@@ -172,3 +172,54 @@ def test_text_insertions_into_valid_spec(where, snippet):
 def test_valid_base_spec_loads():
     loaded = load_spec_text(dump(VALID), "fuzz.yaml")
     assert loaded.spec.source.table == "data/demo-v1.lance"
+
+
+# (d) load + compile: specs of a valid shape whose meaning is random --------------------------
+# The generators are the ones `vlmspec bench fuzz` runs thousands of times (runtime/bench/fuzz.py);
+# here hypothesis drives them. Compile runs against an empty table, with the model's facts known.
+
+from vlmspec.compiler.catalog import ModelFacts  # noqa: E402
+from vlmspec.compiler.compile import compile_spec  # noqa: E402
+from vlmspec.compiler.errors import CompileError  # noqa: E402
+from vlmspec.compiler.state import TableState  # noqa: E402
+from vlmspec.runtime.bench import fuzz as _fuzz  # noqa: E402
+
+_JUDGE = _fuzz.Judge(Path(tempfile.mkdtemp(prefix="vlmspec-fuzz-compile-")))
+
+
+def only_vlmspec_errors_through_compile(family: str, case: str) -> None:
+    before = len(_JUDGE.failures)
+    _JUDGE.run(family, case)
+    assert len(_JUDGE.failures) == before, _JUDGE.failures[-1]["traceback"]
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_valid_shape_specs_compile_or_raise_only_vlmspec_errors(r):
+    only_vlmspec_errors_through_compile("valid_shape", _fuzz.dump(_fuzz.random_valid_shape(r)))
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_mutated_specs_compile_or_raise_only_vlmspec_errors(r):
+    only_vlmspec_errors_through_compile("mutated", _fuzz.dump(_fuzz.random_mutation(r)))
+
+
+def test_the_bugs_fuzzing_found_are_located_errors():
+    base = {"name": "x", "source": {"table": "t.lance", "ingest": {"from": "synthetic"}},
+            "model": {"id": "vlmspec:tiny-qwen2.5-vl", "image_px": 56}}
+    for col, want in [({"udf": "vlm.sft_tokens", "params": {"max_tokens": float("inf")}}, "params must be plain values"),
+                      ({"udf": "vlm.sft_tokens", "params": {"max_tokens": 0}}, "`max_tokens` must be a whole number"),
+                      ({"udf": "text.length", "params": {"x": {1: "a", "b": "c"}}}, "params must be plain values")]:
+        text = dump({**base, "features": {"tier3": {"c": col}}})
+        before = dict(_JUDGE.counts["valid_shape"])
+        only_vlmspec_errors_through_compile("valid_shape", text)
+        assert _JUDGE.counts["valid_shape"]["vlmspec_errors"] == before["vlmspec_errors"] + 1
+        loaded = load_spec_text(text, "fuzz.yaml")
+        try:
+            compile_spec(loaded.spec, TableState(uri="t.lance"), file="fuzz.yaml", locate=loaded.locate,
+                         facts=ModelFacts("vlmspec:tiny-qwen2.5-vl", "main", 128))
+        except CompileError as e:
+            assert want in str(e) and str(e).startswith("fuzz.yaml:"), str(e)
+        else:
+            raise AssertionError(f"no error for {col}")

@@ -1,0 +1,57 @@
+"""`vlmspec bench reads` and `vlmspec bench gpu` at toy sizes (CPU): the commands run and write the
+documented results. Figures are never checked, only the JSON's shape and the equivalence verdicts
+(which hold on any machine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vlmspec.runtime.cli import app
+
+pytestmark = pytest.mark.slow
+
+TOP_KEYS = {"benchmark", "title", "started", "seconds", "machine", "libraries", "settings", "figures", "derived",
+            "details", "notes"}
+
+
+def _load(out, name):
+    data = json.loads((out / f"{name}.json").read_text())
+    md = (out / f"{name}.md").read_text()
+    assert TOP_KEYS <= data.keys() and data["benchmark"] == name
+    for fig in data["figures"].values():
+        assert len(fig["samples"]) == fig["n"] and fig["label"] in md
+    for d in data["derived"].values():
+        assert d["label"] in md
+    return data
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lance(monkeypatch):
+    monkeypatch.setenv("LANCE_LOG", "error")
+
+
+def test_bench_reads_tiny(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "reads", "--rows", "48", "--tokens", "4", "--hidden", "8", "--image-kb",
+                                   "1", "--repeats", "1", "--workers", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = _load(tmp_path, "reads")
+    figs = data["figures"]
+    for key in ("plain_read", "lance_raw_seq", "lance_raw_shuf", "lance_h_seq", "lance_h_shuf", "pq_default_h_shuf",
+                "pq_rg64_h_shuf", "pq_rg64_raw_shuf", "loader_w0", "loader_w0_steady"):
+        assert key in figs, key
+    assert {"loader_vs_plain", "loader_vs_parquet", "lance_vs_parquet_h_shuf"} <= data["derived"].keys()
+    assert data["details"]["parquet_rg64_row_groups"] == 1 and data["details"]["parquet_default_row_groups"] == 1
+
+
+def test_bench_gpu_tiny_equivalence(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "gpu", "--shape", "tiny", "--phases", "equivalence", "--no-compile",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = _load(tmp_path, "gpu_equivalence")
+    assert data["details"]["errors"] == {}
+    assert data["derived"]["fast_tower_equal"]["met"] is True
+    assert data["derived"]["cached_equal"]["met"] is True
+    assert data["details"]["fast_tower_vs_hf"]["batched_layers"] == 4

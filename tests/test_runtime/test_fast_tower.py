@@ -1,0 +1,127 @@
+"""The batched-attention vision tower (`vlm.fast_tower.FastTower`) equals HF's tower, and the
+VisionTower UDF's threaded / sub-batched / fast path equals its plain reference path.
+
+Tiny model, fp32, CPU. The GPU benchmark (`vlmspec bench gpu`) repeats the tower check in bf16 at
+the real Qwen2.5-VL-3B shape.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from vlmspec.compiler.model import ModelSpec
+from vlmspec.runtime.udfs.base import UdfContext
+from vlmspec.runtime.udfs.vlm import VisionTower
+from vlmspec.runtime.vlm import models
+from vlmspec.runtime.vlm.fast_tower import FastTower, equal_chunks
+
+TINY = "vlmspec:tiny-qwen2.5-vl"
+
+
+@pytest.fixture(scope="module")
+def tower():
+    t = models.load_vision_tower(ModelSpec(id=TINY, image_px=224, dtype="float32"), "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # image-sensitive weights (the shipped std-0.02 init is nearly flat)
+        for p in t.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+    return t
+
+
+def _pixels(b: int, px: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = px // 14
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b * p * p, 3 * 2 * 14 * 14, generator=g), torch.tensor([[1, p, p]] * b)
+
+
+def test_equal_chunks():
+    assert equal_chunks(torch.tensor([0, 4, 8, 12]), 12) == 3
+    assert equal_chunks(torch.tensor([0, 4, 8, 12]), 16) is None
+    assert equal_chunks(torch.tensor([0, 4, 6, 12]), 12) is None
+    assert equal_chunks(torch.tensor([0, 4, 4, 8]), 8) is None  # an empty window
+    assert equal_chunks(torch.tensor([0]), 0) is None
+
+
+@pytest.mark.parametrize("px,batched", [
+    (112, [3, 3, 3, 3]),        # one window per image: every layer is whole images
+    (224, [12, 3, 12, 3]),      # 2x2 windows per image in the window layers
+    (168, [None, 3, None, 3]),  # 12 patches = 1.5 windows: window layers keep HF's path
+])
+def test_fast_tower_equals_hf(tower, px, batched):
+    fast = FastTower(tower)
+    for seed in range(3):  # first call: HF itself (captures the layout); then the replay
+        x, grid = _pixels(3, px, seed)
+        with torch.no_grad():
+            want = tower(x, grid_thw=grid)
+            got = fast(x, grid)
+        assert got.pooler_output.shape == want.pooler_output.shape
+        assert (got.pooler_output - want.pooler_output).abs().max().item() <= 1e-5
+        assert (got.last_hidden_state - want.last_hidden_state).abs().max().item() <= 1e-5
+        assert want.pooler_output.abs().mean().item() > 1e-2  # not a trivially flat output
+    (layout,) = fast.layouts.values()
+    assert layout.chunks == batched
+    assert fast.stats["hf_calls"] == 1 and fast.stats["fast_calls"] == 2
+
+
+def test_fast_tower_mixed_sizes_and_plain_tower_untouched(tower):
+    fast = FastTower(tower)
+    x1, g1 = _pixels(2, 112, 0)
+    x2, g2 = _pixels(1, 224, 1)
+    x, grid = torch.cat([x1, x2]), torch.cat([g1, g2])
+    for _ in range(2):
+        with torch.no_grad():
+            want = tower(x, grid_thw=grid)  # the patched tower called directly is still HF's
+            got = fast(x, grid)
+        assert (got.pooler_output - want.pooler_output).abs().max().item() <= 1e-5
+    (layout,) = fast.layouts.values()
+    assert layout.chunks[1] is None  # full-attention layers: images of two sizes, unequal chunks
+    assert layout.chunks[0] == 2 * 1 + 4  # window layers: 2 + 4 windows of 64 patches each
+
+
+def _jpeg(seed: int, w: int, h: int) -> bytes:
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _udf(px: int, monkeypatch, **env) -> VisionTower:
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    spec = ModelSpec(id=TINY, image_px=px, dtype="float32")
+    tokens = (px // 28) ** 2
+    ctx = UdfContext(column="h", output_type=pa.list_(pa.float16(), tokens * 128), model=spec, device="cpu",
+                     batch_size=7)
+    return VisionTower(ctx)
+
+
+@pytest.mark.parametrize("env", [
+    {"VLMSPEC_TOWER_THREADS": 3, "VLMSPEC_TOWER_SUBBATCH": 3},   # 7 rows -> sub-batches 3 + 3 + 1
+    {"VLMSPEC_TOWER_THREADS": 1},                                  # one processor call, fast tower
+    {"VLMSPEC_FAST_TOWER": 0, "VLMSPEC_TOWER_THREADS": 2},         # HF tower, threaded decode
+])
+def test_vision_tower_udf_paths_equal_reference(monkeypatch, env):
+    udf = _udf(224, monkeypatch, **env)
+    images = pa.array([_jpeg(i, 200 + 17 * i, 150 + 9 * i) for i in range(7)], pa.binary())
+    for _ in range(2):  # second round replays the captured layout
+        with torch.no_grad():
+            got = udf.encode(images)
+            want = udf.encode_reference(images)
+        assert got.shape == want.shape == (7, 64, 128)
+        assert (got - want).abs().max().item() <= 1e-5
+    col = udf(images)
+    assert len(col) == 7
+    bad = pa.array([images[0].as_py(), images[1].as_py(), b"junk", None], pa.binary())
+    with pytest.raises(ValueError, match="row 2: cannot decode"):
+        udf(bad)
+    with pytest.raises(ValueError, match="row 1: image is null"):
+        udf(pa.array([images[0].as_py(), None, b"junk"], pa.binary()))
+    udf.close()
