@@ -142,8 +142,23 @@ def _load_checkpoint(ckpt: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def train_from_spec(prep, device: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Train per `spec.train`; resumes from `<output_dir>/checkpoint` when its fingerprint matches."""
+    """Train per `spec.train`; resumes from `<output_dir>/checkpoint` when its fingerprint matches.
+
+    With `train.devices > 1` it spawns that many data-parallel processes (runtime/distributed.py).
+    """
+    devices = prep.loaded.spec.train.devices
+    if devices > 1:
+        from .distributed import launch
+
+        return launch(prep, devices, device, stop_after)
+    return run_training(prep, device, stop_after)
+
+
+def run_training(prep, device: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """The loop itself, in this process (one rank when distributed)."""
     from peft import set_peft_model_state_dict
+
+    from .distributed import all_sum, barrier, sum_gradients, world
 
     from .vlm.cached import cached_forward
 
@@ -156,6 +171,11 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     sl = pinned_slice(spec)
+    rank, nranks = world()
+    main = rank == 0  # only rank 0 writes logs, checkpoints and the adapter
+    if opt_spec.batch_size % nranks:
+        raise ApplyError(Problem(f"batch_size {opt_spec.batch_size} does not split over {nranks} devices",
+                                 "train.optim.batch_size", fix="Use a multiple of `train.devices`"))
     grid = (1, spec.model.image_px // 14, spec.model.image_px // 14)
     per_step = opt_spec.batch_size * opt_spec.grad_accum
     total = opt_spec.steps or max(1, math.ceil(opt_spec.epochs * len(sl.train) / per_step))
@@ -179,17 +199,17 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
         _set_rng_state(state["rng"])
         step, epoch, batch_idx, elapsed = state["step"], state["epoch"], state["batch"], state["elapsed"]
     log_path = out / "train_log.jsonl"
-    if state is None and log_path.exists():
+    if main and state is None and log_path.exists():
         log_path.unlink()  # a fresh run (new fingerprint) starts a fresh log
-    elif state is not None and log_path.exists():
+    elif main and state is not None and log_path.exists():
         # Steps after the checkpoint are redone: drop their records so no step is logged twice.
         kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
 
     def make(ep: int):
         return make_loader(sl.uri, sl.version, sl.train, hiddens=tr.hiddens, tokens=tr.tokens,
-                           image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size,
-                           seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers)
+                           image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size // nranks,
+                           seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers, rank=rank, world=nranks)
 
     batches = iterate_epochs(make, epoch, batch_idx)
     per_epoch = len(sl.train) // opt_spec.batch_size
@@ -201,7 +221,9 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
     while step < total:
         micro = [next(batches) for _ in range(opt_spec.grad_accum)]
         epoch, batch_idx = micro[-1][0], micro[-1][1] + 1
-        n_tokens = sum(int((b.labels[:, 1:] != -100).sum()) for _, _, b in micro)
+        # Label tokens of the whole global step (all micro-batches, all ranks): every rank scales its
+        # loss by it, so summed gradients equal one process's token-weighted mean.
+        n_tokens = int(all_sum(sum(int((b.labels[:, 1:] != -100).sum()) for _, _, b in micro)))
         if n_tokens == 0:
             raise ApplyError(Problem("a training step has no label tokens", "train",
                                      fix="Check `sft_tokens` (max_tokens too small for the answers?)"))
@@ -212,6 +234,8 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
             k = len(res.targets)
             (res.loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
             step_loss += float(res.loss.detach()) * k
+        sum_gradients(params)
+        step_loss = all_sum(step_loss)
         if opt_spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, opt_spec.max_grad_norm)
         opt.step()
@@ -222,7 +246,7 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
         window_loss += step_loss
         window_tokens += n_tokens
         window_samples += per_step
-        if step % tr.log_every == 0 or step == total:
+        if main and (step % tr.log_every == 0 or step == total):
             now = time.perf_counter()
             rec = {"step": step, "epoch": round(epoch + batch_idx / max(per_epoch, 1), 4),
                    "loss": round(window_loss / window_tokens, 5), "lr": sched.get_last_lr()[0],
@@ -231,15 +255,21 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, now
-        if step % tr.checkpoint_every == 0 and step < total:
+        if main and step % tr.checkpoint_every == 0 and step < total:
             _save_checkpoint(ckpt, model, opt, sched, {"fingerprint": node.fingerprint, "step": step,
                                                         "epoch": epoch, "batch": batch_idx,
                                                         "elapsed": time.perf_counter() - t0})
         if stop_after is not None and step >= stop_after:  # tests: simulate an interrupted run
+            barrier()
             return {"stopped_at": step}
 
     # -- save -------------------------------------------------------------------------------
     adapter = out / "adapter"
+    result = {"table_version": sl.version, "rows": int(len(sl.train)), "steps": step, "final_loss": last_loss,
+              "adapter": str(adapter), "seconds": round(time.perf_counter() - t0, 2), "devices": nranks}
+    if not main:
+        barrier()
+        return result
     model.save_pretrained(str(adapter))
     plot_loss(log_path, out / "loss.png")
     manifest = {
@@ -249,12 +279,12 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
         "model": {"id": spec.model.id, "revision": spec.model.revision, "image_px": spec.model.image_px},
         "lora": tr.lora.model_dump(), "quant": tr.quant.model_dump(), "optim": opt_spec.model_dump(),
         "steps": step, "final_loss": last_loss, "seconds": round(time.perf_counter() - t0, 2),
-        "device": device, "libraries": history.library_versions(),
+        "device": device, "devices": nranks, "libraries": history.library_versions(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     shutil.rmtree(ckpt, ignore_errors=True)
-    return {"table_version": sl.version, "rows": int(len(sl.train)), "steps": step, "final_loss": last_loss,
-            "adapter": str(adapter), "seconds": manifest["seconds"]}
+    barrier()
+    return result
 
 
 def plot_loss(log_path: Path, png: Path) -> None:

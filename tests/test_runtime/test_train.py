@@ -143,3 +143,21 @@ def test_apply_runs_train_and_records_it(table, monkeypatch):
     assert {s.name: s.kind for s in after.plan.stages}["train"] == "up_to_date"
     rec = lance_io.read_sidecar("data/t.lance")["steps"]["train"]
     assert rec["detail"]["steps"] == 6
+
+
+def test_two_process_gloo_run_equals_one_process(table, monkeypatch):
+    """`train.devices: 2` on CPU (gloo) gives the single-process adapter for the same global batch."""
+    monkeypatch.chdir(table)
+    from safetensors.torch import load_file
+
+    def spec(out: str, devices: int) -> str:
+        text = SPEC.replace("QUANT", "32").replace("runs/t", out)
+        return text.replace("  checkpoint_every: 3", f"  checkpoint_every: 3\n  devices: {devices}")
+
+    one = train_from_spec(prepare(load_spec_text(spec("runs/d1", 1), file=str(table / "spec.yaml"))), device="cpu")
+    two = train_from_spec(prepare(load_spec_text(spec("runs/d2", 2), file=str(table / "spec.yaml"))), device="cpu")
+    assert one["steps"] == two["steps"] == 6 and two["devices"] == 2
+    a = load_file("runs/d1/adapter/adapter_model.safetensors")
+    b = load_file("runs/d2/adapter/adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert abs(one["final_loss"] - two["final_loss"]) < 1e-5
