@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,11 +389,23 @@ def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, devic
                 _run_parallel(uri, ds.version, node, chunks, workers, sink.add)
             else:
                 instance, field_meta = _instantiate(node, model_spec, device or "cpu")
+                # Writing a fragment's data file and committing it runs on one background thread
+                # while the next chunk computes (the GPU would otherwise idle through a 1.6 GB write
+                # per 1,024 rows of hiddens). One write in flight keeps memory bounded and commits in
+                # order; a writer error (or a `fail` row) surfaces before the next chunk is queued.
+                writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmspec-writer")
+                pending = None
                 try:
                     for chunk in chunks:
-                        sink.add(*_compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
-                                                 chunk, node.batch_size))
+                        result = _compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
+                                                chunk, node.batch_size)
+                        if pending is not None:
+                            pending.result()
+                        pending = writer.submit(sink.add, *result)
+                    if pending is not None:
+                        pending.result()
                 finally:
+                    writer.shutdown(wait=True)
                     if hasattr(instance, "close"):
                         instance.close()
         sink.flush()

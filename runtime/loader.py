@@ -69,7 +69,18 @@ class SliceDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> pa.RecordBatch:
         if self._perm is None:
             self._open()
-        return self._perm.__getitems__(list(indices))
+        idx = np.asarray(indices, dtype=np.int64)
+        # Lance takes rows several times faster in address order than in shuffled order (measured
+        # 3-5x for 1.6 MB rows, `vlmspec bench reads`): fetch the batch sorted by row address,
+        # then put the rows back in the requested order (an in-memory Arrow take). Same rows, same
+        # order as asking for them directly.
+        by_addr = np.argsort(self.row_addrs[idx], kind="stable")
+        if len(idx) < 2 or bool((by_addr == np.arange(len(idx))).all()):
+            return self._perm.__getitems__(idx.tolist())
+        got = self._perm.__getitems__(idx[by_addr].tolist())
+        back = np.empty_like(by_addr)
+        back[by_addr] = np.arange(len(by_addr))
+        return got.take(pa.array(back))
 
     def __getitem__(self, index: int) -> pa.RecordBatch:
         return self.__getitems__([int(index)])

@@ -146,12 +146,30 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
 
     With `train.devices > 1` it spawns that many data-parallel processes (runtime/distributed.py).
     """
-    devices = prep.loaded.spec.train.devices
+    spec = prep.loaded.spec
+    done = _finished_run(Path(spec.train.output_dir or f"runs/{spec.name}"), prep.compiled.stage("train").fingerprint)
+    if done is not None:
+        # The adapter for this exact fingerprint is already saved (e.g. killed after saving, before
+        # apply recorded the step): record it instead of training again.
+        return done
+    devices = spec.train.devices
     if devices > 1:
         from .distributed import launch
 
         return launch(prep, devices, device, stop_after)
     return run_training(prep, device, stop_after)
+
+
+def _finished_run(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if m.get("train_fingerprint") != fingerprint or not (out / "adapter" / "adapter_config.json").exists():
+        return None
+    return {"table_version": m["table_version"], "rows": m["rows"], "steps": m["steps"],
+            "final_loss": m["final_loss"], "adapter": str(out / "adapter"), "seconds": m["seconds"],
+            "devices": m.get("devices", 1)}
 
 
 def run_training(prep, device: str | None = None, stop_after: int | None = None) -> dict[str, Any]:

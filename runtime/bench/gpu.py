@@ -555,7 +555,8 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
                                                "compute_dtype": "bfloat16"}, device=device, dtype="bfloat16")
                 ph.res.details["loader"] = "vlmspec.runtime.vlm.models.load_language_model"
             except Exception as e:  # noqa: BLE001 - e.g. another transformers version's internals
-                ph.res.details["loader"] = f"plain from_pretrained (vlmspec loader failed: {type(e).__name__}: {e})"[:400]
+                why = f"{type(e).__name__}: {e}"
+                ph.res.details["loader"] = f"plain from_pretrained (vlmspec loader failed: {why})"[:400]
                 bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                          bnb_4bit_compute_dtype=torch.bfloat16,
                                          llm_int8_skip_modules=["lm_head", "visual"])
@@ -889,7 +890,8 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
     for p in phases:
         extra = {k: ctx[k] for k in ("rows", "tier3_batch", "sub_batch", "repeats")} if p == "tier3" else {}
         if p == "trainstep":
-            extra = {"ranks": ranks or SHAPES[shape]["ranks"], "batches": train_batches or SHAPES[shape]["train_batches"],
+            extra = {"ranks": ranks or SHAPES[shape]["ranks"],
+                     "batches": train_batches or SHAPES[shape]["train_batches"],
                      "variants": ctx["variants"], "lora_targets": "q,k,v,o of the LM", "lora_dropout": 0.05}
         ph = Phase(p, TITLES[p], {**settings, **extra}, out, deadline, suffix)
         if p == "tier3" and ctx.get("model") is not None:

@@ -35,7 +35,8 @@ def chaos_markdown(data: dict[str, Any]) -> list[str]:
         c = r.get("compare", {})
         rec = ", ".join(f"{k} {v}" for k, v in (r.get("recomputed") or {}).items()) or "none"
         eq = "yes" if c.get("raw_identical") and all((c.get("derived_equal") or {0: False}).values()) else "**no**"
-        rows.append([i, r["phase"], r["killed_in"], f"{r['target_event']} +{r['delay_s']:.2f}s",
+        landed = "after the last step" if r["killed_in"] == "done" else r["killed_in"]
+        rows.append([i, r["phase"], landed, f"{r['target_event']} +{r['delay_s']:.2f}s",
                      "yes" if r["killed"] else "finished first", rec, "yes" if r.get("bound_ok") else "**no**",
                      r["state_at_kill"].get("checkpoint_step") or "–", eq, c.get("rows", "–"),
                      "–" if c.get("adapter_max_abs_diff") is None else f"{c['adapter_max_abs_diff']:.3g}",
@@ -129,7 +130,15 @@ def section(results: Path) -> str:
                       "says error):", "",
                   *table(["kind", *cols], [[k, *(_cell(v["null"][c]).split(":")[0] for c in cols)]
                                            for k, v in det["kinds"].items()])]
-    lines += ["", "Details: " + ", ".join(f"[{n}]({results}/{n}.md)" for n in found), END]
+        lines += ["", "`image.size` reads only the header, so a truncated JPEG keeps its size; images over "
+                      "64 MP are refused before any pixel is decoded."]
+    lines += ["", "Details: " + ", ".join(f"[{n}]({results}/{n}.md)" for n in found) + ". The guarantees "
+              "without a figure are tests in `tests/test_runtime/test_reliability.py`: two applies started "
+              "together (one refuses, naming the other's pid), a loader pinned to its table version while "
+              "rows are appended, deleted and overwritten, `apply --plan` refusing a stale plan, a full disk "
+              "or read-only table failing with a clear error and no half-written version, CUDA out-of-memory "
+              "halving the batch, `plan`/`validate` importing no user module, thumbnails that cannot leave "
+              "the report directory, and tokens that never reach a file.", END]
     return "\n".join(lines)
 
 
