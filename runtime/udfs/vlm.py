@@ -83,9 +83,9 @@ class VisionTower:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vlmspec-decode")
         self._pin = cuda
 
-    def _prep(self, values: list, start: int, stop: int):
-        """Decode, resize and run the image processor on rows [start, stop) -> (pixels, grid)."""
-        from vlmspec.runtime.vlm.prompt import image_processor_kwargs, resize_image
+    def _decode(self, values: list, start: int, stop: int) -> list:
+        """Rows [start, stop) decoded and resized exactly as evaluation does; a bad row raises naming it."""
+        from vlmspec.runtime.vlm.prompt import resize_image
 
         pil = []
         for i in range(start, stop):
@@ -97,6 +97,13 @@ class VisionTower:
                 pil.append(resize_image(open_image(v), self.image_px))
             except Exception as e:  # noqa: BLE001 - any decode failure is this row's error
                 raise ValueError(f"row {i}: cannot decode image: {e}") from e
+        return pil
+
+    def _prep(self, values: list, start: int, stop: int):
+        """Decode, resize and run the image processor on rows [start, stop) -> (pixels, grid)."""
+        from vlmspec.runtime.vlm.prompt import image_processor_kwargs
+
+        pil = self._decode(values, start, stop)
         batch = self.image_processor(images=pil, return_tensors="pt", **image_processor_kwargs(self.image_px))
         pixels = batch["pixel_values"]
         if self._pin:
@@ -145,19 +152,11 @@ class VisionTower:
     def encode_reference(self, images: pa.Array | list) -> Any:
         """`encode` the plain way (HF's tower, one thread, one processor call): what the fast
         path is tested against."""
-        from vlmspec.runtime.vlm.prompt import image_processor_kwargs, resize_image
+        from vlmspec.runtime.vlm.prompt import image_processor_kwargs
 
         torch = self._torch
         values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
-        pil = []
-        for i, v in enumerate(values):
-            if v is None:
-                raise ValueError(f"row {i}: image is null")
-            try:
-                # Decoded by open_image, so a bomb-sized image is this row's error, not an OOM.
-                pil.append(resize_image(open_image(v), self.image_px))
-            except Exception as e:  # noqa: BLE001 - any decode failure is this row's error
-                raise ValueError(f"row {i}: cannot decode image: {e}") from e
+        pil = self._decode(values, 0, len(values))
         batch = self.image_processor(images=pil, return_tensors="pt", **image_processor_kwargs(self.image_px))
         grid = batch["image_grid_thw"]
         expected = torch.tensor([1, self.patches, self.patches])
