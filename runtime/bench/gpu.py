@@ -702,6 +702,7 @@ def _model_dir(shape: str, root: Path) -> Path:
 
 
 def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
+    import numpy as np
     import pyarrow as pa
     import torch
 
@@ -824,6 +825,17 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         ref = VisionTower(UdfContext("h", out_type, {}, spec, device, batch))
         with torch.inference_mode():
             want = ref.encode_reference(images.slice(0, 4)).to(torch.float16).float().cpu()
+        # Patchifier (the vision column's on-device preprocessing) against this machine's image
+        # processor (the torchvision backend where torchvision is installed), bitwise.
+        from vlmspec.runtime.vlm.prompt import image_processor_kwargs, resize_image
+
+        pil = [resize_image(b, px_size) for b in images.slice(0, 4).to_pylist()]
+        hf = ref.image_processor(images=pil, return_tensors="pt", **image_processor_kwargs(px_size))["pixel_values"]
+        u8 = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).to(device)
+        mine = ref.patchify(u8)[0].cpu()
+        d["patchify_backend"] = type(ref.image_processor).__name__
+        d["patchify_bitwise_equal"] = bool(torch.equal(mine, hf))
+        d["patchify_max_abs"] = float((mine - hf).abs().max())
         d["written_vs_hf_reference_rel_l2"] = _rel(got.float(), want)
         d["written_vs_hf_reference_max_abs"] = float((got.float() - want).abs().max())
         ref.close()

@@ -59,13 +59,15 @@ class VisionTower:
 
     # -- speed: batched window attention, optional compile, CPU/GPU overlap ---------------------
     # None of this changes what is computed: FastTower replays HF's own tower arithmetic (one
-    # SDPA call over equal-length chunks instead of one call per chunk; tested equal), and the
-    # decode/preprocess of each image is the same call as before, only run in a thread pool.
+    # SDPA call over equal-length chunks instead of one call per chunk; tested equal), decode and
+    # resize are the same calls as evaluation's, only run in a thread pool, and `Patchifier` is the
+    # image processor's own arithmetic as tensor ops (tested bitwise equal to it).
 
     def _setup_fast_path(self) -> None:
         import os
 
         from vlmspec.runtime.vlm.fast_tower import FastTower, fast_tower_enabled
+        from vlmspec.runtime.vlm.patchify import Patchifier
 
         cuda = str(self.device).startswith("cuda")
         default_sub = 16 if cuda else 0  # 0: the whole batch at once (CPU gains nothing from overlap)
@@ -82,6 +84,9 @@ class VisionTower:
 
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vlmspec-decode")
         self._pin = cuda
+        self.patchify = Patchifier(self.image_processor)
+        self._staging = None
+        self._stage_done = None
 
     def _decode(self, values: list, start: int, stop: int) -> list:
         """Rows [start, stop) decoded and resized exactly as evaluation does; a bad row raises naming it."""
@@ -99,24 +104,29 @@ class VisionTower:
                 raise ValueError(f"row {i}: cannot decode image: {e}") from e
         return pil
 
-    def _prep(self, values: list, start: int, stop: int):
-        """Decode, resize and run the image processor on rows [start, stop) -> (pixels, grid)."""
-        from vlmspec.runtime.vlm.prompt import image_processor_kwargs
-
-        pil = self._decode(values, start, stop)
-        batch = self.image_processor(images=pil, return_tensors="pt", **image_processor_kwargs(self.image_px))
-        pixels = batch["pixel_values"]
-        if self._pin:
-            pixels = pixels.pin_memory()
-        return pixels, batch["image_grid_thw"]
-
-    def _tower(self, pixels, grid):
+    def _stage(self, n: int):
+        """A uint8 [n, px, px, 3] staging batch (pinned when the tower is on CUDA), reused across calls."""
         torch = self._torch
-        expected = torch.tensor([1, self.patches, self.patches])
-        if not bool((grid == expected).all()):
-            raise ValueError(f"image processor produced grids {grid.tolist()}, expected {expected.tolist()}")
+        if self._stage_done is not None:  # the last call's host-to-device copies read this buffer
+            self._stage_done.synchronize()
+            self._stage_done = None
+        if self._staging is None or self._staging.shape[0] < n:
+            self._staging = torch.empty((n, self.image_px, self.image_px, 3), dtype=torch.uint8,
+                                        pin_memory=self._pin)
+        return self._staging[:n]
+
+    def _decode_into(self, values: list, i: int, slot) -> None:
+        """Row i decoded and resized (as evaluation does) into its uint8 [px, px, 3] staging slot."""
+        img = self._decode(values, i, i + 1)[0]
+        slot.numpy()[...] = np.asarray(img, dtype=np.uint8)  # into the (pinned) slot, no temporary tensor
+
+    def _tower(self, u8):
+        """Tower outputs for a uint8 [b, px, px, 3] batch: to the device, patchify there, forward."""
+        torch = self._torch
         with torch.inference_mode():
-            px = pixels.to(self.device, non_blocking=True).to(self.dtype)
+            u8 = u8.to(self.device, non_blocking=True)
+            pixels, grid = self.patchify(u8)
+            px = pixels.to(self.dtype)
             if self.fast is not None:
                 return self.fast(px, grid).pooler_output
             return self.tower(px, grid_thw=grid.to(self.device)).pooler_output
@@ -124,29 +134,40 @@ class VisionTower:
     def encode(self, images: pa.Array | list) -> Any:
         """Tower outputs [B, tokens, hidden] in the tower's dtype (before the fp16 cast).
 
-        Rows are decoded and preprocessed one image per thread-pool task while the GPU runs the
-        tower on earlier sub-batches (kernel launches are asynchronous); a bad row raises the
-        same `row i: ...` error as a sequential loop (the first bad row in order).
+        Each row is decoded and resized by a thread-pool task into a pinned uint8 batch (Pillow
+        releases the GIL for both); each sub-batch then goes to the device as uint8 (a quarter of
+        float32's bytes), is rescaled, normalized and patchified there (`Patchifier`, the image
+        processor's arithmetic) and runs the tower while later rows still decode (kernel
+        launches are asynchronous). A bad row raises the same `row i: ...` error as a
+        sequential loop (the first bad row in order).
         """
         torch = self._torch
         values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
         n = len(values)
+        stage = self._stage(n)
         if self._pool is None or n <= 1:
-            pixels, grid = self._prep(values, 0, n)
-            return self._tower(pixels, grid).reshape(n, self.tokens, self.hidden_size)
-        futures = [self._pool.submit(self._prep, values, i, i + 1) for i in range(n)]
-        sub = self.sub_batch or n
-        outs = []
-        try:
-            for s in range(0, n, sub):
-                parts = [f.result() for f in futures[s:s + sub]]
-                pixels = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
-                grid = torch.cat([g for _, g in parts])
-                outs.append(self._tower(pixels, grid))
-        finally:
-            for f in futures:
-                f.cancel()
-        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+            for i in range(n):
+                self._decode_into(values, i, stage[i])
+            out = self._tower(stage)
+        else:
+            futures = [self._pool.submit(self._decode_into, values, i, stage[i]) for i in range(n)]
+            sub = self.sub_batch or n
+            outs = []
+            try:
+                for s in range(0, n, sub):
+                    for f in futures[s:s + sub]:
+                        f.result()
+                    outs.append(self._tower(stage[s:s + sub]))
+            finally:
+                for f in futures:
+                    f.cancel()
+                for f in futures:  # no task may still write into the staging buffer we return to
+                    if not f.cancelled():
+                        f.exception()
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if self._pin:
+            self._stage_done = torch.cuda.Event()
+            self._stage_done.record()
         return out.reshape(n, self.tokens, self.hidden_size)
 
     def encode_reference(self, images: pa.Array | list) -> Any:
