@@ -82,8 +82,12 @@ def ray_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of the sy
             rows_per_fragment: int = typer.Option(256, "--rows-per-fragment", min=16),
             cold: bool = typer.Option(True, "--cold/--no-cold",
                                       help="Also time applies that start their own local cluster."),
+            tier3_rows: int = typer.Option(512, "--tier3-rows", min=0,
+                                           help="Rows of the tier-3 table (vision tower, tiny model, CPU); "
+                                                "0 skips it."),
+            tier3_rows_per_fragment: int = typer.Option(64, "--tier3-rows-per-fragment", min=16),
             out: Path = OutOpt) -> None:
-    """Ray executor vs local: tier-2 scaling over workers, and Ray's overhead for the same plan."""
+    """Ray executor vs local: tier-2 and tier-3 scaling over workers, and Ray's overhead for the same plan."""
     _quiet_lance()
     try:
         import ray  # noqa: F401
@@ -92,7 +96,8 @@ def ray_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of the sy
     from . import ray_executor
 
     res = ray_executor.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
-                           rows_per_fragment=rows_per_fragment, cold=cold)
+                           rows_per_fragment=rows_per_fragment, cold=cold, tier3_rows=tier3_rows,
+                           tier3_rows_per_fragment=tier3_rows_per_fragment)
     _report(res, out)
 
 

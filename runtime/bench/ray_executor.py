@@ -1,18 +1,32 @@
 """`vlmspec bench ray`: the Ray executor against the local one, on this machine.
 
 (a) Scaling of a tier-2 backfill (image.dhash over synthetic images) from 1 to N workers, under the
-    local executor (spawn process pool) and under the Ray executor (tasks on a local cluster of
-    max(N) CPUs, already started: the steady state of a long-lived cluster).
-(b) The overhead of the Ray executor on one machine for the same plan: `apply()` of every feature
-    column of the same spec (tier 1 + tier 2) under `executor: {kind: local}` and `{kind: ray}`,
-    with the cluster already up, plus what starting the local cluster adds (`address: local`,
-    started and shut down by the apply itself; `--no-cold` skips it).
+    local executor as `vlmspec apply` runs it (workers=1: in this process; more: the shared spawn
+    pool of `backfill.shared_pool`, kept up across rounds) and under the Ray executor (tasks on a
+    local cluster of max(N) CPUs, already started). Both are the steady state of a warm pool /
+    cluster; what the first column pays to start them is recorded apart.
+(b) Scaling of a tier-3 backfill (`vision_tower_hiddens`, udf `vlm.vision_tower`, the shipped tiny
+    Qwen2.5-VL at 112 px) on the CPU from 1 to N workers. The local executor runs a model UDF in this
+    process whatever `workers` says; the bench gives it w torch intra-op threads and w decode threads
+    (the cores w workers would use). Under Ray, a model UDF whose `resources` ask for no GPU gets one
+    actor (`cpu actor x1`) whatever `workers` says; with `resources: {gpus: 1}` it gets one actor
+    per GPU slot (capped by `workers`). A CPU machine has none, so the bench's cluster declares max(N)
+    *logical* GPU slots (Ray does not check them): w actors, each `num_cpus: 1` (Ray sets
+    OMP_NUM_THREADS=1, so one torch thread) and one decode thread, computing on the CPU: the actor-pool
+    path a GPU cluster runs, unchanged. Ray builds its actors per column, so the end-to-end figures
+    include each actor's start-up (process, torch import, model load); the steady-state figures count
+    only the rows committed after each worker's first chunk.
+(c) The overhead of the Ray executor on one machine for the same plan: `apply()` of the tier-1 and
+    tier-2 feature columns of (a)'s spec under `executor: {kind: local}` and `{kind: ray}`, with the
+    cluster already up, plus what starting the local cluster adds (`address: local`, started and
+    shut down by the apply itself; `--no-cold` skips it).
 Columns are dropped (untimed) before each run. Rounds interleave the variants, rotating their
-order, so load from other work hits all alike; the values are checked equal across all of them.
+order, so load from other work hits all alike; the values are checked byte-identical across all of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -20,13 +34,18 @@ import statistics
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .common import Results, load, timed
 from .tables import TIER1
 
 FEATURE_COLUMNS = [*TIER1, "dhash"]
+TOWER = "vision_tower_hiddens"
+TOWER_MODEL = "vlmspec:tiny-qwen2.5-vl"
+TOWER_PX = 112
+TOWER_BATCH = 64
 
 
 def _spec(table: Path, rows: int, image_px: int, rows_per_fragment: int, executor: str) -> str:
@@ -37,6 +56,18 @@ def _spec(table: Path, rows: int, image_px: int, rows_per_fragment: int, executo
             f"  rows_per_fragment: {rows_per_fragment}\n"
             f"features:\n  tier1:\n{feats}\n"
             f"  tier2:\n    dhash: {{udf: image.dhash, inputs: [image]}}\n"
+            f"executor: {executor}\n")
+
+
+def _tower_spec(table: Path, rows: int, rows_per_fragment: int, executor: str, resources: str | None) -> str:
+    res = f", resources: {resources}" if resources else ""
+    return (f"name: bench_ray_tier3\n"
+            f"source:\n  table: \"{table}\"\n"
+            f"  ingest: {{from: synthetic, rows: {rows}, seed: 0, image_px: {TOWER_PX}}}\n"
+            f"  rows_per_fragment: {rows_per_fragment}\n"
+            f"model: {{id: \"{TOWER_MODEL}\", image_px: {TOWER_PX}}}\n"
+            f"features:\n  tier3:\n"
+            f"    {TOWER}: {{udf: vlm.vision_tower, inputs: [image], batch_size: {TOWER_BATCH}{res}}}\n"
             f"executor: {executor}\n")
 
 
@@ -56,8 +87,101 @@ def _values(uri: str, names: list[str]) -> dict[str, list]:
     return {n: t.column(n).to_pylist() for n in names}
 
 
+def _digest(uri: str, name: str) -> str:
+    """sha256 of a fixed-size-list column's value bytes, in row order (byte-identical or not)."""
+    import lance
+    import numpy as np
+
+    col = lance.dataset(uri).to_table(columns=[name]).column(name).combine_chunks()
+    assert col.null_count == 0, f"{name}: {col.null_count} null rows"
+    return hashlib.sha256(np.asarray(col.flatten()).tobytes()).hexdigest()
+
+
+@contextmanager
+def _local_pools() -> Iterator[Callable[[int], None]]:
+    """The local executor's pool as `vlmspec apply` uses it: one spawn pool shared by every parallel
+    column of an apply (`backfill.shared_pool`), started at the first such column. The bench keeps
+    one pool per worker count up across its rounds (as the Ray cluster stays up) and makes the one
+    for `w` the shared pool before a run; `_run_parallel` then finds it, exactly as in an apply."""
+    from .. import backfill as bf
+
+    pools: dict[int, Any] = {}
+
+    def use(w: int) -> None:
+        if w not in pools:
+            pools[w] = bf._new_pool(w)
+        bf._SHARED["pool"], bf._SHARED["workers"] = pools[w], w
+
+    with bf.shared_pool():
+        try:
+            yield use
+        finally:
+            bf._SHARED["pool"], bf._SHARED["workers"] = None, 0
+            for p in pools.values():
+                p.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """This process's torch intra-op threads and the tower's decode threads, for one local run."""
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("VLMSPEC_TOWER_THREADS")
+    torch.set_num_threads(n)
+    os.environ["VLMSPEC_TOWER_THREADS"] = str(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("VLMSPEC_TOWER_THREADS", None)
+        else:
+            os.environ["VLMSPEC_TOWER_THREADS"] = env
+
+
+class _Clock:
+    """A backfill Reporter that timestamps each chunk as its values reach the commit side."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.marks: list[tuple[float, int]] = []
+
+    def start(self, task: str, total: int) -> None: ...
+    def finish(self, task: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+    def advance(self, task: str, n: int) -> None:
+        self.marks.append((time.perf_counter(), n))
+
+    def first_s(self) -> float | None:
+        return self.marks[0][0] - self.t0 if self.marks else None
+
+    def steady(self, k: int) -> float | None:
+        """Rows/s committed after the first `k` chunks (each of k workers' first chunk carries its
+        start-up: model load, imports); None with too few chunks to tell."""
+        if len(self.marks) <= k:
+            return None
+        t, rows = self.marks[k - 1][0], sum(n for _, n in self.marks[k:])
+        span = self.marks[-1][0] - t
+        return rows / span if span > 0 else None
+
+
+def _probe_threads() -> dict[str, Any]:
+    """What a tier-3 actor's process sees (run as a Ray actor with the tier-3 actors' options)."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(),
+            **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLMSPEC_TOWER_THREADS", "CUDA_VISIBLE_DEVICES")}}
+
+
+class _Probe:
+    def get(self) -> dict[str, Any]:
+        return _probe_threads()
+
+
 def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Path, *,
-        rows_per_fragment: int = 256, cold: bool = True, workdir: Path | None = None) -> Results:
+        rows_per_fragment: int = 256, cold: bool = True, workdir: Path | None = None,
+        tier3_rows: int = 512, tier3_rows_per_fragment: int = 64) -> Results:
     import ray
 
     from vlmspec.compiler.load import load_spec
@@ -67,12 +191,19 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
     from ..executors.ray_exec import RayExecutor
 
     workers_list = sorted(set(workers_list))
-    top = workers_list[-1]
-    res = Results("ray", "Ray executor vs local: tier-2 scaling and the overhead of Ray on one machine",
+    top, w1 = workers_list[-1], workers_list[0]
+    res = Results("ray", "Ray executor vs local: tier-2 and tier-3 scaling and the overhead of Ray on one machine",
                   {"rows": rows, "image_px": image_px, "workers": workers_list, "repeats": repeats,
-                   "rows_per_fragment": rows_per_fragment, "ray_cluster_cpus": top, "cold": cold})
+                   "rows_per_fragment": rows_per_fragment, "tier3_rows": tier3_rows,
+                   "tier3_rows_per_fragment": tier3_rows_per_fragment, "tier3_model": TOWER_MODEL,
+                   "tier3_image_px": TOWER_PX, "tier3_batch_size": TOWER_BATCH,
+                   "tier3_threads_local": "w torch intra-op + w decode threads (one in-process UDF)",
+                   "tier3_threads_ray": "per actor: 1 torch (OMP_NUM_THREADS=1 from num_cpus=1) + 1 decode "
+                                        "(VLMSPEC_TOWER_THREADS=1)",
+                   "ray_cluster_cpus": top, "ray_cluster_logical_gpus": top if tier3_rows else 0, "cold": cold})
     tmp = Path(tempfile.mkdtemp(prefix="vlmspec-bench-ray-", dir=workdir))
     own_cluster = not ray.is_initialized()
+    med = statistics.median
     try:
         uri = str(tmp / "t.lance")
         specs = {kind: tmp / f"{kind}.yaml" for kind in ("local", "ray")}
@@ -89,51 +220,156 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                                 "generate_and_ingest_s": round(time.perf_counter() - t0, 2)}
         dnode = next(c for c in prepare(loaded["local"]).compiled.columns if c.name == "dhash")
 
-        # The long-lived cluster for (a) and the warm half of (b).
+        # The long-lived cluster for (a), (b) and the warm half of (c). Logical GPU slots let the
+        # tier-3 column ask for `gpus: 1` and get one actor per worker on this CPU machine; each
+        # actor then decodes on one thread, as Ray gives it one torch thread.
         if own_cluster:
             with warnings.catch_warnings():  # Ray forks+execs its processes; lance's at-fork warning is moot
                 warnings.filterwarnings("ignore", message="lance is not fork-safe")
-                s, _, lb, la = timed(lambda: ray.init(num_cpus=top, include_dashboard=False,
-                                                      logging_level=logging.WARNING))
+                s, _, lb, la = timed(lambda: ray.init(
+                    num_cpus=top, num_gpus=top if tier3_rows else None, include_dashboard=False,
+                    logging_level=logging.WARNING, runtime_env={"env_vars": {"VLMSPEC_TOWER_THREADS": "1"}}))
             res.figure("ray_init", f"ray.init() of a local cluster ({top} CPUs)", "s").add(s, lb, la)
-        res.details["cluster"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        res.details["cluster"] = cluster
         executors = {w: RayExecutor(w) for w in workers_list}
         values: dict[str, Any] = {}
+        paired: dict[str, list[float]] = {}
 
+        def rotate(variants: list, r: int) -> list:
+            k = r % len(variants)
+            return variants[k:] + variants[:k]
+
+        def scaling(prefix: str, took: dict, kinds: tuple[str, ...]) -> None:
+            for w in workers_list:
+                if ("local", w) in took and ("ray", w) in took:
+                    paired.setdefault(f"{prefix}ray_vs_local_w{w}", []).append(took[("local", w)] / took[("ray", w)])
+                if w != w1:
+                    for k in kinds:
+                        if (k, w) in took and (k, w1) in took:
+                            paired.setdefault(f"{prefix}{k}_scaling_w{w}", []).append(took[(k, w1)] / took[(k, w)])
+
+        # --- (a) tier 2 -----------------------------------------------------------------------
         # Warm-up, untimed: Ray starts its worker processes (interpreter + lance/pyarrow/imagehash
-        # imports) on first use, as the local pool does per column; the cold figure below includes it.
+        # imports) on first use, as the local shared pool does at an apply's first parallel column.
         _drop(uri, ["dhash"])
         s, *_ = timed(lambda: backfill_column(uri, dnode, workers=top, executor=executors[top]))
         res.details["ray_first_column_s"] = round(s, 3)
-
-        local = {w: res.figure(f"dhash_local_w{w}", f"image.dhash, local executor, workers={w}", "images/s",
+        local = {w: res.figure(f"dhash_local_w{w}", f"image.dhash, local executor, workers={w}"
+                               + (" (in process)" if w == 1 else " (shared pool up)"), "images/s",
                                higher_is_better=True, seconds=[]) for w in workers_list}
         onray = {w: res.figure(f"dhash_ray_w{w}", f"image.dhash, Ray tasks, workers={w} (cluster up)", "images/s",
                                higher_is_better=True, seconds=[]) for w in workers_list}
-        paired: dict[str, list[float]] = {}
+        with _local_pools() as use_pool:
+            if top > 1:
+                use_pool(top)
+                _drop(uri, ["dhash"])
+                s, *_ = timed(lambda: backfill_column(uri, dnode, workers=top))
+                res.details["local_first_column_s"] = round(s, 3)
 
-        def one(kind: str, w: int) -> float:
-            _drop(uri, ["dhash"])
-            ex = executors[w] if kind == "ray" else None
-            s, _, lb, la = timed(lambda: backfill_column(uri, dnode, workers=w, executor=ex))
-            fig = (onray if kind == "ray" else local)[w]
-            fig.add(rows / s, lb, la)
-            fig.extra["seconds"].append(s)
-            values[f"dhash_{kind}_w{w}"] = _values(uri, ["dhash"])["dhash"]
-            return s
+            def one(kind: str, w: int) -> float:
+                _drop(uri, ["dhash"])
+                if kind == "local" and w > 1:
+                    use_pool(w)
+                ex = executors[w] if kind == "ray" else None
+                s, _, lb, la = timed(lambda: backfill_column(uri, dnode, workers=w, executor=ex))
+                fig = (onray if kind == "ray" else local)[w]
+                fig.add(rows / s, lb, la)
+                fig.extra["seconds"].append(s)
+                values[f"dhash_{kind}_w{w}"] = _values(uri, ["dhash"])["dhash"]
+                return s
 
-        variants = [(k, w) for k in ("local", "ray") for w in workers_list]
-        for r in range(repeats):
-            k = r % len(variants)
-            took = {v: one(*v) for v in variants[k:] + variants[:k]}
-            for w in workers_list:
-                paired.setdefault(f"ray_vs_local_w{w}", []).append(took[("local", w)] / took[("ray", w)])
-                if w != workers_list[0]:
-                    w1 = workers_list[0]
-                    paired.setdefault(f"local_scaling_w{w}", []).append(took[("local", w1)] / took[("local", w)])
-                    paired.setdefault(f"ray_scaling_w{w}", []).append(took[("ray", w1)] / took[("ray", w)])
+            variants = [(k, w) for k in ("local", "ray") for w in workers_list]
+            for r in range(repeats):
+                scaling("", {v: one(*v) for v in rotate(variants, r)}, ("local", "ray"))
 
-        # (b) the whole plan's feature columns, same spec, both executors
+        # --- (b) tier 3 -----------------------------------------------------------------------
+        tower_ok, tower_ray = True, False
+        if tier3_rows:
+            turi = str(tmp / "tower.lance")
+            on_ray, gpu1 = f"{{kind: ray, address: local, workers: {top}}}", "{gpus: 1, cpus: 1}"
+            tspecs = {"local": _tower_spec(Path(turi), tier3_rows, tier3_rows_per_fragment, "{kind: local}", None),
+                      "local_gpu": _tower_spec(Path(turi), tier3_rows, tier3_rows_per_fragment, "{kind: local}", gpu1),
+                      "ray_gpu": _tower_spec(Path(turi), tier3_rows, tier3_rows_per_fragment, on_ray, gpu1),
+                      "ray_default": _tower_spec(Path(turi), tier3_rows, tier3_rows_per_fragment, on_ray, None)}
+            tloaded = {}
+            for k, text in tspecs.items():
+                (tmp / f"tower_{k}.yaml").write_text(text)
+                tloaded[k] = load_spec(tmp / f"tower_{k}.yaml")
+            t0 = time.perf_counter()
+            apply(tloaded["local"], until="ingest")
+            tfrags = len(lance.dataset(turi).get_fragments())
+            res.details["tier3_table"] = {"rows": tier3_rows, "fragments": tfrags, "image_px": TOWER_PX,
+                                          "generate_and_ingest_s": round(time.perf_counter() - t0, 2)}
+            model_spec = tloaded["local"].spec.model
+            tnode = next(c for c in prepare(tloaded["local"]).compiled.columns if c.name == TOWER)
+            gnode = next(c for c in prepare(tloaded["local_gpu"]).compiled.columns if c.name == TOWER)
+            assert gnode.fingerprint == tnode.fingerprint and gnode.gpus == 1  # `resources`: where, not what
+            # Where the Ray plan puts the column on this cluster (it reads the cluster's totals).
+            placement = {}
+            for k, label in (("ray_gpu", f"resources {gpu1}"), ("ray_default", "resources default (no GPU)")):
+                try:
+                    placement[label] = next(s.placement for s in prepare(tloaded[k]).plan.columns if s.name == TOWER)
+                except Exception as e:  # noqa: BLE001 - informational (a cluster without GPU slots refuses)
+                    placement[label] = f"refused: {str(e).strip().splitlines()[0]}"
+            res.details["tier3_placement_ray"] = placement
+            tower_ray = cluster.get("GPU", 0) >= top
+            if tower_ray:
+                probe = ray.remote(_Probe).options(num_cpus=1, num_gpus=1).remote()
+                try:
+                    res.details["tier3_actor_threads"] = ray.get(probe.get.remote())
+                finally:
+                    ray.kill(probe)
+            else:
+                res.notes.append(f"The Ray cluster this run joined has {cluster.get('GPU', 0):g} GPU slots (< {top}): "
+                                 "the tier-3 Ray figures were skipped.")
+            texecutors = {w: RayExecutor(w, device="cpu") for w in workers_list}
+
+            # Warm-up, untimed: the driver imports torch/transformers and reads the model once.
+            with _torch_threads(w1):
+                _drop(turi, [TOWER])
+                s, *_ = timed(lambda: backfill_column(turi, tnode, model_spec=model_spec, device="cpu", workers=w1))
+            res.details["tier3_local_first_column_s"] = round(s, 3)
+
+            def tfig(kind: str, w: int, steady: bool):
+                where = (f"local executor, in process, {w} torch + {w} decode thread{'s' if w > 1 else ''}"
+                         if kind == "local" else
+                         f"Ray, {w} actor{'s' if w > 1 else ''} x 1 CPU (logical GPU slots)")
+                what = ("steady state (after each worker's first chunk)" if steady else
+                        "end to end" + (" (incl. actor start-up)" if kind == "ray" else ""))
+                return res.figure(f"tower_{kind}_w{w}{'_steady' if steady else ''}",
+                                  f"{TOWER}, {where}, {what}", "rows/s", higher_is_better=True,
+                                  **({} if steady else {"seconds": [], "first_chunk_s": []}))
+
+            def tone(kind: str, w: int) -> float:
+                _drop(turi, [TOWER])
+                clock = _Clock()
+                if kind == "local":
+                    with _torch_threads(w):
+                        s, _, lb, la = timed(lambda: backfill_column(turi, tnode, model_spec=model_spec, device="cpu",
+                                                                     workers=w, reporter=clock))
+                    k = 1
+                else:
+                    s, _, lb, la = timed(lambda: backfill_column(turi, gnode, model_spec=model_spec, device="cpu",
+                                                                 workers=w, reporter=clock, executor=texecutors[w]))
+                    k = w
+                fig = tfig(kind, w, False)
+                fig.add(tier3_rows / s, lb, la)
+                fig.extra["seconds"].append(round(s, 3))
+                fig.extra["first_chunk_s"].append(round(clock.first_s() or 0.0, 3))
+                st = clock.steady(k)
+                if st is not None:
+                    tfig(kind, w, True).add(st, lb, la)
+                values[f"tower_{kind}_w{w}"] = _digest(turi, TOWER)
+                return s
+
+            kinds = ("local", "ray") if tower_ray else ("local",)
+            tvariants = [(k, w) for k in kinds for w in workers_list]
+            for r in range(repeats):
+                scaling("tower_", {v: tone(*v) for v in rotate(tvariants, r)}, kinds)
+            tower_ok = len(set(v for k, v in values.items() if k.startswith("tower_"))) == 1
+
+        # --- (c) the whole plan's feature columns, same spec, both executors ----------------------
         plan_local = res.figure("apply_local", f"apply() of {len(FEATURE_COLUMNS)} feature columns, local "
                                 f"executor (workers={top})", "s")
         plan_ray = res.figure("apply_ray", f"apply() of the same columns, Ray executor (workers={top}, cluster up)", "s")
@@ -157,25 +393,44 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 plan_cold.add(s, lb, la)
                 values["apply_ray_cold"] = _values(uri, FEATURE_COLUMNS)
 
-        ref_d = values[f"dhash_local_w{workers_list[0]}"]
+        ref_d = values[f"dhash_local_w{w1}"]
         ref_all = values["apply_local"]
         equal = all(v == ref_d for k, v in values.items() if k.startswith("dhash_")) and \
-            all(v == ref_all for k, v in values.items() if k.startswith("apply_")) and ref_all["dhash"] == ref_d
+            all(v == ref_all for k, v in values.items() if k.startswith("apply_")) and ref_all["dhash"] == ref_d \
+            and tower_ok
         res.details["values_equal"] = equal
+        res.details["tier3_values_sha256"] = {k: v for k, v in values.items() if k.startswith("tower_")}
         res.details["paired_ratios"] = paired
 
-        med = statistics.median
+        # --- headline -----------------------------------------------------------------------------
+        def ratio(key: str, label: str, target: str | None = None, how: str = "median of per-round ratios",
+                  digits: int = 2) -> None:
+            if paired.get(key):
+                res.derive(key, label, round(med(paired[key]), digits), unit="x", target=target, how=how)
+
         for w in workers_list[1:]:
-            res.derive(f"local_scaling_w{w}", f"dhash scaling, local: {w} / {workers_list[0]} workers",
-                       round(med(paired[f"local_scaling_w{w}"]), 2), unit="x",
-                       target=f"ideal {w / workers_list[0]:g}x on idle cores", how="median of per-round ratios")
-            res.derive(f"ray_scaling_w{w}", f"dhash scaling, Ray: {w} / {workers_list[0]} workers",
-                       round(med(paired[f"ray_scaling_w{w}"]), 2), unit="x",
-                       target=f"ideal {w / workers_list[0]:g}x on idle cores", how="median of per-round ratios")
+            ideal = f"ideal {w / w1:g}x on idle cores"
+            ratio(f"local_scaling_w{w}", f"tier 2 (dhash) scaling, local: {w} / {w1} workers", ideal)
+            ratio(f"ray_scaling_w{w}", f"tier 2 (dhash) scaling, Ray: {w} / {w1} workers", ideal)
         for w in workers_list:
-            res.derive(f"ray_vs_local_w{w}", f"dhash throughput, Ray / local, workers={w}",
-                       round(med(paired[f"ray_vs_local_w{w}"]), 3), unit="x",
-                       how=f"medians {onray[w].median:,.0f} vs {local[w].median:,.0f} images/s")
+            ratio(f"ray_vs_local_w{w}", f"tier 2 (dhash) throughput, Ray / local, workers={w}",
+                  how=f"medians {onray[w].median:,.0f} vs {local[w].median:,.0f} images/s", digits=3)
+        if tier3_rows:
+            for w in workers_list[1:]:
+                ideal = f"ideal {w / w1:g}x on idle cores"
+                for kind, name in (("local", "local (threads)"), ("ray", "Ray (actors)")):
+                    ratio(f"tower_{kind}_scaling_w{w}", f"tier 3 (vision tower) scaling, {name}: {w} / {w1} "
+                          "workers, end to end", ideal)
+                    a, b = (res.figures.get(f"tower_{kind}_w{x}_steady") for x in (w1, w))
+                    if a is not None and b is not None:
+                        res.derive(f"tower_{kind}_steady_scaling_w{w}", f"tier 3 (vision tower) scaling, {name}: "
+                                   f"{w} / {w1} workers, steady state", round(b.median / a.median, 2), unit="x",
+                                   target=ideal, how=f"medians {b.median:,.0f} vs {a.median:,.0f} rows/s")
+            for w in workers_list:
+                lf, rf = res.figures[f"tower_local_w{w}"], res.figures.get(f"tower_ray_w{w}")
+                if rf is not None:
+                    ratio(f"tower_ray_vs_local_w{w}", f"tier 3 (vision tower) throughput, Ray / local, workers={w}, "
+                          "end to end", how=f"medians {rf.median:,.0f} vs {lf.median:,.0f} rows/s", digits=3)
         over = plan_ray.median - plan_local.median
         res.derive("apply_overhead", "Ray executor overhead on the whole apply (cluster up)", round(over, 2),
                    unit="s", how=f"{plan_ray.median:.2f} s vs {plan_local.median:.2f} s local "
@@ -185,15 +440,49 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
             res.derive("apply_overhead_cold", "Ray executor overhead incl. starting the local cluster",
                        round(cold_s - plan_local.median, 2), unit="s",
                        how=f"{cold_s:.2f} s vs {plan_local.median:.2f} s local ({cold_s / plan_local.median:.2f}x)")
-        res.derive("values_equal", "values equal across executors and worker counts", "yes" if equal else "no",
-                   target="yes", met=equal)
+        res.derive("values_equal", "values byte-identical across executors and worker counts (tier 1, 2, 3)",
+                   "yes" if equal else "no", target="yes", met=equal)
 
-        res.notes.append(f"{rows:,} synthetic {image_px}px images in {frags} fragments; image.dhash is the tier-2 "
-                         "UDF. Local: a fresh spawn process pool per column (as `vlmspec apply`). Ray: one task per "
-                         "fragment (each writes its fragment's data file), the driver commits each completed "
-                         "fragment; the cluster's worker processes are reused across columns and runs.")
-        res.notes.append(f"The first Ray column after start-up took {res.details['ray_first_column_s']} s "
-                         "(worker processes starting and importing); it is not in the warm figures.")
+        # --- notes --------------------------------------------------------------------------------
+        res.notes.append(f"Tier 2: {rows:,} synthetic {image_px}px images in {frags} fragments, image.dhash. Local "
+                         f"as `vlmspec apply` runs it: workers=1 in this process; more on the apply's shared spawn "
+                         f"pool (`backfill.shared_pool`), here kept up across rounds. Ray: one task per fragment "
+                         f"(each writes its fragment's data file), the driver commits each completed fragment; the "
+                         f"cluster's worker processes are reused across columns and runs.")
+        if top > w1 and cluster.get("CPU", 0) > w1:
+            cpus = cluster.get("CPU", 0)
+            res.notes.append(f"Ray tasks at workers={w1}: the executor keeps 2 x workers tasks in flight and Ray "
+                             f"starts every submitted task the cluster has a free CPU for, so on this {cpus:g}-CPU "
+                             f"cluster up to {min(2 * w1, int(cpus))} dhash tasks run at once although the plan "
+                             f"says `cpu tasks x{w1}`: Ray's tier-2 '{w1} worker' figure already uses that many "
+                             "cores, and its tier-2 scaling ratio reads low for that reason. (Actors are not "
+                             "affected: each runs one chunk at a time.)")
+        first = [f"Ray {res.details['ray_first_column_s']} s (worker processes starting and importing)"]
+        if "local_first_column_s" in res.details:
+            first.append(f"local {res.details['local_first_column_s']} s (spawning the {top}-process pool)")
+        res.notes.append("The first tier-2 column after start-up took " + "; ".join(first)
+                         + ": what an apply's first parallel column pays; not in the warm figures.")
+        if tier3_rows:
+            res.notes.append(
+                f"Tier 3: {tier3_rows:,} synthetic {TOWER_PX}px images in {res.details['tier3_table']['fragments']} "
+                f"fragments, `{TOWER}` (vlm.vision_tower, {TOWER_MODEL}, batch {TOWER_BATCH}) on the CPU. Local: "
+                "the model UDF runs in this process whatever `workers` says; workers=w here means w torch intra-op "
+                "threads and w decode threads (VLMSPEC_TOWER_THREADS), so w cores; at w = cores that is what "
+                "`vlmspec apply` does by default (torch's default thread count, decode threads min(16, cores)). "
+                "The first local tier-3 column (imports, model read) took "
+                f"{res.details['tier3_local_first_column_s']} s, untimed.")
+            place = "; ".join(f"{k} -> `{v}`" for k, v in res.details["tier3_placement_ray"].items())
+            if tower_ray:
+                th = res.details.get("tier3_actor_threads", {})
+                res.notes.append(
+                    f"Tier 3 under Ray, as the plan places it on this cluster ({cluster.get('CPU', 0):g} CPUs, "
+                    f"{cluster.get('GPU', 0):g} logical GPU slots): {place}. The bench uses `gpus: 1, cpus: 1`: "
+                    f"w actors computing on the CPU (device cpu), each seeing torch threads "
+                    f"{th.get('torch_threads')}, OMP_NUM_THREADS={th.get('OMP_NUM_THREADS')}, "
+                    f"VLMSPEC_TOWER_THREADS={th.get('VLMSPEC_TOWER_THREADS')}. Actors are built per column (and "
+                    "killed after it), so every Ray run pays their start-up; first-chunk times are in the JSON. "
+                    "Steady state = rows committed after the first w chunks (w actors; 1 in process, where the "
+                    "model loads once) / the time after them.")
         if load() > (os.cpu_count() or 1) * 0.75:
             res.notes.append(f"Other work was running (1-min load {load()} on {os.cpu_count()} cores): scaling is "
                              "capped by the cores actually free.")

@@ -198,7 +198,9 @@ class RayExecutor:
         def submit(chunk: Chunk):
             return task.remote(uri, version, wnode, chunk, node.batch_size, storage if sink.whole(chunk) else None)
 
-        self._drive(node, chunks, submit, lambda ref: None, sink, 2 * n, "task")
+        # Exactly n tasks in flight: Ray starts every queued task it has a free CPU for, so queueing
+        # more than `workers` ahead would run more than `workers` at once.
+        self._drive(node, chunks, submit, lambda ref: None, sink, n, "task")
         return {}
 
     def _on_actors(self, uri, version, storage, node, chunks, sink, model_spec, device, n) -> dict[str, str]:

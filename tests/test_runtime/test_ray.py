@@ -354,11 +354,19 @@ def test_bench_ray_writes_json_and_markdown(cluster, tmp_path):
 
     from vlmspec.runtime.bench import ray_executor
 
-    res = ray_executor.run(64, 64, [1, 2], 1, tmp_path / "out", rows_per_fragment=16, workdir=tmp_path)
+    res = ray_executor.run(64, 64, [1, 2], 1, tmp_path / "out", rows_per_fragment=16, workdir=tmp_path,
+                           tier3_rows=32, tier3_rows_per_fragment=16)
     data = json.loads((tmp_path / "out" / "ray.json").read_text())
     assert (tmp_path / "out" / "ray.md").read_text().startswith("# Ray executor vs local")
     assert data["details"]["values_equal"] is True and res.derived["values_equal"]["met"]
     assert {"dhash_local_w1", "dhash_local_w2", "dhash_ray_w1", "dhash_ray_w2", "apply_local",
-            "apply_ray"} <= set(data["figures"])
+            "apply_ray", "tower_local_w1", "tower_local_w2"} <= set(data["figures"])
     assert "ray_init" not in data["figures"]  # the module's cluster was reused, not started
-    assert {"local_scaling_w2", "ray_scaling_w2", "apply_overhead"} <= set(data["derived"])
+    assert {"local_scaling_w2", "ray_scaling_w2", "tower_local_scaling_w2", "apply_overhead"} <= set(data["derived"])
+    # The module's cluster has no GPU slots: the tier-3 column asking for one is refused by the plan
+    # and its Ray figures are skipped; without `resources` it would get a single CPU actor.
+    placement = data["details"]["tier3_placement_ray"]
+    assert placement["resources default (no GPU)"] == "cpu actor x1"
+    assert placement["resources {gpus: 1, cpus: 1}"].startswith("refused")
+    assert "tower_ray_w1" not in data["figures"] and any("skipped" in n for n in data["notes"])
+    assert len(set(data["details"]["tier3_values_sha256"].values())) == 1
