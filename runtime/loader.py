@@ -9,6 +9,7 @@ Reads stay on the pinned version whatever is committed meanwhile (see `pinned_cl
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,17 +129,39 @@ class CachedBatch:
     input_ids: torch.Tensor  # [B, L] long
     attention_mask: torch.Tensor  # [B, L] long
     labels: torch.Tensor  # [B, L] long, -100 where no loss
+    step: Any = None  # cached.StepInputs: checked rows, positions, label slots (when the collate knows the model)
 
     def to(self, device: Any, non_blocking: bool = True) -> "CachedBatch":
-        return CachedBatch(*(t.to(device, non_blocking=non_blocking) for t in
-                             (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)))
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        step = self.step
+        if step is not None:
+            step = dataclasses.replace(step, position_ids=move(step.position_ids), label_index=move(step.label_index),
+                                       label_targets=move(step.label_targets))
+        return CachedBatch(*(move(t) for t in (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)),
+                           step=step)
+
+    def pin_memory(self) -> "CachedBatch":  # DataLoader(pin_memory=True) calls this
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        step = self.step
+        if step is not None:
+            step = dataclasses.replace(step, position_ids=pin(step.position_ids), label_index=pin(step.label_index),
+                                       label_targets=pin(step.label_targets))
+        return CachedBatch(*(pin(t) for t in (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)),
+                           step=step)
 
 
 class CachedCollate:
-    """RecordBatch of (hiddens, tokens struct) -> CachedBatch; picklable for spawned workers."""
+    """RecordBatch of (hiddens, tokens struct) -> CachedBatch; picklable for spawned workers.
 
-    def __init__(self, hiddens: str, tokens: str, image_tokens: int):
+    Given the image pad id and the merged-token grid, it also checks each row and precomputes the
+    step's M-RoPE positions and label slots (`cached.step_inputs`) here, in the loader's workers,
+    so the training step itself never waits on the host.
+    """
+
+    def __init__(self, hiddens: str, tokens: str, image_tokens: int, image_token_id: int | None = None,
+                 llm_grid: tuple[int, int] | None = None):
         self.hiddens, self.tokens, self.image_tokens = hiddens, tokens, image_tokens
+        self.image_token_id, self.llm_grid = image_token_id, llm_grid
 
     def __call__(self, rb: pa.RecordBatch) -> CachedBatch:
         n = rb.num_rows
@@ -153,13 +176,20 @@ class CachedCollate:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Arrow buffers are read-only; we never write to them
             hidden = torch.from_numpy(flat.reshape(n, self.image_tokens, -1))
-        return CachedBatch(hidden, field("input_ids", np.int32), field("attention_mask", np.int8),
-                           field("labels", np.int32))
+        batch = CachedBatch(hidden, field("input_ids", np.int32), field("attention_mask", np.int8),
+                            field("labels", np.int32))
+        if self.image_token_id is not None and self.llm_grid is not None:
+            from .vlm.cached import step_inputs
+
+            batch.step = step_inputs(batch.input_ids, batch.attention_mask, batch.labels, self.image_token_id,
+                                     self.image_tokens, self.llm_grid)
+        return batch
 
 
 def make_loader(uri: str, version: int, row_addrs: np.ndarray, *, hiddens: str, tokens: str, image_tokens: int,
                 batch_size: int, seed: int, epoch: int, num_workers: int = 0, rank: int = 0, world: int = 1,
-                drop_last: bool = True) -> DataLoader:
+                drop_last: bool = True, image_token_id: int | None = None,
+                llm_grid: tuple[int, int] | None = None) -> DataLoader:
     """A DataLoader over one epoch of the slice (projected columns only)."""
     ds = SliceDataset(uri, version, epoch_order(row_addrs, seed, epoch, rank, world), [hiddens, tokens])
     sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size, drop_last=drop_last)
@@ -168,7 +198,7 @@ def make_loader(uri: str, version: int, row_addrs: np.ndarray, *, hiddens: str, 
         kw = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
                   persistent_workers=False)
     # With a batch sampler, torch hands each index list to __getitems__ in one call (one Lance take).
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=CachedCollate(hiddens, tokens, image_tokens),
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=CachedCollate(hiddens, tokens, image_tokens, image_token_id, llm_grid),
                       pin_memory=torch.cuda.is_available(), **kw)
 
 

@@ -118,6 +118,16 @@ def build_model(spec, device: str):
     return model
 
 
+def compile_layers(model) -> None:
+    """`torch.compile` each decoder layer of the language model ("regional" compilation): the
+    layers share one compiled graph (weights are graph inputs), so compiling costs one layer, and
+    the step loses most of its per-kernel launch overhead (measured in `vlmspec bench gpu`)."""
+    from .vlm.cached import unwrap
+
+    for layer in unwrap(model).model.language_model.layers:
+        layer.compile(dynamic=False)
+
+
 def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict[str, Any]) -> None:
     from peft import get_peft_model_state_dict
 
@@ -178,7 +188,7 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
 
     from .distributed import all_sum, barrier, sum_gradients, world
 
-    from .vlm.cached import cached_forward
+    from .vlm.cached import cached_loss, unwrap
 
     # -- setup ------------------------------------------------------------------------------
     spec = prep.loaded.spec
@@ -194,7 +204,7 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
     if opt_spec.batch_size % nranks:
         raise ApplyError(Problem(f"batch_size {opt_spec.batch_size} does not split over {nranks} devices",
                                  "train.optim.batch_size", fix="Use a multiple of `train.devices`"))
-    grid = (1, spec.model.image_px // 14, spec.model.image_px // 14)
+    grid = (1, spec.model.image_px // 14, spec.model.image_px // 14)  # patches; merged tokens are 2x2 of them
     per_step = opt_spec.batch_size * opt_spec.grad_accum
     total = opt_spec.steps or max(1, math.ceil(opt_spec.epochs * len(sl.train) / per_step))
     if len(sl.train) < opt_spec.batch_size:
@@ -205,7 +215,13 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
     # -- load -------------------------------------------------------------------------------
     model = build_model(spec, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay)
+    cuda = device.startswith("cuda")
+    # fused: one kernel for all adapter tensors instead of a few per tensor (same update rule).
+    opt = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay,
+                            fused=cuda and all(p.is_cuda and p.is_floating_point() for p in params))
+    if tr.compile and cuda:
+        compile_layers(model)
+    image_token_id = int(unwrap(model).config.image_token_id)
     warmup = int(opt_spec.warmup * total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, total))
     step, epoch, batch_idx, elapsed = 0, 0, 0, 0.0
@@ -227,7 +243,8 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
     def make(ep: int):
         return make_loader(sl.uri, sl.version, sl.train, hiddens=tr.hiddens, tokens=tr.tokens,
                            image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size // nranks,
-                           seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers, rank=rank, world=nranks)
+                           seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers, rank=rank, world=nranks,
+                           image_token_id=image_token_id, llm_grid=(grid[1] // 2, grid[2] // 2))
 
     batches = iterate_epochs(make, epoch, batch_idx)
     per_epoch = len(sl.train) // opt_spec.batch_size
@@ -241,33 +258,35 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
         epoch, batch_idx = micro[-1][0], micro[-1][1] + 1
         # Label tokens of the whole global step (all micro-batches, all ranks): every rank scales its
         # loss by it, so summed gradients equal one process's token-weighted mean.
-        n_tokens = int(all_sum(sum(int((b.labels[:, 1:] != -100).sum()) for _, _, b in micro)))
+        n_tokens = int(all_sum(sum(b.step.n_labels for _, _, b in micro)))
         if n_tokens == 0:
             raise ApplyError(Problem("a training step has no label tokens", "train",
                                      fix="Check `sft_tokens` (max_tokens too small for the answers?)"))
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for _, _, b in micro:
             b = b.to(device)
-            res = cached_forward(model, b.input_ids, b.attention_mask, b.vision_hiddens, grid, labels=b.labels)
-            k = len(res.targets)
-            (res.loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
-            step_loss += float(res.loss.detach()) * k
+            # No host sync in here: the loader checked the rows and precomputed positions and label
+            # slots, so the CPU queues the next micro-batch while the GPU still runs this one.
+            loss = cached_loss(model, b.input_ids, b.attention_mask, b.vision_hiddens, b.step)
+            k = b.step.n_labels
+            (loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
+            step_loss += loss.detach() * k
         sum_gradients(params)
-        step_loss = all_sum(step_loss)
+        step_loss = all_sum(float(step_loss)) if nranks > 1 else step_loss
         if opt_spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, opt_spec.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        last_loss = step_loss / n_tokens
+        last_loss = step_loss / n_tokens  # a device tensor on one device: read at the end, not per step
         window_loss += step_loss
         window_tokens += n_tokens
         window_samples += per_step
         if main and (step % tr.log_every == 0 or step == total):
             now = time.perf_counter()
             rec = {"step": step, "epoch": round(epoch + batch_idx / max(per_epoch, 1), 4),
-                   "loss": round(window_loss / window_tokens, 5), "lr": sched.get_last_lr()[0],
+                   "loss": round(float(window_loss) / window_tokens, 5), "lr": sched.get_last_lr()[0],
                    "samples_per_s": round(window_samples / max(now - tw, 1e-9), 3),
                    "elapsed_s": round(now - t0, 2)}
             with log_path.open("a") as f:
@@ -283,6 +302,7 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
 
     # -- save -------------------------------------------------------------------------------
     adapter = out / "adapter"
+    last_loss = float(last_loss)
     result = {"table_version": sl.version, "rows": int(len(sl.train)), "steps": step, "final_loss": last_loss,
               "adapter": str(adapter), "seconds": round(time.perf_counter() - t0, 2), "devices": nranks}
     if not main:

@@ -99,7 +99,7 @@ def child_main() -> None:
         note(node.name, chunk.limit)
         return out
 
-    forward = cached.cached_forward
+    forward = cached.cached_loss  # the training step's forward
 
     def logged_forward(*args: Any, **kwargs: Any):
         note("train", 1)
@@ -107,7 +107,7 @@ def child_main() -> None:
 
     synthetic.generate = small_batches
     backfill._compute_chunk = logged_chunk
-    cached.cached_forward = logged_forward
+    cached.cached_loss = logged_forward
     from vlmspec.runtime.cli import main
 
     sys.argv = ["vlmspec", *sys.argv[1:]]

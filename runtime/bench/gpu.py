@@ -416,10 +416,42 @@ def _set_compiled(layers, on: bool) -> None:
             layer._compiled_call_impl = None
 
 
+def _optimizer(pm, device: str, capturable: bool = False):
+    """AdamW over the adapter, fused on CUDA as `runtime.train` builds it (capturable: for a
+    step replayed as one CUDA graph)."""
+    import torch
+
+    params = [p for p in pm.parameters() if p.requires_grad]
+    cuda = str(device).startswith("cuda")
+    kw = dict(fused=True, capturable=capturable) if cuda else {}
+    return torch.optim.AdamW(params, lr=1e-4, **kw)
+
+
+def _step_inputs(shape: str, ids, mask, labels, device: str):
+    """`cached.step_inputs` (what the training loader's workers compute), moved to the device."""
+    import dataclasses
+
+    from vlmspec.runtime.vlm.cached import step_inputs
+
+    s = SHAPES[shape]
+    side = s["image_px"] // 28
+    si = step_inputs(ids.cpu(), mask.cpu(), labels.cpu(), s["ids"]["image_token_id"], side * side, (side, side))
+    return dataclasses.replace(si, position_ids=si.position_ids.to(device), label_index=si.label_index.to(device),
+                               label_targets=si.label_targets.to(device))
+
+
+# Variants of the cached train step, slowest first:
+#   eager / compiled: cached_forward (HF get_rope_index, label selection by mask: host syncs)
+#   nosync[-compiled]: runtime.train's step: cached_loss on loader-precomputed positions and label
+#                      slots (no host sync, no attention mask for right-padded rows), fused AdamW
+#   graph[-compiled]:  the nosync step (forward, backward, optimizer) captured as ONE CUDA graph
+TRAIN_VARIANTS = ("eager", "compiled", "nosync", "nosync-compiled", "graph", "graph-compiled")
+
+
 def phase_trainstep(ph: Phase, ctx: dict[str, Any]) -> None:
     import torch
 
-    from vlmspec.runtime.vlm.cached import cached_forward
+    from vlmspec.runtime.vlm.cached import cached_forward, cached_loss
     from vlmspec.runtime.vlm.fast_tower import FastTower
 
     shape, device, dtype = ctx["shape"], ctx["device"], ctx["dtype"]
@@ -440,61 +472,128 @@ def phase_trainstep(ph: Phase, ctx: dict[str, Any]) -> None:
             setattr(dcfg, name, max(int(getattr(dcfg, name)), 64))
     table: dict[str, Any] = {}
     ph.res.details["train"] = table
+    ph.res.details["variants_doc"] = ("eager/compiled: cached_forward (HF get_rope_index and mask-selected labels: "
+                                      "host syncs); nosync: runtime.train's step (cached_loss on precomputed "
+                                      "positions/label slots, fused AdamW); graph: that step captured as one CUDA "
+                                      "graph; -compiled: decoder layers torch.compile'd")
 
-    def make_step(pm, opt, b: int, path: str, tower_fn):
+    def make_step(pm, opt, b: int, path: str, tower_fn, variant: str):
         ids, mask, labels = text_batch(shape, b, device, seed=b)
         cached_h = torch.randn(b, ntok, hidden, device=device, dtype=torch.float16) * 0.5
         px = pixels(shape, b, device, dtype, seed=b) if path == "raw" else None
         grid = torch.tensor([grid1] * b)
 
-        def step():
+        def hiddens():
             if path == "raw":
                 with torch.no_grad():
-                    h = tower_fn(px, grid).reshape(b, ntok, -1)
-            else:
-                h = cached_h
-            out = cached_forward(pm, ids, mask, h, grid1, labels=labels)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+                    return tower_fn(px, grid).reshape(b, ntok, -1)
+            return cached_h
 
-    def run(pm, r: int, variant: str, compiled: bool):
-        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        if variant in ("eager", "compiled"):
+            def step():
+                out = cached_forward(pm, ids, mask, hiddens(), grid1, labels=labels)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+        si = _step_inputs(shape, ids, mask, labels, device)
+
+        def body():
+            cached_loss(pm, ids, mask, hiddens(), si).backward()
+            opt.step()
+
+        if not variant.startswith("graph"):
+            def step():
+                body()
+                opt.zero_grad(set_to_none=True)
+            return step
+        # PyTorch's whole-network capture recipe: warm up on a side stream, capture forward,
+        # backward and the (capturable) optimizer step, then each step is one graph launch.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph.replay
+
+    def profile(step, key: str) -> None:
+        """CPU vs GPU time of a few steps: is the step launch-bound?"""
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        step()
+        sync(device)
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        ev = prof.key_averages()
+        cuda_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 3
+        launches = sum(e.count for e in ev if "launch" in e.key.lower()) / 3
+        top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]
+        ph.res.details.setdefault("profile", {})[key] = {
+            "gpu_ms_per_step": round(cuda_us / 1000, 2), "kernel_launches_per_step": round(launches),
+            "top_self_cpu_ms_per_step": {e.key[:60]: round(e.self_cpu_time_total / 3000, 2) for e in top}}
+
+    def run(pm, r: int, variant: str):
+        compiled = variant.endswith("compiled")
+        graph = variant.startswith("graph")
         for path in ctx.get("paths") or ("cached", "raw"):  # cached first: it is what the targets are about
             for b in batches:
                 key = f"train_{path}_r{r}_b{b}_{variant}"
-                if ph.time_left() < (90 if compiled else 15):
+                if ph.time_left() < (90 if compiled else 20):
                     ph.res.notes.append(f"{key}: skipped (device-call deadline)")
                     continue
-                tower_fn = hf_tower if not compiled else (lambda px, g: fast_comp(px, g).pooler_output)
-                if path == "raw" and not compiled:
-                    tower_fn = hf_tower
+                tower_fn = (lambda px, g: fast_comp(px, g).pooler_output) if compiled else hf_tower
+                opt = _optimizer(pm, device, capturable=graph) if variant not in ("eager", "compiled") else \
+                    torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
                 try:
-                    step = make_step(pm, opt, b, path, tower_fn)
+                    step = make_step(pm, opt, b, path, tower_fn, variant)
                     label = (f"{'cached' if path == 'cached' else 'raw (tower every step)'} bf16 LoRA r{r}, "
                              f"batch {b}, {variant}")
                     med = measure(ph, key, label, b, step, device, unit="samples/s",
                                   warmup=3 if compiled else 2, target_s=2.0, max_calls=30, batch=b, r=r,
                                   path=path, variant=variant)
                     table[key] = {"samples_per_s": med, "peak_gib": ph.res.figures[key].extra["peak_gib"]}
+                    if b == min(batches) and path == "cached" and ctx.get("profile", True):
+                        try:
+                            profile(step, key)
+                        except Exception as e:  # noqa: BLE001
+                            ph.error(key + "_profile", e)
                     ph.save()
                 except Exception as e:  # noqa: BLE001
                     ph.error(key, e)
                     if "out of memory" in str(e).lower():
                         torch.cuda.empty_cache()
-        del opt
+                finally:
+                    del opt
+                    step = None
+                    torch.cuda.synchronize() if str(device).startswith("cuda") else None
 
     lm_layers = model.model.language_model.layers
     for r in ranks:
         pm = _lora(model, r)
         try:
-            if "eager" in (ctx.get("variants") or ("eager",)):
-                run(pm, r, "eager", False)
-            if ctx["compile"] and "compiled" in ctx["variants"] and (r == ranks[0] or ph.time_left() > 150):
-                _set_compiled(lm_layers, True)
+            for variant in ctx.get("variants") or ("eager",):
+                if variant not in TRAIN_VARIANTS:
+                    raise ValueError(f"unknown trainstep variant `{variant}`; known: {', '.join(TRAIN_VARIANTS)}")
+                compiled = variant.endswith("compiled")
+                if compiled and not ctx["compile"]:
+                    continue
+                if variant.startswith("graph") and not str(device).startswith("cuda"):
+                    ph.res.notes.append(f"{variant}: CUDA graphs need a CUDA device (skipped)")
+                    continue
+                if compiled and r != ranks[0] and ph.time_left() < 150:
+                    continue
+                _set_compiled(lm_layers, compiled)
                 try:
-                    run(pm, r, "compiled", True)
+                    run(pm, r, variant)
                 finally:
                     _set_compiled(lm_layers, False)
         finally:
@@ -525,7 +624,7 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
     import torch
     from peft import prepare_model_for_kbit_training
 
-    from vlmspec.runtime.vlm.cached import cached_forward
+    from vlmspec.runtime.vlm.cached import cached_loss
 
     shape, device = ctx["shape"], ctx["device"]
     s = SHAPES[shape]
@@ -572,15 +671,14 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
             q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
             pm = _lora(q, 16)
-            opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-5)
+            opt = _optimizer(pm, device)  # as runtime.train: fused AdamW on CUDA
             ids, mask, labels = text_batch(shape, 2, device, seed=7)
             ntok = (s["image_px"] // 28) ** 2
             h = torch.randn(2, ntok, s["text"]["hidden_size"], device=device, dtype=torch.float16) * 0.5
-            grid1 = grid_of(shape)
+            si = _step_inputs(shape, ids, mask, labels, device)
 
-            def step():
-                out = cached_forward(pm, ids, mask, h, grid1, labels=labels)
-                out.loss.backward()
+            def step():  # the training step of runtime.train (cached_loss on precomputed step inputs)
+                cached_loss(pm, ids, mask, h, si).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             med = measure(ph, key, f"4-bit NF4 QLoRA r16, batch 2, gradient checkpointing {'on' if gc else 'off'}",

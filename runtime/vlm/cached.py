@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CachedOutput", "cached_forward", "cached_generate", "image_grid", "rope_position_ids", "unwrap"]
+__all__ = ["CachedOutput", "StepInputs", "cached_forward", "cached_generate", "cached_loss", "image_grid",
+           "mrope_positions", "rope_position_ids", "step_inputs", "unwrap"]
 
 IGNORE_INDEX = -100
 
@@ -72,6 +73,107 @@ def rope_position_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch
                                            image_grid_thw=grid, attention_mask=attention_mask)
     inner.rope_deltas = None
     return position_ids
+
+
+def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int,
+                    llm_grid: tuple[int, int]) -> torch.Tensor:
+    """`get_rope_index` for rows holding at most ONE contiguous run of image pads (what
+    `vlm.sft_tokens` writes), as a few tensor ops: no Python loop over rows, no host sync.
+
+    Text before the image counts 0, 1, ...; the image's tokens (a `llm_grid` = (h, w) grid of
+    merged patches, one temporal slice) sit at (t, h, w) = (s, s + row, s + col) where s is the
+    first pad's position; text after it resumes at s + max(h, w); padding gets 0. Equal to
+    Qwen2.5-VL's `get_rope_index` for such rows (tested on left-, right- and unpadded rows).
+    """
+    gh, gw = int(llm_grid[0]), int(llm_grid[1])
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    j = valid.long().cumsum(1) - 1  # index among the row's real tokens
+    is_img = (input_ids == image_token_id) & valid
+    big = torch.full_like(j, input_ids.shape[1])
+    first = torch.where(is_img, j, big).min(dim=1, keepdim=True).values  # no image: L (never reached)
+    k = j - first
+    in_img = (k >= 0) & (k < gh * gw)
+    text = torch.where(k >= gh * gw, j - gh * gw + max(gh, gw), j)
+    kk = k.clamp(min=0)
+    pos = torch.stack([torch.where(in_img, first, text), torch.where(in_img, first + kk // gw, text),
+                       torch.where(in_img, first + kk % gw, text)])
+    return pos * valid
+
+
+@dataclass
+class StepInputs:
+    """What one training micro-batch needs beyond the loader's tensors, computed on the host (in
+    the loader's workers) so the device step has no data-dependent shapes and no host syncs.
+
+    `label_index[i, j]` is the position whose logits predict `label_targets[i, j]` (-100 where
+    row i has fewer labels than the K slots); `n_labels` counts the real ones. K is the batch's
+    largest label count rounded up to a multiple of 8, so shapes repeat across steps.
+    """
+
+    position_ids: torch.Tensor  # [3, B, L] long
+    label_index: torch.Tensor  # [B, K] long
+    label_targets: torch.Tensor  # [B, K] long, -100 in unused slots
+    n_labels: int
+    right_padded: bool  # every row's real tokens are a prefix: causal attention needs no mask
+
+
+def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_token_id: int,
+                image_tokens: int, llm_grid: tuple[int, int]) -> StepInputs:
+    """Check a CPU batch the way `cached_forward` would (one contiguous run of exactly `image_tokens`
+    pads per row) and precompute its positions and label slots; raises naming the first bad row."""
+    ids = input_ids.long()
+    mask = attention_mask.bool()
+    is_pad = (ids == image_token_id) & mask
+    counts = is_pad.sum(1)
+    first = torch.where(is_pad, torch.arange(ids.shape[1]), ids.shape[1]).min(1).values
+    last = torch.where(is_pad, torch.arange(ids.shape[1]), -1).max(1).values
+    bad = ((counts != image_tokens) | (last - first + 1 != counts)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"row {i} has {int(counts[i])} `<|image_pad|>` tokens (expected {image_tokens} in one run); "
+                         "the SFT tokens and the vision hiddens were built with different image_px or the "
+                         "prompt was truncated")
+    select = (labels[:, 1:] != IGNORE_INDEX) & mask[:, 1:]
+    per_row = select.sum(1)
+    n = int(per_row.sum())
+    if n == 0:
+        raise ValueError("no label tokens in the batch (every label is -100)")
+    k = max(8, -(-int(per_row.max()) // 8) * 8)
+    # Stable sort puts each row's label positions first, in order; slots past its count are unused.
+    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    used = torch.arange(k).unsqueeze(0) < per_row.unsqueeze(1)
+    index = torch.where(used, order, 0)
+    targets = torch.where(used, labels[:, 1:].long().gather(1, order), IGNORE_INDEX)
+    lengths = mask.sum(1, keepdim=True)
+    right = bool((mask == (torch.arange(ids.shape[1]).unsqueeze(0) < lengths)).all())
+    return StepInputs(mrope_positions(ids, attention_mask, image_token_id, llm_grid), index, targets, n, right)
+
+
+def cached_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                vision_hiddens: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """Mean cross-entropy over the batch's label tokens, as `cached_forward(..., labels=...).loss`,
+    for a batch `step_inputs` already checked: static shapes and no host sync, so the step can be
+    queued ahead of the GPU, compiled or captured.
+
+    Right-padded rows (what `vlm.sft_tokens` writes) run without an attention mask: causal
+    attention already keeps every real token from seeing the pads after it, and the mask-free
+    path is the fused causal kernel. Pad positions' outputs are never read.
+    """
+    base = unwrap(model)
+    embeds = base.get_input_embeddings()(input_ids)
+    hidden_size = embeds.shape[-1]
+    is_pad = input_ids == base.config.image_token_id
+    if attention_mask is not None:
+        is_pad = is_pad & attention_mask.bool()
+    feats = vision_hiddens.reshape(-1, hidden_size).to(embeds.dtype)
+    embeds = embeds.masked_scatter(is_pad.unsqueeze(-1), feats)
+    out = base.model.language_model(inputs_embeds=embeds,
+                                    attention_mask=None if inputs.right_padded else attention_mask,
+                                    position_ids=inputs.position_ids, use_cache=False)
+    h = out.last_hidden_state
+    picked = h.gather(1, inputs.label_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    logits = base.lm_head(picked)
+    return F.cross_entropy(logits.float().flatten(0, 1), inputs.label_targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _embed(model: Any, input_ids: torch.Tensor, vision_hiddens: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

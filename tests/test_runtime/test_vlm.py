@@ -458,3 +458,61 @@ def test_tiny_builder_output_loads_offline(tmp_path):
     assert models.load_language_model(s, None, "cpu", torch.float32).model.visual is None
     size = sum(f.stat().st_size for f in out.iterdir())
     assert size < 25 * 2**20
+
+
+# --- the sync-free training step (positions and label slots precomputed on the host) --------
+
+
+def test_mrope_positions_equal_get_rope_index(lm, sft_udf, batch):
+    _, questions, answers = batch
+    ids, mask, _ = _sft_tensors(sft_udf, questions, answers)  # right-padded, as sft_tokens writes
+    grid = torch.tensor([[1, 8, 8]] * 3)
+    # also left-padded and unpadded rows, and a row with no image at all
+    left = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(ids, mask)])
+    lmask = torch.stack([torch.roll(m, int((m == 0).sum())) for m in mask])
+    text_only = ids.clone()
+    text_only[text_only == sft_udf.image_pad_id] = 100
+    for i, m in ((ids, mask), (left, lmask), (ids[:, :40], torch.ones_like(ids[:, :40])), (text_only, mask)):
+        g = grid if bool((i == sft_udf.image_pad_id).any()) else None
+        want = cached.rope_position_ids(lm, i, m, g) if g is not None else None
+        got = cached.mrope_positions(i, m, sft_udf.image_pad_id, (4, 4))
+        if want is None:  # HF needs a grid only when there is an image; text rows count 0, 1, ...
+            want = ((m.long().cumsum(1) - 1) * m).unsqueeze(0).expand(3, -1, -1)
+        assert torch.equal(got, want)
+
+
+def test_cached_loss_equals_cached_forward_loss(lm, tower_udf, sft_udf, batch):
+    images, questions, answers = batch
+    ids, mask, labels = _sft_tensors(sft_udf, questions, answers)
+    feats = tower_udf.encode(pa.array(images, pa.binary()))
+    inputs = cached.step_inputs(ids, mask, labels, sft_udf.image_pad_id, TOKENS, (4, 4))
+    assert inputs.right_padded and inputs.label_index.shape[1] % 8 == 0
+    assert inputs.n_labels == int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        want = cached.cached_forward(lm, ids, mask, feats, (1, 8, 8), labels=labels).loss
+        got = cached.cached_loss(lm, ids, mask, feats, inputs)  # no attention mask (right padding)
+        left = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(ids, mask)])
+        lmask = torch.stack([torch.roll(m, int((m == 0).sum())) for m in mask])
+        llab = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(labels, mask)])
+        linputs = cached.step_inputs(left, lmask, llab, sft_udf.image_pad_id, TOKENS, (4, 4))
+        got_left = cached.cached_loss(lm, left, lmask, feats, linputs)  # masked path
+    assert not linputs.right_padded
+    assert abs(got.item() - want.item()) <= 1e-5, (got.item(), want.item())
+    assert abs(got_left.item() - want.item()) <= 1e-5, (got_left.item(), want.item())
+
+
+def test_step_inputs_rejects_bad_rows(sft_udf, batch):
+    _, questions, answers = batch
+    ids, mask, labels = _sft_tensors(sft_udf, questions[:2], answers[:2])
+    bad = ids.clone()
+    bad[1, (bad[1] == sft_udf.image_pad_id).nonzero()[0]] = sft_udf.pad_id
+    with pytest.raises(ValueError, match=r"row 1 has 15 `<\|image_pad\|>` tokens"):
+        cached.step_inputs(bad, mask, labels, sft_udf.image_pad_id, TOKENS, (4, 4))
+    split = ids.clone()  # right count, but not one run
+    pads = (split[0] == sft_udf.image_pad_id).nonzero().flatten()
+    a, b = int(pads[3]), int(pads[-1]) + 1
+    split[0, a], split[0, b] = int(ids[0, b]), int(ids[0, a])
+    with pytest.raises(ValueError, match="row 0 has 16 .* in one run"):
+        cached.step_inputs(split, mask, labels, sft_udf.image_pad_id, TOKENS, (4, 4))
+    with pytest.raises(ValueError, match="no label tokens"):
+        cached.step_inputs(ids, mask, torch.full_like(labels, -100), sft_udf.image_pad_id, TOKENS, (4, 4))
