@@ -449,14 +449,6 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                          f"pool (`backfill.shared_pool`), here kept up across rounds. Ray: one task per fragment "
                          f"(each writes its fragment's data file), the driver commits each completed fragment; the "
                          f"cluster's worker processes are reused across columns and runs.")
-        if top > w1 and cluster.get("CPU", 0) > w1:
-            cpus = cluster.get("CPU", 0)
-            res.notes.append(f"Ray tasks at workers={w1}: the executor keeps 2 x workers tasks in flight and Ray "
-                             f"starts every submitted task the cluster has a free CPU for, so on this {cpus:g}-CPU "
-                             f"cluster up to {min(2 * w1, int(cpus))} dhash tasks run at once although the plan "
-                             f"says `cpu tasks x{w1}`: Ray's tier-2 '{w1} worker' figure already uses that many "
-                             "cores, and its tier-2 scaling ratio reads low for that reason. (Actors are not "
-                             "affected: each runs one chunk at a time.)")
         first = [f"Ray {res.details['ray_first_column_s']} s (worker processes starting and importing)"]
         if "local_first_column_s" in res.details:
             first.append(f"local {res.details['local_first_column_s']} s (spawning the {top}-process pool)")
