@@ -159,9 +159,9 @@ class CachedCollate:
     """
 
     def __init__(self, hiddens: str, tokens: str, image_tokens: int, image_token_id: int | None = None,
-                 llm_grid: tuple[int, int] | None = None):
+                 llm_grid: tuple[int, int] | None = None, label_slots: int = 8):
         self.hiddens, self.tokens, self.image_tokens = hiddens, tokens, image_tokens
-        self.image_token_id, self.llm_grid = image_token_id, llm_grid
+        self.image_token_id, self.llm_grid, self.label_slots = image_token_id, llm_grid, label_slots
 
     def __call__(self, rb: pa.RecordBatch) -> CachedBatch:
         n = rb.num_rows
@@ -182,14 +182,14 @@ class CachedCollate:
             from .vlm.cached import step_inputs
 
             batch.step = step_inputs(batch.input_ids, batch.attention_mask, batch.labels, self.image_token_id,
-                                     self.image_tokens, self.llm_grid)
+                                     self.image_tokens, self.llm_grid, self.label_slots)
         return batch
 
 
 def make_loader(uri: str, version: int, row_addrs: np.ndarray, *, hiddens: str, tokens: str, image_tokens: int,
                 batch_size: int, seed: int, epoch: int, num_workers: int = 0, rank: int = 0, world: int = 1,
                 drop_last: bool = True, image_token_id: int | None = None,
-                llm_grid: tuple[int, int] | None = None) -> DataLoader:
+                llm_grid: tuple[int, int] | None = None, label_slots: int = 8) -> DataLoader:
     """A DataLoader over one epoch of the slice (projected columns only)."""
     ds = SliceDataset(uri, version, epoch_order(row_addrs, seed, epoch, rank, world), [hiddens, tokens])
     sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size, drop_last=drop_last)
@@ -198,7 +198,7 @@ def make_loader(uri: str, version: int, row_addrs: np.ndarray, *, hiddens: str, 
         kw = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
                   persistent_workers=False)
     # With a batch sampler, torch hands each index list to __getitems__ in one call (one Lance take).
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=CachedCollate(hiddens, tokens, image_tokens, image_token_id, llm_grid),
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=CachedCollate(hiddens, tokens, image_tokens, image_token_id, llm_grid, label_slots),
                       pin_memory=torch.cuda.is_available(), **kw)
 
 

@@ -219,8 +219,13 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
     # fused: one kernel for all adapter tensors instead of a few per tensor (same update rule).
     opt = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay,
                             fused=cuda and all(p.is_cuda and p.is_floating_point() for p in params))
-    if tr.compile and cuda:
+    if tr.compile == "layers" and cuda:
         compile_layers(model)
+    graphed = None
+    if tr.compile == "graph" and cuda:
+        from .vlm.graph_step import GRAPH_LABEL_SLOTS, GraphedStep
+
+        graphed = GraphedStep(model, label_slots=GRAPH_LABEL_SLOTS)
     image_token_id = int(unwrap(model).config.image_token_id)
     warmup = int(opt_spec.warmup * total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, total))
@@ -244,7 +249,8 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
         return make_loader(sl.uri, sl.version, sl.train, hiddens=tr.hiddens, tokens=tr.tokens,
                            image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size // nranks,
                            seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers, rank=rank, world=nranks,
-                           image_token_id=image_token_id, llm_grid=(grid[1] // 2, grid[2] // 2))
+                           image_token_id=image_token_id, llm_grid=(grid[1] // 2, grid[2] // 2),
+                           label_slots=graphed.label_slots if graphed is not None else 8)
 
     batches = iterate_epochs(make, epoch, batch_idx)
     per_epoch = len(sl.train) // opt_spec.batch_size
@@ -267,9 +273,16 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
             b = b.to(device)
             # No host sync in here: the loader checked the rows and precomputed positions and label
             # slots, so the CPU queues the next micro-batch while the GPU still runs this one.
-            loss = cached_loss(model, b.input_ids, b.attention_mask, b.vision_hiddens, b.step)
             k = b.step.n_labels
-            (loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
+            if graphed is not None:  # forward + backward replayed as one CUDA graph
+                try:
+                    loss = graphed(b.input_ids, b.attention_mask, b.vision_hiddens, b.step, k / n_tokens)
+                except RuntimeError as e:
+                    raise ApplyError(Problem(f"the training step could not be captured as a CUDA graph: {e}",
+                                             "train.compile", fix="Use `compile: layers` or `compile: none`")) from e
+            else:
+                loss = cached_loss(model, b.input_ids, b.attention_mask, b.vision_hiddens, b.step)
+                (loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
             step_loss += loss.detach() * k
         sum_gradients(params)
         step_loss = all_sum(float(step_loss)) if nranks > 1 else step_loss
@@ -277,7 +290,7 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
             torch.nn.utils.clip_grad_norm_(params, opt_spec.max_grad_norm)
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=graphed is None)  # a captured backward writes into these grads
         step += 1
         last_loss = step_loss / n_tokens  # a device tensor on one device: read at the end, not per step
         window_loss += step_loss
@@ -305,6 +318,8 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
     last_loss = float(last_loss)
     result = {"table_version": sl.version, "rows": int(len(sl.train)), "steps": step, "final_loss": last_loss,
               "adapter": str(adapter), "seconds": round(time.perf_counter() - t0, 2), "devices": nranks}
+    if graphed is not None:
+        result["cuda_graph"] = {"replays": graphed.replays, "eager_micro_batches": graphed.eager_steps}
     if not main:
         barrier()
         return result

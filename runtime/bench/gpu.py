@@ -427,7 +427,7 @@ def _optimizer(pm, device: str, capturable: bool = False):
     return torch.optim.AdamW(params, lr=1e-4, **kw)
 
 
-def _step_inputs(shape: str, ids, mask, labels, device: str):
+def _step_inputs(shape: str, ids, mask, labels, device: str, min_slots: int = 8):
     """`cached.step_inputs` (what the training loader's workers compute), moved to the device."""
     import dataclasses
 
@@ -435,7 +435,8 @@ def _step_inputs(shape: str, ids, mask, labels, device: str):
 
     s = SHAPES[shape]
     side = s["image_px"] // 28
-    si = step_inputs(ids.cpu(), mask.cpu(), labels.cpu(), s["ids"]["image_token_id"], side * side, (side, side))
+    si = step_inputs(ids.cpu(), mask.cpu(), labels.cpu(), s["ids"]["image_token_id"], side * side, (side, side),
+                     min_slots)
     return dataclasses.replace(si, position_ids=si.position_ids.to(device), label_index=si.label_index.to(device),
                                label_targets=si.label_targets.to(device))
 
@@ -444,7 +445,8 @@ def _step_inputs(shape: str, ids, mask, labels, device: str):
 #   eager / compiled: cached_forward (HF get_rope_index, label selection by mask: host syncs)
 #   nosync[-compiled]: runtime.train's step: cached_loss on loader-precomputed positions and label
 #                      slots (no host sync, no attention mask for right-padded rows), fused AdamW
-#   graph[-compiled]:  the nosync step (forward, backward, optimizer) captured as ONE CUDA graph
+#   graph[-compiled]:  `train.compile: graph`: the nosync forward + backward replayed as one CUDA
+#                      graph (runtime.vlm.graph_step), fused optimizer step outside it
 TRAIN_VARIANTS = ("eager", "compiled", "nosync", "nosync-compiled", "graph", "graph-compiled")
 
 
@@ -474,8 +476,9 @@ def phase_trainstep(ph: Phase, ctx: dict[str, Any]) -> None:
     ph.res.details["train"] = table
     ph.res.details["variants_doc"] = ("eager/compiled: cached_forward (HF get_rope_index and mask-selected labels: "
                                       "host syncs); nosync: runtime.train's step (cached_loss on precomputed "
-                                      "positions/label slots, fused AdamW); graph: that step captured as one CUDA "
-                                      "graph; -compiled: decoder layers torch.compile'd")
+                                      "positions/label slots, fused AdamW); graph: train.compile=graph, its forward + "
+                                      "backward replayed as one CUDA graph; -compiled: decoder layers "
+                                      "torch.compile'd")
 
     def make_step(pm, opt, b: int, path: str, tower_fn, variant: str):
         ids, mask, labels = text_batch(shape, b, device, seed=b)
@@ -496,31 +499,26 @@ def phase_trainstep(ph: Phase, ctx: dict[str, Any]) -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return step
-        si = _step_inputs(shape, ids, mask, labels, device)
-
-        def body():
-            cached_loss(pm, ids, mask, hiddens(), si).backward()
-            opt.step()
-
         if not variant.startswith("graph"):
+            si = _step_inputs(shape, ids, mask, labels, device)
+
             def step():
-                body()
+                cached_loss(pm, ids, mask, hiddens(), si).backward()
+                opt.step()
                 opt.zero_grad(set_to_none=True)
             return step
-        # PyTorch's whole-network capture recipe: warm up on a side stream, capture forward,
-        # backward and the (capturable) optimizer step, then each step is one graph launch.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                opt.zero_grad(set_to_none=True)
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        return graph.replay
+        # runtime.train with `compile: graph`: forward + backward replayed as one CUDA graph
+        # (GraphedStep), the fused optimizer step outside it.
+        from vlmspec.runtime.vlm.graph_step import GRAPH_LABEL_SLOTS, GraphedStep
+
+        si = _step_inputs(shape, ids, mask, labels, device, GRAPH_LABEL_SLOTS)
+        graphed = GraphedStep(pm)
+
+        def step():
+            graphed(ids, mask, hiddens(), si, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        return step
 
     def profile(step, key: str) -> None:
         """CPU vs GPU time of a few steps: is the step launch-bound?"""
@@ -543,7 +541,6 @@ def phase_trainstep(ph: Phase, ctx: dict[str, Any]) -> None:
 
     def run(pm, r: int, variant: str):
         compiled = variant.endswith("compiled")
-        graph = variant.startswith("graph")
         for path in ctx.get("paths") or ("cached", "raw"):  # cached first: it is what the targets are about
             for b in batches:
                 key = f"train_{path}_r{r}_b{b}_{variant}"
@@ -551,7 +548,7 @@ def phase_trainstep(ph: Phase, ctx: dict[str, Any]) -> None:
                     ph.res.notes.append(f"{key}: skipped (device-call deadline)")
                     continue
                 tower_fn = (lambda px, g: fast_comp(px, g).pooler_output) if compiled else hf_tower
-                opt = _optimizer(pm, device, capturable=graph) if variant not in ("eager", "compiled") else \
+                opt = _optimizer(pm, device) if variant not in ("eager", "compiled") else \
                     torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
                 try:
                     step = make_step(pm, opt, b, path, tower_fn, variant)

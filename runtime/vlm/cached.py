@@ -118,9 +118,10 @@ class StepInputs:
 
 
 def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_token_id: int,
-                image_tokens: int, llm_grid: tuple[int, int]) -> StepInputs:
+                image_tokens: int, llm_grid: tuple[int, int], min_slots: int = 8) -> StepInputs:
     """Check a CPU batch the way `cached_forward` would (one contiguous run of exactly `image_tokens`
-    pads per row) and precompute its positions and label slots; raises naming the first bad row."""
+    pads per row) and precompute its positions and label slots (at least `min_slots` per row: a
+    CUDA-graphed step wants one fixed count); raises naming the first bad row."""
     ids = input_ids.long()
     mask = attention_mask.bool()
     is_pad = (ids == image_token_id) & mask
@@ -138,9 +139,12 @@ def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
     n = int(per_row.sum())
     if n == 0:
         raise ValueError("no label tokens in the batch (every label is -100)")
-    k = max(8, -(-int(per_row.max()) // 8) * 8)
+    k = max(int(min_slots), -(-int(per_row.max()) // 8) * 8)
     # Stable sort puts each row's label positions first, in order; slots past its count are unused.
-    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    order = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices
+    if order.shape[1] < k:  # more slots than positions (tiny max_tokens): pad with unused slots
+        order = torch.cat([order, order.new_zeros(order.shape[0], k - order.shape[1])], dim=1)
+    order = order[:, :k]
     used = torch.arange(k).unsqueeze(0) < per_row.unsqueeze(1)
     index = torch.where(used, order, 0)
     targets = torch.where(used, labels[:, 1:].long().gather(1, order), IGNORE_INDEX)
