@@ -246,7 +246,8 @@ def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
             return chunk, None, [RowFailure(chunk.offset + start, f"{type(e).__name__}: {e}")]
         parts.append(values)
         failures += [RowFailure(chunk.offset + start + f.offset, f.error) for f in fails]
-    values = pa.concat_arrays(parts) if parts else pa.array([], out_type)
+    # One part (a chunk of one batch, as for the vision column) is used as is: concat would copy it.
+    values = (parts[0] if len(parts) == 1 else pa.concat_arrays(parts)) if parts else pa.array([], out_type)
     return chunk, values, failures
 
 

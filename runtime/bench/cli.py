@@ -128,7 +128,7 @@ def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases"
             compile_: bool = typer.Option(True, "--compile/--no-compile", help="Also time torch.compile variants."),
             deadline_s: float = typer.Option(540.0, "--deadline-s", help="Skip work that would start after this."),
             rows: int = typer.Option(1024, "--rows", min=8, help="tier3: rows of the synthetic table."),
-            tier3_batch: int = typer.Option(64, "--tier3-batch", min=1, help="tier3: engine batch size."),
+            tier3_batch: int = typer.Option(256, "--tier3-batch", min=1, help="tier3: engine batch size."),
             sub_batch: int = typer.Option(16, "--sub-batch", min=1, help="tier3: tower sub-batch in the UDF."),
             repeats: int = typer.Option(3, "--repeats", min=1),
             out: Path = OutOpt) -> None:

@@ -963,7 +963,7 @@ TITLES = {
 
 
 def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None = None, compile: bool = True,
-        deadline_s: float = 540.0, rows: int = 1024, unique: int = 256, tier3_batch: int = 64, sub_batch: int = 16,
+        deadline_s: float = 540.0, rows: int = 1024, unique: int = 256, tier3_batch: int = 256, sub_batch: int = 16,
         repeats: int = 3, procs: int | None = None, tower_batches: list[int] | None = None,
         train_batches: list[int] | None = None, ranks: list[int] | None = None, workdir: str | None = None,
         paths: list[str] | None = None, variants: list[str] | None = None, suffix: str = "") -> dict:
@@ -1021,7 +1021,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deadline-s", type=float, default=540.0)
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--unique", type=int, default=256)
-    ap.add_argument("--tier3-batch", type=int, default=64)
+    ap.add_argument("--tier3-batch", type=int, default=256)  # vlm.vision_tower's default batch_size
     ap.add_argument("--sub-batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tower-batches", default=None)
