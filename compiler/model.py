@@ -344,6 +344,9 @@ class TrainSpec(SpecModel):
     """Log loss every N optimizer steps."""
     num_workers: int = Field(0, ge=0, le=64)
     """Data-loader worker processes (spawned)."""
+    loader_threads: int = Field(4, ge=1, le=64)
+    """With `num_workers: 0`, in-process threads that fetch batches ahead (Lance reads release the
+    GIL, and threads skip the inter-process copy of each batch)."""
     devices: int = Field(1, ge=1, le=64)
     """Data-parallel processes."""
     compile: Literal["none", "layers", "graph"] = "none"

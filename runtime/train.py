@@ -250,7 +250,8 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
                            image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size // nranks,
                            seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers, rank=rank, world=nranks,
                            image_token_id=image_token_id, llm_grid=(grid[1] // 2, grid[2] // 2),
-                           label_slots=graphed.label_slots if graphed is not None else 8)
+                           label_slots=graphed.label_slots if graphed is not None else 8,
+                           threads=tr.loader_threads)
 
     batches = iterate_epochs(make, epoch, batch_idx)
     per_epoch = len(sl.train) // opt_spec.batch_size

@@ -108,6 +108,7 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
               image_kb: int = typer.Option(60, "--image-kb", min=1, help="Image bytes per row, in kB."),
               batch: int = typer.Option(8, "--batch", min=1, help="Rows per read (training batch)."),
               workers: str = typer.Option("0,2", "--workers", help="Loader worker counts (0 = in process)."),
+              threads: str = typer.Option("2,4", "--threads", help="Prefetch thread counts tried with 0 workers."),
               loader: bool = typer.Option(True, "--loader/--no-loader", help="Also time our training loader "
                                           "(needs lancedb)."),
               repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
@@ -117,7 +118,8 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
     from . import reads
 
     workers_list = [int(x) for x in workers.split(",") if x.strip()]
-    res = reads.run(rows, tokens, hidden, image_kb, repeats, out, batch=batch, workers=workers_list, loader=loader)
+    res = reads.run(rows, tokens, hidden, image_kb, repeats, out, batch=batch, workers=workers_list, loader=loader,
+                    threads=[int(x) for x in threads.split(",") if x.strip()])
     _report(res, out)
 
 

@@ -93,6 +93,16 @@ def test_spawned_workers_read_the_same_batches(table, monkeypatch):
     serial = [b.input_ids for b in make_loader(sl.uri, sl.version, sl.train, **kw)]
     spawned = [b.input_ids for b in make_loader(sl.uri, sl.version, sl.train, num_workers=2, **kw)]
     assert len(serial) == len(spawned) and all((a == b).all() for a, b in zip(serial, spawned))
+    threaded = make_loader(sl.uri, sl.version, sl.train, threads=3, **kw)
+    assert type(threaded).__name__ == "PrefetchLoader"
+    got = [b.input_ids for b in threaded]
+    assert len(got) == len(serial) and all((a == b).all() for a, b in zip(serial, got))
+    # resuming mid-epoch skips batches without reading them, threads or not
+    from vlmspec.runtime.loader import iterate_epochs
+
+    resumed = iterate_epochs(lambda ep: make_loader(sl.uri, sl.version, sl.train, threads=3, **kw), 2, 2)
+    ep, i, b = next(resumed)
+    assert (ep, i) == (2, 2) and (b.input_ids == serial[2]).all()
 
 
 def test_train_writes_adapter_log_plot_manifest(table, monkeypatch):
