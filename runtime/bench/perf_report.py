@@ -96,19 +96,25 @@ def render(d: Path) -> str:
         out.append("")
     # -- train step
     if train:
-        out += ["**LoRA train step, samples/s and peak GiB** (sequence 512 with 400 image tokens, 16 label tokens, "
+        order = ("eager", "compiled", "nosync", "nosync-compiled", "graph", "graph-compiled")
+        variants = [v for v in order if any(f.get("variant") == v for x in train for f in x["figures"].values())]
+        out += ["**LoRA train step, samples/s (peak GiB)** (sequence 512 with 400 image tokens, 16 label tokens, "
                 f"q/k/v/o LoRA; `gpu_trainstep*.json`, {_machine(train[0])}). Raw = the tower runs every step "
-                "(HF's tower when eager, FastTower + compile when compiled); compiled = each decoder layer "
-                "`torch.compile`d once (regional).", "",
-                "| path | r | batch | eager | compiled | peak GiB eager / compiled |", "|---|---:|---:|---:|---:|---|"]
+                "(HF's tower, or FastTower + compile in the compiled variants). eager / compiled: the old "
+                "`cached_forward` step (host syncs); nosync: `runtime.train`'s step (positions and label slots "
+                "from the loader, fused AdamW); graph: `train.compile: graph` (forward + backward replayed as "
+                "one CUDA graph); -compiled: each decoder layer `torch.compile`d (`train.compile: layers`).", "",
+                "| path | r | batch | " + " | ".join(variants) + " |", "|---|---:|---:|" + "---:|" * len(variants)]
+        seen: dict[tuple, dict[str, str]] = {}
         for data in train:
             for key, f in data["figures"].items():
-                if not key.endswith("_eager"):
+                v = f.get("variant")
+                if v not in variants:
                     continue
-                comp = key.replace("_eager", "_compiled")
-                cf = data["figures"].get(comp)
-                out.append(f"| {f['path']} | {f['r']} | {f['batch']} | {_fig(data, key)} | {_fig(data, comp)} | "
-                           f"{f.get('peak_gib')} / {cf.get('peak_gib') if cf else '–'} |")
+                cell = _fig(data, key, spread=False) + (f" ({f['peak_gib']:.1f})" if f.get("peak_gib") else "")
+                seen.setdefault((f["path"], f["r"], f["batch"]), {})[v] = cell
+        for (path, r, b), cells in sorted(seen.items(), key=lambda kv: (kv[0][0] != "cached", kv[0][1], kv[0][2])):
+            out.append(f"| {path} | {r} | {b} | " + " | ".join(cells.get(v, "–") for v in variants) + " |")
         out.append("")
     if q:
         out += [f"**4-bit NF4 QLoRA r16, batch 2** (`gpu_qlora.json`, {_machine(q)}): "
@@ -125,7 +131,9 @@ def render(d: Path) -> str:
             busy = f.get("gpu_busy_pct")
             out.append(f"| {f['label']} | {_fig(t3, key)} | {', '.join(str(b) for b in busy) if busy else ''} |")
         out += ["", f"Written hiddens vs HF's tower on the same rows: relative L2 "
-                f"{_num(dt.get('written_vs_hf_reference_rel_l2'))}.", ""]
+                f"{_num(dt.get('written_vs_hf_reference_rel_l2'))}. On-device preprocessing (`Patchifier`) vs "
+                f"this machine's image processor ({dt.get('patchify_backend', '?')}): bitwise equal "
+                f"{dt.get('patchify_bitwise_equal', '?')}.", ""]
     # -- reads
     if rc or rg:
         keys = [k for k in (rc or rg)["figures"]]
