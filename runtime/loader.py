@@ -9,7 +9,6 @@ Reads stay on the pinned version whatever is committed meanwhile (see `pinned_cl
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -132,23 +131,16 @@ class CachedBatch:
     labels: torch.Tensor  # [B, L] long, -100 where no loss
     step: Any = None  # cached.StepInputs: checked rows, positions, label slots (when the collate knows the model)
 
+    def map(self, fn) -> "CachedBatch":
+        """The same batch with `fn` applied to every tensor."""
+        return CachedBatch(*(fn(t) for t in (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)),
+                           step=None if self.step is None else self.step.map(fn))
+
     def to(self, device: Any, non_blocking: bool = True) -> "CachedBatch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        step = self.step
-        if step is not None:
-            step = dataclasses.replace(step, position_ids=move(step.position_ids), label_index=move(step.label_index),
-                                       label_targets=move(step.label_targets))
-        return CachedBatch(*(move(t) for t in (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)),
-                           step=step)
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "CachedBatch":  # DataLoader(pin_memory=True) calls this
-        pin = lambda t: t.pin_memory()  # noqa: E731
-        step = self.step
-        if step is not None:
-            step = dataclasses.replace(step, position_ids=pin(step.position_ids), label_index=pin(step.label_index),
-                                       label_targets=pin(step.label_targets))
-        return CachedBatch(*(pin(t) for t in (self.vision_hiddens, self.input_ids, self.attention_mask, self.labels)),
-                           step=step)
+        return self.map(lambda t: t.pin_memory())
 
 
 class CachedCollate:

@@ -429,16 +429,13 @@ def _optimizer(pm, device: str, capturable: bool = False):
 
 def _step_inputs(shape: str, ids, mask, labels, device: str, min_slots: int = 8):
     """`cached.step_inputs` (what the training loader's workers compute), moved to the device."""
-    import dataclasses
-
     from vlmspec.runtime.vlm.cached import step_inputs
 
     s = SHAPES[shape]
     side = s["image_px"] // 28
     si = step_inputs(ids.cpu(), mask.cpu(), labels.cpu(), s["ids"]["image_token_id"], side * side, (side, side),
                      min_slots)
-    return dataclasses.replace(si, position_ids=si.position_ids.to(device), label_index=si.label_index.to(device),
-                               label_targets=si.label_targets.to(device))
+    return si.map(lambda t: t.to(device))
 
 
 # Variants of the cached train step, slowest first:

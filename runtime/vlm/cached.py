@@ -116,6 +116,11 @@ class StepInputs:
     n_labels: int
     right_padded: bool  # every row's real tokens are a prefix: causal attention needs no mask
 
+    def map(self, fn) -> "StepInputs":
+        """The same inputs with `fn` applied to each tensor (`.to(device)`, `.pin_memory()`, ...)."""
+        return StepInputs(fn(self.position_ids), fn(self.label_index), fn(self.label_targets), self.n_labels,
+                          self.right_padded)
+
 
 def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_token_id: int,
                 image_tokens: int, llm_grid: tuple[int, int], min_slots: int = 8) -> StepInputs:

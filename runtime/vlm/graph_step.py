@@ -16,7 +16,6 @@ image tokens).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -65,9 +64,7 @@ class GraphedStep:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.static = {
             "ids": ids.clone(), "mask": mask.clone(), "hiddens": hiddens.clone(),
-            "inputs": dataclasses.replace(inputs, position_ids=inputs.position_ids.clone(),
-                                          label_index=inputs.label_index.clone(),
-                                          label_targets=inputs.label_targets.clone()),
+            "inputs": inputs.map(lambda t: t.clone()),
             "scale": torch.zeros((), device=ids.device, dtype=torch.float32),
         }
         saved = [None if p.grad is None else p.grad.clone() for p in params]

@@ -37,11 +37,7 @@ def _batch(pm, b: int, seed: int, answer: int, device: str):
     si = cached.step_inputs(ids, mask, labels, cfg.image_token_id, t, (SIDE, SIDE), min_slots=32)
     h = torch.randn(b, t, cfg.text_config.hidden_size, generator=g)
     move = lambda x: x.to(device)  # noqa: E731
-    import dataclasses
-
-    si = dataclasses.replace(si, position_ids=move(si.position_ids), label_index=move(si.label_index),
-                             label_targets=move(si.label_targets))
-    return move(ids), move(mask), move(h), si
+    return move(ids), move(mask), move(h), si.map(move)
 
 
 def _grads(pm):
