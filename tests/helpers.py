@@ -39,3 +39,30 @@ def state_after_apply(compiled, rows: int, version: int = 3, extra_columns=()):
     steps = {s.name: StepRecord(s.fingerprint, version, rows, {"recipe": dict(s.recipe)}) for s in compiled.stages}
     return TableState(uri=compiled.spec.source.table, exists=True, version=version, rows=rows,
                       columns=tuple(cols), steps=steps, source_rows=rows)
+
+
+def table_of(d: Path) -> str:
+    """The table of a spec written by the tests' `write_spec` helpers into folder `d`."""
+    return str(d / "data" / "t.lance")
+
+
+def kill_once_committed(proc, uri: str, column: str, log: Path, timeout: float) -> None:
+    """SIGKILL `proc`'s process group as soon as one fragment of `column` is committed in `uri`
+    (fails if `proc` ends first or nothing is committed within `timeout` seconds)."""
+    import signal
+    import time
+
+    from vlmspec.runtime import lance_io
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, "apply ended before it could be killed:\n" + log.read_text()
+            assert time.monotonic() < deadline, f"no fragment of `{column}` was committed in time"
+            ds = lance_io.open_dataset(uri)
+            if ds is not None and lance_io.fragment_fill(ds).get(column):
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lance
@@ -28,6 +27,8 @@ from vlmspec.compiler.state import FINGERPRINT, TARGET
 from vlmspec.runtime import history, lance_io
 from vlmspec.runtime.apply import apply, prepare, table_lock
 from vlmspec.runtime.sources.synthetic import generate_table
+
+from helpers import kill_once_committed, table_of
 
 RAW = ["id", "image", "image_id", "question_id", "question", "answers", "answer", "ocr_tokens",
        "image_classes", "set_name"]
@@ -121,10 +122,6 @@ def write_spec(d: Path, *, rows: int = 200, rows_per_fragment: int = 64, feature
     if not (d / "udfs.py").exists():
         (d / "udfs.py").write_text(udfs)
     return d / "spec.yaml"
-
-
-def table_of(d: Path) -> str:
-    return str(d / "data" / "t.lance")
 
 
 def calls(d: Path) -> dict[str, int]:
@@ -408,18 +405,7 @@ def test_sigkill_mid_backfill_resumes_without_loss_or_recompute(tmp_path, monkey
         proc = subprocess.Popen([sys.executable, "-m", "vlmspec.runtime.cli", "apply", str(spec)], cwd=killed,
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = table_of(killed)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "apply ended before it could be killed:\n" + (killed / "out.txt").read_text()
-            assert time.monotonic() < deadline, "no fragment of `slow_id` was committed in time"
-            ds = lance_io.open_dataset(uri)
-            if ds is not None and lance_io.fragment_fill(ds).get("slow_id"):
-                break
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_committed(proc, uri, "slow_id", killed / "out.txt", timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
     ds = lance.dataset(uri)

@@ -37,6 +37,8 @@ from vlmspec.compiler.state import FINGERPRINT, TARGET
 from vlmspec.runtime import lance_io
 from vlmspec.runtime.apply import apply, prepare
 
+from helpers import kill_once_committed, table_of
+
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'vlmspec[ray]'")
 
 pytestmark = pytest.mark.slow
@@ -134,10 +136,6 @@ def write_spec(d: Path, executor: dict, features: dict, *, rows: int = 200, rows
     if not (d / "udfs.py").exists():
         (d / "udfs.py").write_text(UDFS)
     return d / "spec.yaml"
-
-
-def table_of(d: Path) -> str:
-    return str(d / "data" / "t.lance")
 
 
 def meta(ds, name: str) -> dict[str, str]:
@@ -271,17 +269,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint(cluster, tmp_path):
     with open(d / "out.txt", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "vlmspec.runtime.cli", "apply", str(spec)], cwd=d,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "apply ended before it could be killed:\n" + (d / "out.txt").read_text()
-            assert time.monotonic() < deadline, "no fragment of `slow_key` committed in time"
-            if lance_io.fragment_fill(lance.dataset(uri)).get("slow_key"):
-                break
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_committed(proc, uri, "slow_key", d / "out.txt", timeout=90)
     assert proc.returncode == -signal.SIGKILL
 
     ds = lance.dataset(uri)

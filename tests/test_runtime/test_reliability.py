@@ -28,6 +28,8 @@ from vlmspec.runtime.apply import apply, prepare
 from vlmspec.runtime.backfill import _RowError, compute
 from vlmspec.runtime.cli import app
 
+from helpers import table_of
+
 UDFS = '''\
 """Test UDFs; each call appends `<name> <rows>` to calls.log next to this file."""
 import os
@@ -84,10 +86,6 @@ def write_spec(d: Path, *, rows: int = 96, features=None, udfs: str = UDFS, **to
     if not (d / "udfs.py").exists():
         (d / "udfs.py").write_text(udfs)
     return d / "spec.yaml"
-
-
-def table_of(d: Path) -> str:
-    return str(d / "data" / "t.lance")
 
 
 def calls(d: Path, name: str) -> list[int]:
