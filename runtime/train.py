@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,8 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
 
     from .distributed import all_sum, barrier, sum_gradients, world
 
-    from .vlm.cached import cached_loss, unwrap
+    from .vlm.cached import unwrap
+    from .vlm.graph_step import CaptureError, eager_step
 
     # -- setup ------------------------------------------------------------------------------
     spec = prep.loaded.spec
@@ -226,6 +228,7 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
         from .vlm.graph_step import GRAPH_LABEL_SLOTS, GraphedStep
 
         graphed = GraphedStep(model, label_slots=GRAPH_LABEL_SLOTS)
+    run_step = graphed if graphed is not None else partial(eager_step, model)
     image_token_id = int(unwrap(model).config.image_token_id)
     warmup = int(opt_spec.warmup * total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, total))
@@ -275,15 +278,12 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
             # No host sync in here: the loader checked the rows and precomputed positions and label
             # slots, so the CPU queues the next micro-batch while the GPU still runs this one.
             k = b.step.n_labels
-            if graphed is not None:  # forward + backward replayed as one CUDA graph
-                try:
-                    loss = graphed(b.input_ids, b.attention_mask, b.vision_hiddens, b.step, k / n_tokens)
-                except RuntimeError as e:
-                    raise ApplyError(Problem(f"the training step could not be captured as a CUDA graph: {e}",
-                                             "train.compile", fix="Use `compile: layers` or `compile: none`")) from e
-            else:
-                loss = cached_loss(model, b.input_ids, b.attention_mask, b.vision_hiddens, b.step)
-                (loss * (k / n_tokens)).backward()  # token-weighted over the whole accumulated step
+            # Loss scaled by k / n_tokens: token-weighted over the whole accumulated step.
+            try:  # with `compile: graph`, forward + backward replayed as one CUDA graph
+                loss = run_step(b.input_ids, b.attention_mask, b.vision_hiddens, b.step, k / n_tokens)
+            except CaptureError as e:
+                raise ApplyError(Problem(f"the training step could not be captured as a CUDA graph: {e}",
+                                         "train.compile", fix="Use `compile: layers` or `compile: none`")) from e
             step_loss += loss.detach() * k
         sum_gradients(params)
         step_loss = all_sum(float(step_loss)) if nranks > 1 else step_loss

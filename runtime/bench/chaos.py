@@ -82,7 +82,7 @@ def child_main() -> None:
 
     from vlmspec.runtime import backfill
     from vlmspec.runtime.sources import ingest, synthetic
-    from vlmspec.runtime.vlm import cached
+    from vlmspec.runtime.vlm import graph_step
 
     ingest.COMMIT_ROWS = unit
     generate = synthetic.generate
@@ -99,7 +99,7 @@ def child_main() -> None:
         note(node.name, chunk.limit)
         return out
 
-    forward = cached.cached_loss  # the training step's forward
+    forward = graph_step.eager_step  # one training micro-batch (forward + backward)
 
     def logged_forward(*args: Any, **kwargs: Any):
         note("train", 1)
@@ -107,7 +107,7 @@ def child_main() -> None:
 
     synthetic.generate = small_batches
     backfill._compute_chunk = logged_chunk
-    cached.cached_loss = logged_forward
+    graph_step.eager_step = logged_forward
     from vlmspec.runtime.cli import main
 
     sys.argv = ["vlmspec", *sys.argv[1:]]

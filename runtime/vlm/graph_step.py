@@ -22,11 +22,22 @@ import torch
 
 from .cached import StepInputs, cached_loss
 
-__all__ = ["GRAPH_LABEL_SLOTS", "GraphedStep"]
+__all__ = ["GRAPH_LABEL_SLOTS", "CaptureError", "GraphedStep", "eager_step"]
 
 GRAPH_LABEL_SLOTS = 32
 """Label slots per row of a graphed step: answers up to 31 tokens plus the end token (TextVQA's are
 a few tokens); a micro-batch with a longer answer runs eagerly."""
+
+
+class CaptureError(RuntimeError):
+    """The step could not be captured as a CUDA graph (something in it syncs or is not capturable)."""
+
+
+def eager_step(model: Any, ids, mask, hiddens, inputs: StepInputs, scale: float) -> torch.Tensor:
+    """The step without a graph: forward, `(loss * scale).backward()`; returns the loss."""
+    loss = cached_loss(model, ids, mask, hiddens, inputs)
+    (loss * scale).backward()
+    return loss
 
 
 class GraphedStep:
@@ -88,11 +99,12 @@ class GraphedStep:
     def __call__(self, ids, mask, hiddens, inputs: StepInputs, scale: float) -> torch.Tensor:
         if not self.fits(ids, mask, hiddens, inputs):
             self.eager_steps += 1
-            loss = cached_loss(self.model, ids, mask, hiddens, inputs)
-            (loss * scale).backward()
-            return loss
+            return eager_step(self.model, ids, mask, hiddens, inputs, scale)
         if self.graph is None:
-            self._capture(ids, mask, hiddens, inputs)
+            try:
+                self._capture(ids, mask, hiddens, inputs)
+            except RuntimeError as e:
+                raise CaptureError(str(e)) from e
         s = self.static
         s["ids"].copy_(ids, non_blocking=True)
         s["mask"].copy_(mask, non_blocking=True)
