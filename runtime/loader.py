@@ -187,7 +187,7 @@ class PrefetchLoader:
 
     def __init__(self, dataset: SliceDataset, batches: list[list[int]], collate, threads: int, pin: bool):
         self.dataset, self.batch_sampler, self.collate_fn = dataset, list(batches), collate
-        self.threads, self.pin_memory, self.num_workers = max(1, int(threads)), pin, 0
+        self.threads, self.pin_memory = max(1, int(threads)), pin
 
     def __len__(self) -> int:
         return len(self.batch_sampler)

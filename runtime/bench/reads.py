@@ -216,9 +216,10 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
             version = ds.version
             addrs = ds.to_table(columns=[], with_row_address=True).column("_rowaddr").to_numpy()
             configs = [(w, 1) for w in workers] + [(0, t) for t in threads if t > 1]
+            loader_how: dict[str, str] = {}  # figure key -> "N workers" / "0 workers, N prefetch threads"
             for w, th in configs:
                 tag = f"loader_w{w}" + (f"_t{th}" if th > 1 else "")
-                how = f"{w} workers" if w or th == 1 else f"0 workers, {th} prefetch threads"
+                how = loader_how[tag] = f"{w} workers" if w or th == 1 else f"0 workers, {th} prefetch threads"
                 f = fig(tag, f"our loader (Permutation, shuffled hiddens + tokens), {how}, "
                              "whole epoch incl. worker start")
                 fs = fig(f"{tag}_steady", f"our loader, {how}, after the first batch (steady state)")
@@ -250,9 +251,8 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
         pq_h_shuf = max(med["pq_default_h_shuf"], med["pq_rg64_h_shuf"])
         pq_h_seq = max(med["pq_default_h_seq"], med["pq_rg64_h_seq"])
         if loader:
-            tags = [k[:-len("_steady")] for k in med if k.startswith("loader_") and k.endswith("_steady")]
-            best = max(tags, key=lambda k: med[f"{k}_steady"])
-            how = res.figures[best].label.split("), ", 1)[1].split(", whole epoch")[0]
+            best = max(loader_how, key=lambda k: med[f"{k}_steady"])
+            how = loader_how[best]
             lo = med[f"{best}_steady"]
             res.derive("loader_vs_plain", f"our loader shuffled (steady, {how}) / plain read of the same "
                        "bytes", round(lo / plain_rows, 3), target=">= 0.8", met=lo / plain_rows >= 0.8,
