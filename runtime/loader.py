@@ -1,11 +1,13 @@
-"""Training loader: the LanceDB Permutation API over the pinned slice, zero-copy into tensors.
+"""Training loader: the pinned slice, shuffled per epoch, read zero-copy into tensors.
 
 Each epoch is a deterministic shuffle of the slice's row addresses (seed + epoch), sharded across
-data-parallel ranks. Workers are spawned (lance is not fork-safe) and open their own Permutation
-lazily (it holds Rust async state and must not be pickled open). A batch is one Arrow RecordBatch
-of the projected columns only; collate views its buffers as tensors with no per-row Python objects.
-Reads stay on the pinned version whatever is committed meanwhile (see `pinned_clone`).
-"""
+data-parallel ranks. Plain fixed-size columns (the cached hiddens) are read straight from the
+version's data files into the batch's buffer (`direct_read`); other columns come through the
+LanceDB Permutation API. Workers are spawned (lance is not fork-safe) and open their readers
+lazily (the Permutation holds Rust async state and must not be pickled open). A batch is one Arrow
+RecordBatch of the projected columns only; collate views its buffers as tensors with no per-row
+Python objects. Reads stay on the pinned version whatever is committed meanwhile (data files are
+immutable; for the Permutation see `pinned_clone`)."""
 
 from __future__ import annotations
 
@@ -32,22 +34,71 @@ def epoch_order(row_addrs: np.ndarray, seed: int, epoch: int, rank: int = 0, wor
 
 class SliceDataset(Dataset):
     """Rows of a pinned table version, in a given order, fetched a batch at a time (each batch's
-    rows in row-address order)."""
+    rows in row-address order).
 
-    def __init__(self, uri: str, version: int, row_addrs: np.ndarray, columns: list[str]):
+    Columns whose pages are plain fixed-size rows (the cached hiddens, and at real sequence
+    lengths the token struct's children) are read straight from their data files into the batch's
+    own buffer (`direct_read`): pinned memory when `pin`, else a reused host buffer. The rest
+    come through lancedb's Permutation API.
+    """
+
+    def __init__(self, uri: str, version: int, row_addrs: np.ndarray, columns: list[str], *,
+                 direct: bool = True, pin: bool = False):
         self.uri, self.version, self.columns = str(uri), int(version), list(columns)
         self.row_addrs = np.asarray(row_addrs, dtype=np.uint64)
+        self.direct_enabled, self.pin = direct, pin
         self._perm = None
+        self._direct: dict[str, tuple[pa.DataType, list]] | None = None  # column -> (type, leaf readers)
+        self.why_not_direct: dict[str, str] = {}
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self.row_addrs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_perm"] = None  # reopened in each worker
+        state["_perm"], state["_direct"], state["_pool"] = None, None, None  # reopened in each worker
         return state
 
-    def _open(self):
+    def _open(self) -> None:
+        import lance
+
+        from .direct_read import BufferPool, FixedColumnReader, leaves
+
+        self._pool = BufferPool()
+        self._direct = {}
+        if self.direct_enabled:
+            ds = lance.dataset(self.uri, version=self.version)
+            for col in self.columns:
+                typ = ds.schema.field(col).type
+                paths = leaves(typ, col)
+                readers = [FixedColumnReader.open(ds, p) for p in paths] if paths else ["a nested struct"]
+                bad = [r for r in readers if isinstance(r, str)]
+                if bad:
+                    self.why_not_direct[col] = bad[0]
+                else:
+                    self._direct[col] = (typ, readers)
+            if self._direct and not self._direct_matches_lance(ds):
+                self._direct = {}
+        if set(self._direct) != set(self.columns):
+            self._open_permutation([c for c in self.columns if c not in self._direct])
+
+    def _direct_matches_lance(self, ds) -> bool:
+        """Read a couple of the slice's rows both ways before trusting the direct path."""
+        probe = np.sort(self.row_addrs[:2])
+        if not len(probe):
+            return True
+        cols = list(self._direct)
+        want = ds._take_rows(probe.tolist(), columns=cols)
+        got = self._read_direct(probe, cols)
+        if all(pa.chunked_array([got.column(c)]).equals(want.column(c)) for c in cols):
+            return True
+        warnings.warn(f"direct reads of {cols} in {self.uri} differ from Lance's; reading through Lance")
+        for c in cols:
+            self.why_not_direct[c] = "the direct read differed from Lance's take"
+        return False
+
+    def _open_permutation(self, columns: list[str]) -> None:
         import lance
         import lancedb
         from lancedb.permutation import Permutation
@@ -63,13 +114,32 @@ class SliceDataset(Dataset):
         if lance.dataset(self.uri).version == self.version:
             base = _open_table(self.uri)
             if lance.dataset(self.uri).version == self.version:
-                self._perm = Permutation.from_tables(base, perm, 0).select_columns(self.columns).with_format("arrow")
+                self._perm = Permutation.from_tables(base, perm, 0).select_columns(columns).with_format("arrow")
                 return
         base = _open_table(pinned_clone(self.uri, self.version))
-        self._perm = Permutation.from_tables(base, perm, 0).select_columns(self.columns).with_format("arrow")
+        self._perm = Permutation.from_tables(base, perm, 0).select_columns(columns).with_format("arrow")
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        if self.pin:  # torch's pinned-memory cache reuses it once the batch's copies to the GPU are done
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        return self._pool.get(nbytes)
+
+    def _read_direct(self, addrs: np.ndarray, columns: list[str]) -> pa.RecordBatch:
+        n, out = len(addrs), []
+        for col in columns:
+            typ, readers = self._direct[col]
+            arrays = []
+            for r in readers:
+                buf = self._buffer(n * r.row_bytes)
+                r.read_into(addrs, buf)
+                ftype = _leaf_type(typ, r.column)
+                values = pa.Array.from_buffers(ftype.value_type, n * ftype.list_size, [None, pa.py_buffer(buf)])
+                arrays.append(pa.FixedSizeListArray.from_arrays(values, type=ftype))
+            out.append(pa.StructArray.from_arrays(arrays, fields=list(typ)) if pa.types.is_struct(typ) else arrays[0])
+        return pa.RecordBatch.from_arrays(out, names=columns)
 
     def __getitems__(self, indices: list[int]) -> pa.RecordBatch:
-        if self._perm is None:
+        if self._direct is None:
             self._open()
         idx = np.asarray(indices, dtype=np.int64)
         # The batch comes back in row-address order: the epoch's shuffle decides which rows form
@@ -77,11 +147,25 @@ class SliceDataset(Dataset):
         # floating-point summation order. Lance takes 1.6 MB rows 3-5x faster in address order,
         # and putting them back in drawn order (an Arrow take, which gathers fixed-size lists value
         # by value) cost 40 % of the loader's throughput (`vlmspec bench reads`).
-        by_addr = np.argsort(self.row_addrs[idx], kind="stable")
-        return self._perm.__getitems__(idx[by_addr].tolist())
+        idx = idx[np.argsort(self.row_addrs[idx], kind="stable")]
+        direct = [c for c in self.columns if c in self._direct]
+        if len(direct) == len(self.columns):
+            return self._read_direct(self.row_addrs[idx], direct)
+        rest = self._perm.__getitems__(idx.tolist())
+        if not direct:
+            return rest
+        got = self._read_direct(self.row_addrs[idx], direct)
+        return pa.RecordBatch.from_arrays(
+            [got.column(c) if c in self._direct else rest.column(c) for c in self.columns], names=self.columns)
 
     def __getitem__(self, index: int) -> pa.RecordBatch:
         return self.__getitems__([int(index)])
+
+
+def _leaf_type(typ: pa.DataType, path: str) -> pa.DataType:
+    for part in path.split(".")[1:]:
+        typ = typ.field(part).type
+    return typ
 
 
 def _open_table(uri: str):
@@ -200,7 +284,7 @@ class PrefetchLoader:
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        if self.dataset._perm is None:
+        if self.dataset._direct is None:
             self.dataset._open()  # once, before threads share it
         todo = iter(self.batch_sampler)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="vlmspec-loader") as pool:
@@ -221,20 +305,25 @@ def make_loader(uri: str, version: int, row_addrs: np.ndarray, *, hiddens: str, 
                 batch_size: int, seed: int, epoch: int, num_workers: int = 0, rank: int = 0, world: int = 1,
                 drop_last: bool = True, image_token_id: int | None = None,
                 llm_grid: tuple[int, int] | None = None, label_slots: int = 8,
-                threads: int = 1) -> DataLoader | PrefetchLoader:
+                threads: int = 1, direct: bool = True) -> DataLoader | PrefetchLoader:
     """One epoch of the slice (projected columns only): a DataLoader with `num_workers` spawned
-    processes, or, with none, batches fetched ahead by `threads` in-process threads."""
-    ds = SliceDataset(uri, version, epoch_order(row_addrs, seed, epoch, rank, world), [hiddens, tokens])
+    processes, or, with none, batches fetched ahead by `threads` in-process threads. `direct=False`
+    reads every column through the Permutation API (the benchmark's comparison)."""
+    cuda = torch.cuda.is_available()
+    # In-process reads land directly in pinned memory; spawned workers' batches are copied into
+    # shared memory anyway, so they read into plain buffers and the DataLoader pins afterwards.
+    ds = SliceDataset(uri, version, epoch_order(row_addrs, seed, epoch, rank, world), [hiddens, tokens],
+                      direct=direct, pin=cuda and not num_workers)
     sampler = BatchSampler(SequentialSampler(range(len(ds))), batch_size, drop_last=drop_last)
     collate = CachedCollate(hiddens, tokens, image_tokens, image_token_id, llm_grid, label_slots)
     if not num_workers and threads > 1:
-        return PrefetchLoader(ds, list(sampler), collate, threads, torch.cuda.is_available())
+        return PrefetchLoader(ds, list(sampler), collate, threads, cuda)
     kw: dict[str, Any] = {}
     if num_workers:
         kw = dict(num_workers=num_workers, multiprocessing_context="spawn", prefetch_factor=4,
                   persistent_workers=False)
     # With a batch sampler, torch hands each index list to __getitems__ in one call (one Lance take).
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, pin_memory=torch.cuda.is_available(), **kw)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, pin_memory=cuda, **kw)
 
 
 def iterate_epochs(make, start_epoch: int = 0, skip_batches: int = 0) -> Iterator[tuple[int, int, CachedBatch]]:

@@ -109,8 +109,7 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
               batch: int = typer.Option(8, "--batch", min=1, help="Rows per read (training batch)."),
               workers: str = typer.Option("0,2", "--workers", help="Loader worker counts (0 = in process)."),
               threads: str = typer.Option("2,4", "--threads", help="Prefetch thread counts tried with 0 workers."),
-              loader: bool = typer.Option(True, "--loader/--no-loader", help="Also time our training loader "
-                                          "(needs lancedb)."),
+              loader: bool = typer.Option(True, "--loader/--no-loader", help="Also time our training loader."),
               repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
               out: Path = OutOpt) -> None:
     """Lance vs Parquet (raw and cached hiddens, sequential and shuffled), our loader, plain file reads."""

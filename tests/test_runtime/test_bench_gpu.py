@@ -40,9 +40,9 @@ def test_bench_reads_tiny(tmp_path):
     data = _load(tmp_path, "reads")
     figs = data["figures"]
     for key in ("plain_read", "lance_raw_seq", "lance_raw_shuf", "lance_h_seq", "lance_h_shuf", "pq_default_h_shuf",
-                "pq_rg64_h_shuf", "pq_rg64_raw_shuf", "loader_w0", "loader_w0_steady", "loader_w0_t2_steady"):
+                "pq_rg64_h_shuf", "pq_rg64_raw_shuf", "loader_w0", "loader_w0_steady", "loader_w0_t2_steady", "loader_w0_t2_perm_steady"):
         assert key in figs, key
-    assert {"loader_vs_plain", "loader_vs_parquet", "lance_vs_parquet_h_shuf"} <= data["derived"].keys()
+    assert {"loader_vs_plain", "loader_perm_vs_plain", "loader_vs_parquet", "lance_vs_parquet_h_shuf"} <= data["derived"].keys()
     assert data["details"]["parquet_rg64_row_groups"] == 1 and data["details"]["parquet_default_row_groups"] == 1
 
 
