@@ -69,6 +69,7 @@ def render(d: Path) -> str:
     rows = [
         ("Tier-3 backfill end to end (vision hiddens + SFT tokens, Lance write)", _der(t3, "tier3_rows_per_s")),
         ("GPU busy during the vision column", _der(t3, "tier3_gpu_busy")),
+        ("GPU busy during the vision column, after the tower's set-up", _der(t3, "tier3_gpu_busy_after_setup")),
         ("FastTower output = HF tower (bf16, rel. L2)", _der(eq, "fast_tower_equal")),
         ("Cached path = full-model logits (bf16, rel. L2)", _der(eq, "cached_equal")),
         ("Cached bf16 LoRA train step, best", _der(best, "train_cached_best")),
@@ -77,6 +78,8 @@ def render(d: Path) -> str:
         ("QLoRA r16, batch 2, gradient checkpointing: rate", _der(q, "qlora_rate")),
         ("Reads: our loader shuffled / plain read of the same bytes (CPU machine)", _der(rc, "loader_vs_plain")),
         ("Reads: our loader shuffled / Parquet shuffled, fp16 hiddens (CPU machine)", _der(rc, "loader_vs_parquet")),
+        ("Reads: our loader shuffled / plain read of the same bytes (GPU machine)", _der(rg, "loader_vs_plain"))
+        if _der(rg, "loader_vs_plain") else
         ("Reads: Lance take shuffled / plain read (GPU machine, pylance only)", _der(rg, "lance_take_vs_plain")),
         ("Reads: Lance shuffled / Parquet shuffled hiddens (GPU machine)", _der(rg, "lance_vs_parquet_h_shuf")),
     ]
@@ -126,10 +129,11 @@ def render(d: Path) -> str:
         out += [f"**Tier-3 backfill, rows/s** ({dt.get('rows')} synthetic 560-px JPEG rows, engine batch "
                 f"{dt.get('engine_batch_size')}, tower sub-batch {dt.get('sub_batch')}, compile "
                 f"{dt.get('compile')}; `gpu_tier3.json`, {_machine(t3)})", "",
-                "| stage | rows/s | GPU busy % |", "|---|---:|---|"]
+                "| stage | rows/s | GPU busy % | after set-up % |", "|---|---:|---|---|"]
         for key, f in t3["figures"].items():
-            busy = f.get("gpu_busy_pct")
-            out.append(f"| {f['label']} | {_fig(t3, key)} | {', '.join(str(b) for b in busy) if busy else ''} |")
+            busy, after = f.get("gpu_busy_pct"), f.get("gpu_busy_after_setup_pct")
+            out.append(f"| {f['label']} | {_fig(t3, key)} | {', '.join(str(b) for b in busy) if busy else ''} | "
+                       f"{', '.join(str(b) for b in after) if after else ''} |")
         out += ["", f"Written hiddens vs HF's tower on the same rows: relative L2 "
                 f"{_num(dt.get('written_vs_hf_reference_rel_l2'))}. On-device preprocessing (`Patchifier`) vs "
                 f"this machine's image processor ({dt.get('patchify_backend', '?')}): bitwise equal "
@@ -141,8 +145,10 @@ def render(d: Path) -> str:
             if k not in keys:
                 keys.append(k)
         out += ["**Reads, rows/s** (600 rows of fp16 [400 x 2048] hiddens + 60 kB images; page cache warm; "
-                f"CPU machine: {_machine(rc)}; GPU machine: {_machine(rg)}, lancedb not installed there so our "
-                "loader is not run)", "", "| pattern | CPU machine | GPU machine |", "|---|---:|---:|"]
+                f"CPU machine: {_machine(rc)}; GPU machine: {_machine(rg)}" + (
+                    "" if rg and any(k.startswith("loader_") for k in rg["figures"]) else
+                    ", lancedb not installed there so our loader is not run") + ")",
+                "", "| pattern | CPU machine | GPU machine |", "|---|---:|---:|"]
         for k in keys:
             f = (rc or {}).get("figures", {}).get(k) or rg["figures"][k]
             unit = "" if f["unit"] == "rows/s" else f" {f['unit']}"
