@@ -73,6 +73,11 @@ class ColumnRun:
     fragments: int = 0
     errors: int = 0
     action: str = ""
+    # Where `seconds` went, in the local engine: until the UDF was ready (a model loaded and
+    # compiled), computing chunks (reading inputs + UDF calls), and waiting on the writer thread.
+    setup_s: float = 0.0
+    compute_s: float = 0.0
+    write_wait_s: float = 0.0
 
     @property
     def rows_per_s(self) -> float | None:
@@ -236,8 +241,14 @@ def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
     frag = ds.get_fragment(chunk.frag_id)
     table = frag.to_table(columns=list(node.inputs), offset=chunk.offset, limit=chunk.limit)
     parts, failures = [], []
-    for start in range(0, table.num_rows, batch_size):
-        arrays = [table.column(c).slice(start, batch_size).combine_chunks() for c in node.inputs]
+    batches = [(start, [table.column(c).slice(start, batch_size).combine_chunks() for c in node.inputs])
+               for start in range(0, table.num_rows, batch_size)]
+    # A UDF with `prefetch` (the vision tower) starts preparing the next batch's inputs (decoding
+    # images) while this batch runs, so the GPU does not wait on the CPU between calls.
+    prefetch = getattr(fn, "prefetch", None)
+    for k, (start, arrays) in enumerate(batches):
+        if prefetch is not None and k + 1 < len(batches):
+            prefetch(*batches[k + 1][1])
         try:
             values, fails = compute(fn, arrays, dict(node.params), out_type, node.batch, node.on_error)
         except _RowError as e:
@@ -246,8 +257,9 @@ def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
             return chunk, None, [RowFailure(chunk.offset + start, f"{type(e).__name__}: {e}")]
         parts.append(values)
         failures += [RowFailure(chunk.offset + start + f.offset, f.error) for f in fails]
-    # One part (a chunk of one batch, as for the vision column) is used as is: concat would copy it.
-    values = (parts[0] if len(parts) == 1 else pa.concat_arrays(parts)) if parts else pa.array([], out_type)
+    # Parts stay separate chunks: concatenating 1.6 GB of hiddens per 1,024 rows would be a copy
+    # with the GPU idle; the Lance writer takes chunked columns as they are.
+    values = (parts[0] if len(parts) == 1 else pa.chunked_array(parts, out_type)) if parts else pa.array([], out_type)
     return chunk, values, failures
 
 
@@ -256,14 +268,19 @@ def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
 @dataclass
 class _FragmentBuffer:
     rows: int
-    parts: dict[int, pa.Array] = field(default_factory=dict)
+    parts: dict[int, pa.Array | pa.ChunkedArray] = field(default_factory=dict)
 
-    def add(self, offset: int, values: pa.Array) -> bool:
+    def add(self, offset: int, values: pa.Array | pa.ChunkedArray) -> bool:
         self.parts[offset] = values
         return sum(len(v) for v in self.parts.values()) == self.rows
 
-    def values(self) -> pa.Array:
-        return pa.concat_arrays([self.parts[k] for k in sorted(self.parts)])
+    def values(self) -> pa.ChunkedArray:
+        """The fragment's values in row order, as chunks (no copy)."""
+        chunks = []
+        for k in sorted(self.parts):
+            v = self.parts[k]
+            chunks += v.chunks if isinstance(v, pa.ChunkedArray) else [v]
+        return pa.chunked_array(chunks, chunks[0].type)
 
 
 def prepare_column(uri: str, node: ColumnNode) -> tuple[lance.LanceDataset, str]:
@@ -328,8 +345,8 @@ class FragmentSink:
         """True when `chunk` is its whole fragment (a worker may then write the data file itself)."""
         return chunk.offset == 0 and chunk.limit == self.frag_rows[chunk.frag_id]
 
-    def add(self, chunk: Chunk, values: pa.Array | None, failures: list[RowFailure], datafile: Any = None,
-            *, commit: bool = True) -> None:
+    def add(self, chunk: Chunk, values: pa.Array | pa.ChunkedArray | None, failures: list[RowFailure],
+            datafile: Any = None, *, commit: bool = True) -> None:
         """One chunk's result: `values`, or a `datafile` already written for the whole fragment, or
         neither (a row failed under `fail`: commit what is done, then raise)."""
         node = self.node
@@ -390,21 +407,30 @@ def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, devic
                 _run_parallel(uri, ds.version, node, chunks, workers, sink.add)
             else:
                 instance, field_meta = _instantiate(node, model_spec, device or "cpu")
+                run.setup_s = time.perf_counter() - started
                 # Writing a fragment's data file and committing it runs on one background thread
                 # while the next chunk computes (the GPU would otherwise idle through a 1.6 GB write
                 # per 1,024 rows of hiddens). One write in flight keeps memory bounded and commits in
                 # order; a writer error (or a `fail` row) surfaces before the next chunk is queued.
+                # (Two writers at once were tried on the H200: no faster, and a kill would lose two
+                # fragments.)
                 writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmspec-writer")
                 pending = None
                 try:
                     for chunk in chunks:
+                        t = time.perf_counter()
                         result = _compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
                                                 chunk, node.batch_size)
+                        t2 = time.perf_counter()
+                        run.compute_s += t2 - t
                         if pending is not None:
                             pending.result()
+                        run.write_wait_s += time.perf_counter() - t2
                         pending = writer.submit(sink.add, *result)
+                    t = time.perf_counter()
                     if pending is not None:
                         pending.result()
+                    run.write_wait_s += time.perf_counter() - t
                 finally:
                     writer.shutdown(wait=True)
                     if hasattr(instance, "close"):
@@ -435,6 +461,12 @@ class _BoundInstance:
 
     def __call__(self, *arrays, **_params):
         return self.inst(*arrays)
+
+    def __getattr__(self, name):  # optional hooks (`prefetch`) of the instance
+        inst = self.__dict__.get("inst")
+        if name == "prefetch" and hasattr(inst, "prefetch"):
+            return inst.prefetch
+        raise AttributeError(name)
 
     def close(self):
         if hasattr(self.inst, "close"):

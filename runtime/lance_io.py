@@ -127,7 +127,7 @@ def update_field_metadata(ds: lance.LanceDataset, name: str, changes: Mapping[st
     ds.update_field_metadata({name: dict(changes)})
 
 
-def write_column_data(uri: str, name: str, values: pa.Array, data_storage_version: str):
+def write_column_data(uri: str, name: str, values: pa.Array | pa.ChunkedArray, data_storage_version: str):
     """Write one column's values for one fragment as a standalone data file (not yet committed)."""
     frags = lance.fragment.write_fragments(pa.table({name: values}), uri,
                                            data_storage_version=data_storage_version)

@@ -72,12 +72,17 @@ class VisionTower:
         cuda = str(self.device).startswith("cuda")
         default_sub = 16 if cuda else 0  # 0: the whole batch at once (CPU gains nothing from overlap)
         self.sub_batch = int(os.environ.get("VLMSPEC_TOWER_SUBBATCH", default_sub) or 0)
-        compile_ = cuda and os.environ.get("VLMSPEC_TOWER_COMPILE", "0").lower() in ("1", "true", "yes", "on")
+        # Compiled by default on CUDA: 2.3x the eager FastTower at the 3B shape (`vlmspec bench gpu
+        # --phases tower`) for ~5 s of compiling once per process.
+        compile_ = cuda and os.environ.get("VLMSPEC_TOWER_COMPILE", "1").lower() in ("1", "true", "yes", "on")
         self.fast = None
         if fast_tower_enabled():
             sizes = {self.sub_batch or int(getattr(self.ctx, "batch_size", 16))}
             self.fast = FastTower(self.tower, compile=compile_, compile_sizes=sizes)
-        threads = int(os.environ.get("VLMSPEC_TOWER_THREADS", 0) or min(16, os.cpu_count() or 1))
+        # 4 decode threads keep up with the tower (~190 rows/s at 560 px on an H200); more only
+        # contend for the GIL with the thread launching the tower's kernels (UDF alone, 16 threads:
+        # 161.5 rows/s, GPU 84 % busy; 4 threads: 171.3 rows/s, 88 %; `gpu_tier3.json`).
+        threads = int(os.environ.get("VLMSPEC_TOWER_THREADS", 0) or min(4, os.cpu_count() or 1))
         self._pool = None
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -85,9 +90,34 @@ class VisionTower:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vlmspec-decode")
         self._pin = cuda
         self.patchify = Patchifier(self.image_processor)
-        self._staging = None
-        self._stage_done = None
-        self._out_host = None
+        # Two uint8 staging batches: one feeds the tower while the next call's rows decode into the
+        # other (`prefetch`); each has an event marking its last host-to-device copy.
+        self._stages: list = [None, None]
+        self._stage_done: list = [None, None]
+        self._ahead: list[_Decoding] = []  # batches whose decoding has started, oldest first
+        self.stats = {"calls": 0, "call_s": 0.0, "alloc_s": 0.0}  # for `vlmspec bench gpu --phases tier3`
+        if cuda and self.fast is not None:
+            self._warm(compile_, sizes)
+
+    def _warm(self, compiled: bool, sizes: set[int]) -> None:
+        """Record the tower's layout and compile it now (set-up, not the first batch's time); a tower
+        that fails to compile runs the eager fast path instead."""
+        import warnings
+
+        from vlmspec.runtime.vlm.fast_tower import FastTower
+
+        zeros = self._torch.zeros((next(iter(sizes)), self.image_px, self.image_px, 3), dtype=self._torch.uint8)
+        try:
+            for _ in range(2):  # the first call records the layout (HF's forward), the second compiles
+                self._tower(zeros)
+        except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
+            if not compiled:
+                raise
+            warnings.warn(f"vision tower: torch.compile failed ({type(e).__name__}: {e}); running it "
+                          "uncompiled (set VLMSPEC_TOWER_COMPILE=0 to skip trying)")
+            self.fast = FastTower(self.tower, compile=False)
+            self._tower(zeros)
+        self._torch.cuda.synchronize()
 
     def _decode(self, values: list, start: int, stop: int) -> list:
         """Rows [start, stop) decoded and resized exactly as evaluation does; a bad row raises naming it."""
@@ -105,16 +135,35 @@ class VisionTower:
                 raise ValueError(f"row {i}: cannot decode image: {e}") from e
         return pil
 
-    def _stage(self, n: int):
-        """A uint8 [n, px, px, 3] staging batch (pinned when the tower is on CUDA), reused across calls."""
+    def _stage(self, slot: int, n: int):
+        """Staging batch `slot` as uint8 [n, px, px, 3] (pinned when the tower is on CUDA), reused across calls."""
         torch = self._torch
-        if self._stage_done is not None:  # the last call's host-to-device copies read this buffer
-            self._stage_done.synchronize()
-            self._stage_done = None
-        if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty((n, self.image_px, self.image_px, 3), dtype=torch.uint8,
-                                        pin_memory=self._pin)
-        return self._staging[:n]
+        if self._stage_done[slot] is not None:  # an earlier call's host-to-device copies read this buffer
+            self._stage_done[slot].synchronize()
+            self._stage_done[slot] = None
+        if self._stages[slot] is None or self._stages[slot].shape[0] < n:
+            self._stages[slot] = torch.empty((n, self.image_px, self.image_px, 3), dtype=torch.uint8,
+                                             pin_memory=self._pin)
+        return self._stages[slot][:n]
+
+    def _start(self, images) -> "_Decoding":
+        """Start decoding `images` into a free staging slot (on the thread pool when there is one)."""
+        values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
+        busy = {d.slot for d in self._ahead}
+        slot = 0 if 0 not in busy else 1
+        stage = self._stage(slot, len(values))
+        futures = None
+        if self._pool is not None and len(values) > 1:
+            futures = [self._pool.submit(self._decode_into, values, i, stage[i]) for i in range(len(values))]
+        return _Decoding(images, slot, values, stage, futures)
+
+    def prefetch(self, images: pa.Array) -> None:
+        """Start decoding the batch the next call will get, while this one runs (the engine calls it)."""
+        if self._pool is None:
+            return
+        while len(self._ahead) > 1:  # keep the batch about to run; older ones were never called
+            self._ahead.pop(0).drop()
+        self._ahead.append(self._start(images))
 
     def _decode_into(self, values: list, i: int, slot) -> None:
         """Row i decoded and resized (as evaluation does) into its uint8 [px, px, 3] staging slot."""
@@ -144,37 +193,41 @@ class VisionTower:
         as its kernels are queued; returns the row count.
 
         Each row is decoded and resized by a thread-pool task into a pinned uint8 batch (Pillow
-        releases the GIL for both); each sub-batch then goes to the device as uint8 (a quarter of
+        releases the GIL for both), started by `prefetch` during the previous call when the engine
+        gave it this batch; each sub-batch then goes to the device as uint8 (a quarter of
         float32's bytes), is rescaled, normalized and patchified there (`Patchifier`, the image
         processor's arithmetic) and runs the tower while later rows still decode (kernel
         launches are asynchronous). A bad row raises the same `row i: ...` error as a
         sequential loop (the first bad row in order).
         """
         torch = self._torch
-        values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
-        n = len(values)
-        stage = self._stage(n)
-        if self._pool is None or n <= 1:
-            for i in range(n):
-                self._decode_into(values, i, stage[i])
-            emit(0, self._tower(stage))
-        else:
-            futures = [self._pool.submit(self._decode_into, values, i, stage[i]) for i in range(n)]
-            sub = self.sub_batch or n
-            try:
+        job = next((d for d in self._ahead if d.images is images), None)
+        if job is not None:  # decoding since the last call; batches prefetched before it were never called
+            i = self._ahead.index(job)
+            for d in self._ahead[:i]:
+                d.drop()
+            self._ahead = self._ahead[i + 1:]
+        else:  # not prefetched (first batch of a chunk, a retried slice): keep what was prefetched next
+            while len(self._ahead) > 1:
+                self._ahead.pop(0).drop()
+            job = self._start(images)
+        n, stage = len(job.values), job.stage
+        try:
+            if job.futures is None:
+                for i in range(n):
+                    self._decode_into(job.values, i, stage[i])
+                emit(0, self._tower(stage))
+            else:
+                sub = self.sub_batch or n
                 for s in range(0, n, sub):
-                    for f in futures[s:s + sub]:
+                    for f in job.futures[s:s + sub]:
                         f.result()
                     emit(s, self._tower(stage[s:s + sub]))
-            finally:
-                for f in futures:
-                    f.cancel()
-                for f in futures:  # no task may still write into the staging buffer we return to
-                    if not f.cancelled():
-                        f.exception()
+        finally:
+            job.drop()  # no task may still write into the staging buffer a later call reuses
         if self._pin:
-            self._stage_done = torch.cuda.Event()
-            self._stage_done.record()
+            self._stage_done[job.slot] = torch.cuda.Event()
+            self._stage_done[job.slot].record()
         return n
 
     def encode_reference(self, images: pa.Array | list) -> Any:
@@ -195,14 +248,20 @@ class VisionTower:
         return out.pooler_output.reshape(len(pil), self.tokens, self.hidden_size)
 
     def __call__(self, images: pa.Array) -> pa.Array:
+        import time
+
         torch = self._torch
         n = len(images)
         if n == 0:
             return pa.array([], type=self.ctx.output_type)
+        t0 = time.perf_counter()
         # Each sub-batch's fp16 result is copied to pinned host memory as soon as it is computed
         # (asynchronously, overlapping the next sub-batch's tower), so the call ends with one
-        # short copy instead of a whole-batch device-to-host transfer while the GPU idles.
-        host = self._host(n)
+        # short copy instead of a whole-batch device-to-host transfer while the GPU idles. The
+        # buffer is fresh (torch's pinned-memory cache hands back freed ones) and becomes the Arrow
+        # column's memory as it is: no host copy.
+        host = torch.empty((n, self.tokens, self.hidden_size), dtype=torch.float16, pin_memory=self._pin)
+        self.stats["alloc_s"] += time.perf_counter() - t0
         finite = torch.empty(n, dtype=torch.bool, device=self.device)
 
         def emit(start: int, out) -> None:
@@ -217,19 +276,13 @@ class VisionTower:
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
             raise ValueError(f"row {i}: vision hiddens overflow float16 (non-finite after the cast)")
-        # A fresh array the Arrow column owns (the host buffer is reused by the next call), wrapped
-        # without conversion: pa.array() on float16 numpy converts value by value (~0.5 GB/s).
-        flat = np.array(host[:n].numpy().reshape(-1), copy=True)
+        # Wrapped without conversion (pa.array() on float16 numpy converts value by value, ~0.5 GB/s);
+        # the Arrow buffer keeps the tensor, and so its pinned block, alive until the column is written.
+        flat = host.numpy().reshape(-1)
         values = pa.Array.from_buffers(pa.float16(), flat.size, [None, pa.py_buffer(flat)])
+        self.stats["calls"] += 1
+        self.stats["call_s"] += time.perf_counter() - t0
         return pa.FixedSizeListArray.from_arrays(values, type=self.ctx.output_type)
-
-    def _host(self, n: int):
-        """Reused fp16 [n, tokens, hidden] host buffer for results (pinned when on CUDA)."""
-        torch = self._torch
-        if self._out_host is None or self._out_host.shape[0] < n:
-            self._out_host = torch.empty((n, self.tokens, self.hidden_size), dtype=torch.float16,
-                                         pin_memory=self._pin)
-        return self._out_host[:n]
 
     def field_metadata(self) -> dict[str, str]:
         return {
@@ -241,6 +294,9 @@ class VisionTower:
         }
 
     def close(self) -> None:
+        for d in self._ahead:
+            d.drop()
+        self._ahead = []
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -248,6 +304,22 @@ class VisionTower:
         self.fast = None
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
+
+
+class _Decoding:
+    """One batch's rows being decoded into staging slot `slot` (futures None: decoded inline)."""
+
+    def __init__(self, images, slot: int, values: list, stage, futures):
+        self.images, self.slot, self.values, self.stage, self.futures = images, slot, values, stage, futures
+
+    def drop(self) -> None:
+        """Cancel what has not started and wait for what has: nothing writes into the slot after this."""
+        for f in self.futures or ():
+            f.cancel()
+        for f in self.futures or ():
+            if not f.cancelled():
+                f.exception()
+        self.futures = None
 
 
 class SftTokens:

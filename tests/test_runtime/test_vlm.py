@@ -258,6 +258,50 @@ def test_vision_tower_udf_output(tower_udf, full, batch):
         tower_udf(pa.array([images[0], b"not an image"], pa.binary()))
 
 
+def test_vision_tower_prefetch_decodes_the_next_batch_with_the_same_results(tower_udf, batch):
+    images, _, _ = batch
+    a, b = pa.array(images, pa.binary()), pa.array(images[::-1], pa.binary())
+    plain = [tower_udf(a), tower_udf(b)]
+    tower_udf.prefetch(b)  # what the engine does: the next batch starts decoding before this one runs
+    got_a = tower_udf(a)  # not prefetched: decoded now, into the other staging slot
+    assert [d.images is b for d in tower_udf._ahead] == [True]
+    got_b = tower_udf(b)  # prefetched: the same results
+    assert tower_udf._ahead == []
+    assert got_a.equals(plain[0]) and got_b.equals(plain[1])
+    bad = pa.array([images[0], b"junk"], pa.binary())
+    tower_udf.prefetch(bad)
+    tower_udf.prefetch(a)  # two batches ahead: the first is still waiting to be called
+    with pytest.raises(ValueError, match="row 1: cannot decode"):
+        tower_udf(bad)  # a bad row in a prefetched batch fails its own call, naming the row
+    assert tower_udf(a).equals(plain[0])
+
+
+def test_engine_prefetches_each_next_batch(tmp_path):
+    from vlmspec.runtime.backfill import Chunk, _compute_chunk
+
+    uri = str(tmp_path / "t.lance")
+    import lance
+
+    ds = lance.write_dataset(pa.table({"x": pa.array(range(10))}), uri)
+    seen = []
+
+    class Udf:
+        def prefetch(self, x):
+            seen.append(("prefetch", x.to_pylist()))
+
+        def __call__(self, x):
+            seen.append(("call", x.to_pylist()))
+            return x
+
+    class Node:
+        inputs, params, output, batch, on_error = ["x"], {}, "int64", True, "fail"
+
+    _, values, _ = _compute_chunk(ds, Udf(), Node(), Chunk(0, 0, 10), 4)
+    assert values.to_pylist() == list(range(10))
+    assert seen == [("prefetch", [4, 5, 6, 7]), ("call", [0, 1, 2, 3]), ("prefetch", [8, 9]),
+                    ("call", [4, 5, 6, 7]), ("call", [8, 9])]
+
+
 def test_vision_tower_udf_rejects_wrong_output_type(spec):
     with pytest.raises(ValueError, match="does not match the model"):
         VisionTower(_vision_ctx(spec, hidden=64))
