@@ -131,6 +131,8 @@ def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases"
             rows: int = typer.Option(1024, "--rows", min=8, help="tier3: rows of the synthetic table."),
             tier3_batch: int = typer.Option(256, "--tier3-batch", min=1, help="tier3: engine batch size."),
             sub_batch: int = typer.Option(16, "--sub-batch", min=1, help="tier3: tower sub-batch in the UDF."),
+            tower_threads: str = typer.Option("0", "--tower-threads",
+                                              help="tier3: decode thread counts to try (0 = the UDF's default)."),
             repeats: int = typer.Option(3, "--repeats", min=1),
             out: Path = OutOpt) -> None:
     """Vision tower, LoRA/QLoRA train step and tier-3 backfill at the Qwen2.5-VL-3B shape (GPU)."""
@@ -138,9 +140,20 @@ def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases"
     from . import gpu
 
     res = gpu.run([p.strip() for p in phases.split(",") if p.strip()], out, shape=shape, compile=compile_,
-                  deadline_s=deadline_s, rows=rows, tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats)
+                  deadline_s=deadline_s, rows=rows, tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats,
+                  tower_threads=[int(x) for x in tower_threads.split(",") if x.strip()])
     for r in res.values():
         _report(r, out)
+
+
+@bench_app.command("bf16-noise")
+def bf16_noise_cmd(shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.5-VL-3B, random weights) or `tiny`."),
+                   seeds: int = typer.Option(2, "--seeds", min=1, help="Pixel batches (one figure sample each)."),
+                   out: Path = OutOpt) -> None:
+    """HF's vision tower in bf16 vs fp32: the tolerance two bf16 towers can be held to (CPU is fine)."""
+    from . import bf16_noise
+
+    _report(bf16_noise.run(out, shape=shape, seeds=seeds), out)
 
 
 # The reliability benchmarks (chaos, fuzz, badrows) and the README section they feed live in their

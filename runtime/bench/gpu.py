@@ -704,7 +704,8 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
 
 class GpuBusy:
     """Samples `utilization.gpu` (percent of time a kernel ran, per driver sample period) every
-    `period` s in a thread; `mean()` over the samples taken between start and stop."""
+    `period` s in a thread; `mean()` over the samples taken between start and stop (or from a
+    `time.perf_counter()` instant on)."""
 
     def __init__(self, period: float = 0.05):
         self.period, self.samples, self._stop = period, [], threading.Event()
@@ -728,7 +729,7 @@ class GpuBusy:
     def _loop(self):
         while not self._stop.is_set():
             try:
-                self.samples.append(self._read())
+                self.samples.append((time.perf_counter(), self._read()))
             except Exception:  # noqa: BLE001
                 pass
             time.sleep(self.period)
@@ -738,8 +739,9 @@ class GpuBusy:
         if self._read is not None:
             self._t.join()
 
-    def mean(self) -> float | None:
-        return round(statistics.fmean(self.samples), 1) if self.samples else None
+    def mean(self, since: float | None = None) -> float | None:
+        vals = [v for t, v in self.samples if since is None or t >= since]
+        return round(statistics.fmean(vals), 1) if vals else None
 
 
 # --- tier 3 ---------------------------------------------------------------------------------
@@ -822,7 +824,9 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
     d["jpeg_bytes_mean"] = int(pa.compute.mean(pa.compute.binary_length(table.column("image"))).as_py())
     uri = str(work / "tier3.lance")
     shutil.rmtree(uri, ignore_errors=True)
-    lance.write_dataset(table, uri, max_rows_per_file=max(rows // 4, 64))
+    frag_rows = max(min(1024, rows // 4), 64)  # the product default (1,024) at real sizes
+    d["rows_per_fragment"] = frag_rows
+    lance.write_dataset(table, uri, max_rows_per_file=frag_rows)
     ph.log("table", f"{rows} rows, {d['jpeg_bytes_mean']} B/JPEG, generated in {d['generate_s']} s")
 
     tower = ctx.get("tower") or build_tower(shape, device, dtype)
@@ -849,28 +853,50 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         bare_rate = measure(ph, "tier3_bare_tower", f"bare tower forward on pre-made pixels, batch {sub}", sub, bare,
                             device, unit="rows/s", warmup=3, target_s=2.0)
 
-        # (2) the VisionTower UDF alone on in-memory JPEG rows (decode, preprocess, tower, fp16 Arrow)
-        udf = VisionTower(UdfContext("vision_tower_hiddens", out_type, {}, spec, device, batch))
+        # (2) the VisionTower UDF alone on in-memory JPEG rows (decode, preprocess, tower, fp16 Arrow),
+        # for each decode thread count asked for; the end-to-end run below uses the fastest.
         images = table.column("image").combine_chunks()
-        udf(images.slice(0, batch))  # warm: layout capture + compile at the sub-batch size
+        slices = [images.slice(start, batch) for start in range(0, rows, batch)]
+        threads = ctx.get("tower_threads") or [0]  # 0: the UDF's default
+        d["tower_threads"] = threads
+        udf_figs = {}
+        for th in threads:
+            if th:
+                os.environ["VLMSPEC_TOWER_THREADS"] = str(th)
+            else:
+                os.environ.pop("VLMSPEC_TOWER_THREADS", None)
+            udf = VisionTower(UdfContext("vision_tower_hiddens", out_type, {}, spec, device, batch))
+            udf(slices[0])  # warm: pinned buffers
 
-        def udf_all():
-            for start in range(0, rows, batch):
-                udf(images.slice(start, batch))
-        fig = ph.res.figure("tier3_udf", f"VisionTower UDF on in-memory JPEGs (engine batch {batch}, sub-batch {sub})",
-                            "rows/s", higher_is_better=True, gpu_busy_pct=[])
-        for _ in range(ctx["repeats"]):
-            lb = load()
-            with GpuBusy() as busy:
-                t = time.perf_counter()
-                udf_all()
-                sync(device)
-                sec = time.perf_counter() - t
-            fig.add(rows / sec, lb, load())
-            fig.extra["gpu_busy_pct"].append(busy.mean())
-        ph.log("tier3_udf", f"{fig.median:.1f} rows/s, GPU busy {fig.extra['gpu_busy_pct']}")
-        udf.close()
-        ph.save()
+            def udf_all():  # as the engine calls it: the next batch starts decoding before each call
+                for k, part in enumerate(slices):
+                    if k + 1 < len(slices):
+                        udf.prefetch(slices[k + 1])
+                    udf(part)
+            key = "tier3_udf" if th == threads[0] else f"tier3_udf_t{th}"
+            how = f"{udf._pool._max_workers if udf._pool else 1} decode threads"
+            fig = udf_figs[th] = ph.res.figure(
+                key, f"VisionTower UDF on in-memory JPEGs (engine batch {batch}, sub-batch {sub}, {how})",
+                "rows/s", higher_is_better=True, gpu_busy_pct=[])
+            for _ in range(ctx["repeats"]):
+                lb = load()
+                with GpuBusy() as busy:
+                    t = time.perf_counter()
+                    udf_all()
+                    sync(device)
+                    sec = time.perf_counter() - t
+                fig.add(rows / sec, lb, load())
+                fig.extra["gpu_busy_pct"].append(busy.mean())
+            ph.log(key, f"{fig.median:.1f} rows/s, GPU busy {fig.extra['gpu_busy_pct']} ({how})")
+            udf.close()
+            ph.save()
+        best_th = max(udf_figs, key=lambda k: udf_figs[k].median)
+        fig = udf_figs[best_th]
+        d["e2e_tower_threads"] = best_th
+        if best_th:
+            os.environ["VLMSPEC_TOWER_THREADS"] = str(best_th)
+        else:
+            os.environ.pop("VLMSPEC_TOWER_THREADS", None)
 
         # (3) end to end through the engine: both tier-3 columns computed and written to Lance
         from vlmspec.compiler.load import load_spec
@@ -880,7 +906,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
 
         spec_file = work / "tier3.yaml"
         spec_file.write_text(
-            f"name: bench_tier3\nsource:\n  table: \"{uri}\"\n  rows_per_fragment: {max(rows // 4, 64)}\n"
+            f"name: bench_tier3\nsource:\n  table: \"{uri}\"\n  rows_per_fragment: {frag_rows}\n"
             f"model:\n  id: \"{mdir}\"\n  image_px: {px_size}\n  dtype: {spec.dtype}\n"
             f"features:\n  tier3:\n"
             f"    vision_tower_hiddens: {{udf: vlm.vision_tower, inputs: [image], batch_size: {batch}}}\n"
@@ -889,7 +915,14 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         loaded = load_spec(spec_file)
         fig_e = ph.res.figure("tier3_e2e", "end to end: vision_tower_hiddens + sft_tokens via backfill_column "
                               "(decode, preprocess, tower, Lance write)", "rows/s", higher_is_better=True,
-                              gpu_busy_pct=[], vision_s=[], sft_s=[])
+                              gpu_busy_pct=[], gpu_busy_after_setup_pct=[], setup_s=[], vision_s=[], sft_s=[],
+                              compute_s=[], write_wait_s=[], udf_call_s=[], udf_alloc_s=[])
+        made: list = []  # the engine's VisionTower instances, for their call/alloc timings
+        real_init = VisionTower.__init__
+
+        def init_and_keep(self, ctx):
+            made.append(self)
+            real_init(self, ctx)
         for rep in range(ctx["repeats"]):
             ds = lance.dataset(uri)
             drop = [c for c in ("vision_tower_hiddens", "sft_tokens") if c in ds.schema.names]
@@ -899,16 +932,33 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
             lb = load()
             with GpuBusy() as busy:
                 t = time.perf_counter()
-                backfill_column(uri, nodes["vision_tower_hiddens"], model_spec=loaded.spec.model, device=device)
+                VisionTower.__init__ = init_and_keep
+                try:
+                    run = backfill_column(uri, nodes["vision_tower_hiddens"], model_spec=loaded.spec.model,
+                                          device=device)
+                finally:
+                    VisionTower.__init__ = real_init
                 tv = time.perf_counter() - t
             t2 = time.perf_counter()
             backfill_column(uri, nodes["sft_tokens"], model_spec=loaded.spec.model, device=device)
             ts = time.perf_counter() - t2
             fig_e.add(rows / (tv + ts), lb, load())
             fig_e.extra["gpu_busy_pct"].append(busy.mean())
+            # from when the UDF was ready (tower built, compiled) to the column's last commit
+            fig_e.extra["gpu_busy_after_setup_pct"].append(busy.mean(since=t + run.setup_s))
+            fig_e.extra["setup_s"].append(round(run.setup_s, 2))
+            # where the vision column's time went: the engine's compute (reading + UDF calls) and
+            # waits on its writer thread; inside the UDF calls, allocating their pinned outputs
+            fig_e.extra["compute_s"].append(round(run.compute_s, 2))
+            fig_e.extra["write_wait_s"].append(round(run.write_wait_s, 2))
+            fig_e.extra["udf_call_s"].append(round(made[-1].stats["call_s"], 2) if made else None)
+            fig_e.extra["udf_alloc_s"].append(round(made[-1].stats["alloc_s"], 2) if made else None)
             fig_e.extra["vision_s"].append(round(tv, 2))
             fig_e.extra["sft_s"].append(round(ts, 2))
             ph.log("tier3_e2e", f"{rows / (tv + ts):.1f} rows/s (vision {tv:.1f}s busy {busy.mean()}%, "
+                                f"setup {run.setup_s:.1f}s, busy after it {busy.mean(since=t + run.setup_s)}%, "
+                                f"compute {run.compute_s:.1f}s, write waits {run.write_wait_s:.1f}s, udf calls "
+                                f"{fig_e.extra['udf_call_s'][-1]}s (pinned allocs {fig_e.extra['udf_alloc_s'][-1]}s), "
                                 f"sft {ts:.1f}s)")
             ph.save()
         ds = lance.dataset(uri)
@@ -941,6 +991,10 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
     ph.res.derive("tier3_gpu_busy", "GPU busy during the vision column (NVML utilization.gpu, mean)",
                   statistics.median(busy_e) if busy_e else None, unit="%", target=">= 90",
                   met=(statistics.median(busy_e) >= 90) if busy_e and shape == "3b" else None)
+    steady = [b for b in fig_e.extra["gpu_busy_after_setup_pct"] if b is not None]
+    ph.res.derive("tier3_gpu_busy_after_setup", "GPU busy during the vision column, after the UDF's set-up "
+                  f"(tower build + compile, median {statistics.median(fig_e.extra['setup_s']):.1f} s)",
+                  statistics.median(steady) if steady else None, unit="%")
     ph.res.derive("tier3_efficiency", "end-to-end rows/s over bare tower rows/s", round(e2e / bare_rate, 3)
                   if bare_rate else None, unit="", how="1.0 = the GPU only ever runs the tower")
     ph.res.derive("tier3_udf_efficiency", "UDF (no write) rows/s over bare tower rows/s",
@@ -963,7 +1017,8 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
         deadline_s: float = 540.0, rows: int = 1024, unique: int = 256, tier3_batch: int = 256, sub_batch: int = 16,
         repeats: int = 3, procs: int | None = None, tower_batches: list[int] | None = None,
         train_batches: list[int] | None = None, ranks: list[int] | None = None, workdir: str | None = None,
-        paths: list[str] | None = None, variants: list[str] | None = None, suffix: str = "") -> dict:
+        paths: list[str] | None = None, variants: list[str] | None = None, suffix: str = "",
+        tower_threads: list[int] | None = None) -> dict:
     import torch
 
     for p in phases:
@@ -978,7 +1033,7 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
                                tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats,
                                procs=procs or min(16, os.cpu_count() or 1), tower_batches=tower_batches,
                                train_batches=train_batches, ranks=ranks, workdir=str(work), paths=paths,
-                               variants=variants or ["eager", "compiled"])
+                               variants=variants or ["eager", "compiled"], tower_threads=tower_threads or [0])
     settings = {"shape": shape, "device": device, "dtype": str(dtype).replace("torch.", ""), "compile": compile,
                 "seq": SHAPES[shape]["seq"], "image_px": SHAPES[shape]["image_px"],
                 "image_tokens": (SHAPES[shape]["image_px"] // 28) ** 2, "label_tokens": NLAB}
@@ -992,7 +1047,8 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
     fns = {"equivalence": phase_equivalence, "tower": phase_tower, "trainstep": phase_trainstep,
            "qlora": phase_qlora, "tier3": phase_tier3}
     for p in phases:
-        extra = {k: ctx[k] for k in ("rows", "tier3_batch", "sub_batch", "repeats")} if p == "tier3" else {}
+        extra = {k: ctx[k] for k in ("rows", "tier3_batch", "sub_batch", "repeats", "tower_threads")} \
+            if p == "tier3" else {}
         if p == "trainstep":
             extra = {"ranks": ranks or SHAPES[shape]["ranks"],
                      "batches": train_batches or SHAPES[shape]["train_batches"],
@@ -1020,6 +1076,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unique", type=int, default=256)
     ap.add_argument("--tier3-batch", type=int, default=256)  # vlm.vision_tower's default batch_size
     ap.add_argument("--sub-batch", type=int, default=16)
+    ap.add_argument("--tower-threads", default="0", help="tier3: decode thread counts to try (0 = the default)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tower-batches", default=None)
     ap.add_argument("--train-batches", default=None)
@@ -1036,7 +1093,8 @@ def main(argv: list[str] | None = None) -> None:
               tier3_batch=a.tier3_batch, sub_batch=a.sub_batch, repeats=a.repeats,
               tower_batches=ints(a.tower_batches), train_batches=ints(a.train_batches), ranks=ints(a.ranks),
               workdir=a.workdir, paths=a.paths.split(",") if a.paths else None,
-              variants=a.variants.split(",") if a.variants else None, suffix=a.suffix)
+              variants=a.variants.split(",") if a.variants else None, suffix=a.suffix,
+              tower_threads=ints(a.tower_threads))
     for r in res.values():
         print(f"== {r.name}")
         for d in r.derived.values():

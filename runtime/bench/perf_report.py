@@ -134,8 +134,19 @@ def render(d: Path) -> str:
             busy, after = f.get("gpu_busy_pct"), f.get("gpu_busy_after_setup_pct")
             out.append(f"| {f['label']} | {_fig(t3, key)} | {', '.join(str(b) for b in busy) if busy else ''} | "
                        f"{', '.join(str(b) for b in after) if after else ''} |")
-        out += ["", f"Written hiddens vs HF's tower on the same rows: relative L2 "
-                f"{_num(dt.get('written_vs_hf_reference_rel_l2'))}. On-device preprocessing (`Patchifier`) vs "
+        e2e = t3["figures"].get("tier3_e2e", {})
+        if e2e.get("compute_s"):
+            out += ["", "Where the vision column's time went, per repeat: " + "; ".join(
+                f"{v} s in all = set-up {su} s + engine compute {c} s (UDF calls {u} s, of which pinned "
+                f"allocations {a} s) + waiting on the writer {w} s" for v, su, c, u, a, w in zip(
+                    e2e["vision_s"], e2e["setup_s"], e2e["compute_s"], e2e["udf_call_s"], e2e["udf_alloc_s"],
+                    e2e["write_wait_s"])) + "."]
+        tol = _der(_load(d, "bf16_noise"), "bf16_tolerance")
+        out += ["", f"Written hiddens (compiled tower) vs HF's bf16 tower on the same rows: relative L2 "
+                f"{_num(dt.get('written_vs_hf_reference_rel_l2'))}" + (
+                    f"; HF's bf16 tower vs fp32, the bf16 tolerance: {tol['value']} (`bf16_noise.json`)"
+                    if tol else "") + "."]
+        out += [f"On-device preprocessing (`Patchifier`) vs "
                 f"this machine's image processor ({dt.get('patchify_backend', '?')}): bitwise equal "
                 f"{dt.get('patchify_bitwise_equal', '?')}.", ""]
     # -- reads

@@ -55,3 +55,10 @@ def test_bench_gpu_tiny_equivalence(tmp_path):
     assert data["derived"]["fast_tower_equal"]["met"] is True
     assert data["derived"]["cached_equal"]["met"] is True
     assert data["details"]["fast_tower_vs_hf"]["batched_layers"] == 4
+
+
+def test_bench_bf16_noise_tiny(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "bf16-noise", "--shape", "tiny", "--seeds", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    tol = _load(tmp_path, "bf16_noise")["derived"]["bf16_tolerance"]["value"]
+    assert 0 < tol < 0.1  # bf16 rounds (not zero) but keeps the tower's output close
