@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .plan import SYMBOL, ColumnStep, Plan, StageStep
+from .plan import SYMBOL, ColumnStep, Plan
 
 STAGE_TITLES = {"curate": "curate", "split": "split", "train": "train", "eval": "eval"}
 

@@ -7,7 +7,6 @@ each step is resumable on its own, and a run record is written whatever happens.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from contextlib import ExitStack, contextmanager
@@ -323,10 +322,15 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
 def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
     from .train import train_from_spec
 
+    from .loader import drop_pins
+
     t0 = time.perf_counter()
-    out = train_from_spec(prep, device=device)
-    node = prep.compiled.stage("train")
     table = prep.loaded.spec.source.table
+    try:
+        out = train_from_spec(prep, device=device)
+    finally:  # clones the loader pinned its version with: the next run pins its own
+        drop_pins(table)
+    node = prep.compiled.stage("train")
     history.record_step(table, "train", node.fingerprint, out["table_version"], out["rows"],
                         {"recipe": node.recipe, **out})
     result.record.add_step("train", "run", out["rows"], time.perf_counter() - t0,

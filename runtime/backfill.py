@@ -21,10 +21,8 @@ import importlib
 import importlib.util
 import json
 import multiprocessing
-import os
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -198,6 +198,16 @@ def pinned_clone(uri: str, version: int) -> str:
     return str(target)
 
 
+def drop_pins(uri: str) -> None:
+    """Remove the pinned clones `pinned_clone` made (metadata only; the data files are the table's).
+    `apply` calls it when training ends, under the table lock, so no loader is reading them."""
+    import shutil
+
+    from .lance_io import sidecar_dir
+
+    shutil.rmtree(sidecar_dir(uri) / "pins", ignore_errors=True)
+
+
 def _view(arr: pa.Array, dtype: np.dtype) -> np.ndarray:
     if arr.null_count:
         raise ValueError("a cached column holds nulls in the training slice; run `vlmspec apply` to fill it")

@@ -24,7 +24,6 @@ Phases (each writes `gpu_<phase>.json` + `.md`; one device call can run several)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import math

@@ -7,7 +7,6 @@ by `apply`, thumbnails that cannot escape the report, and tokens that never reac
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -181,6 +180,14 @@ def test_loader_reads_its_pinned_version_while_commits_land(tmp_path):
         assert (h1 == h2).all() and (i1 == i2).all()
     again = _batches(loader())  # a loader opened after the commits, at the same version, too
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(again, want, strict=True))
+    # The token column (6 int8 a row: mini-block pages) came through a pinned clone; `apply` drops
+    # those clones when training ends.
+    from vlmspec.runtime.loader import drop_pins
+
+    pins = lance_io.sidecar_dir(uri) / "pins"
+    assert pins.exists()
+    drop_pins(uri)
+    assert not pins.exists() and lance.dataset(uri).count_rows() > 0
 
 
 # --- apply --plan -----------------------------------------------------------------------------
