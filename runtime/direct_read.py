@@ -79,9 +79,9 @@ class FixedColumnReader:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, ds, column: str) -> "FixedColumnReader | str":
-        """A reader for `column` ("name" or "struct.child") of `ds` (a pinned `lance.LanceDataset`),
-        or the reason it cannot be read directly."""
+    def open(cls, ds, column: str, fragments: set[int] | None = None) -> "FixedColumnReader | str":
+        """A reader for `column` ("name" or "struct.child") of `ds` (a pinned `lance.LanceDataset`)
+        over `fragments` (default all), or the reason it cannot be read directly."""
         from lance.file import LanceFileReader
 
         uri = ds.uri
@@ -100,6 +100,8 @@ class FixedColumnReader:
         paths: list[str] = []
         pages: dict[int, list[_Page]] = {}
         for frag in ds.get_fragments():
+            if fragments is not None and frag.fragment_id not in fragments:
+                continue
             files = [df for df in frag.data_files() if field.id() in df.fields]
             if not files:
                 return f"fragment {frag.fragment_id} has no data file for {column} (reads as null)"

@@ -63,16 +63,17 @@ class SliceDataset(Dataset):
     def _open(self) -> None:
         import lance
 
-        from .direct_read import BufferPool, FixedColumnReader, leaves
+        from .direct_read import BufferPool, leaves
 
         self._pool = BufferPool()
         self._direct = {}
         if self.direct_enabled:
             ds = lance.dataset(self.uri, version=self.version)
+            frags = set((self.row_addrs >> np.uint64(32)).tolist())  # only the slice's fragments
             for col in self.columns:
                 typ = ds.schema.field(col).type
                 paths = leaves(typ, col)
-                readers = [FixedColumnReader.open(ds, p) for p in paths] if paths else ["a nested struct"]
+                readers = [_reader(ds, self.version, p, frags) for p in paths] if paths else ["a nested struct"]
                 bad = [r for r in readers if isinstance(r, str)]
                 if bad:
                     self.why_not_direct[col] = bad[0]
@@ -89,7 +90,12 @@ class SliceDataset(Dataset):
         if not len(probe):
             return True
         cols = list(self._direct)
-        want = ds._take_rows(probe.tolist(), columns=cols)
+        try:
+            want = ds._take_rows(probe.tolist(), columns=cols)
+        except Exception as e:  # noqa: BLE001 - a private pylance API: without it, no direct reads
+            for c in cols:
+                self.why_not_direct[c] = f"could not check against a Lance take ({type(e).__name__}: {e})"
+            return False
         got = self._read_direct(probe, cols)
         if all(pa.chunked_array([got.column(c)]).equals(want.column(c)) for c in cols):
             return True
@@ -160,6 +166,25 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> pa.RecordBatch:
         return self.__getitems__([int(index)])
+
+
+_READERS: dict[tuple, Any] = {}  # (uri, version, column, data files) -> reader or reason, per process
+
+
+def _reader(ds, version: int, column: str, frags: set[int]):
+    """`FixedColumnReader.open`, once per process for a version, column and fragment set: a new
+    loader each epoch reuses the page map (and open files) instead of reading every file's footer."""
+    from .direct_read import FixedColumnReader
+
+    # The data files' names (unique per write) identify the version's content too: a table deleted
+    # and written again at the same path restarts its version numbers.
+    files = tuple(df.path for f in ds.get_fragments() if f.fragment_id in frags for df in f.data_files())
+    key = (ds.uri, version, column, files)
+    if key not in _READERS:
+        if len(_READERS) >= 32:
+            _READERS.pop(next(iter(_READERS)))
+        _READERS[key] = FixedColumnReader.open(ds, column, frags)
+    return _READERS[key]
 
 
 def _leaf_type(typ: pa.DataType, path: str) -> pa.DataType:

@@ -181,3 +181,23 @@ def test_a_direct_read_that_disagrees_with_lance_is_not_used(multi, monkeypatch)
     assert sd._direct == {} and "differed" in sd.why_not_direct["h"]
     want = multi._take_rows(np.sort(_addrs(multi)[:3]).tolist(), columns=["h"])
     assert rb.column("h").equals(want.column("h").combine_chunks())
+
+
+@pytest.mark.slow
+def test_a_table_written_again_at_the_same_path_is_not_read_with_the_old_page_map(tmp_path):
+    import shutil
+    import warnings
+
+    uri = str(tmp_path / "t.lance")
+    first = lance.write_dataset(_table(10, hidden=300), uri)
+    a = SliceDataset(uri, first.version, _addrs(first), ["h"]).__getitems__([0, 1])
+    shutil.rmtree(uri)  # same path and fragment ids, version numbers start again, other rows
+    second = lance.write_dataset(_table(30, start=5, hidden=300), uri)
+    assert second.version == first.version and [f.fragment_id for f in second.get_fragments()] == [0]
+    sd = SliceDataset(uri, second.version, _addrs(second), ["h"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old page map would fail the check against Lance
+        b = sd.__getitems__([0, 1])
+    assert set(sd._direct) == {"h"}
+    want = second._take_rows(np.sort(_addrs(second)[:2]).tolist(), columns=["h"])
+    assert b.column("h").equals(want.column("h").combine_chunks()) and not b.column("h").equals(a.column("h"))
