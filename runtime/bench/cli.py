@@ -133,6 +133,8 @@ def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases"
             sub_batch: int = typer.Option(16, "--sub-batch", min=1, help="tier3: tower sub-batch in the UDF."),
             tower_threads: str = typer.Option("0", "--tower-threads",
                                               help="tier3: decode thread counts to try (0 = the UDF's default)."),
+            qlora_grid: bool = typer.Option(False, "--qlora-grid",
+                                            help="qlora: also r16/r64 x batch 2/8/16 (checkpointing on)."),
             repeats: int = typer.Option(3, "--repeats", min=1),
             out: Path = OutOpt) -> None:
     """Vision tower, LoRA/QLoRA train step and tier-3 backfill at the Qwen2.5-VL-3B shape (GPU)."""
@@ -141,7 +143,7 @@ def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases"
 
     res = gpu.run([p.strip() for p in phases.split(",") if p.strip()], out, shape=shape, compile=compile_,
                   deadline_s=deadline_s, rows=rows, tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats,
-                  tower_threads=[int(x) for x in tower_threads.split(",") if x.strip()])
+                  tower_threads=[int(x) for x in tower_threads.split(",") if x.strip()], qlora_grid=qlora_grid)
     for r in res.values():
         _report(r, out)
 

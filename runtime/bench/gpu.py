@@ -634,8 +634,17 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
     results = {}
-    for gc in (True, False):
-        key = f"qlora_r16_b2_gc{int(gc)}"
+    # (rank, batch, gradient checkpointing): r16 b2 with and without checkpointing by default, the
+    # issue's whole r16/r64 x batch 2/8/16 grid (checkpointing on) with `--qlora-grid`
+    configs = [(16, 2, True), (16, 2, False)]
+    if ctx.get("qlora_grid"):
+        configs += [(r, b, True) for r in (16, 64) for b in (2, 8, 16) if (r, b) != (16, 2)]
+    ph.res.details["configs"] = [list(c) for c in configs]
+    for r, b, gc in configs:
+        key = f"qlora_r{r}_b{b}_gc{int(gc)}"
+        if ph.time_left() < 40:
+            ph.res.notes.append(f"{key}: skipped (device-call deadline)")
+            continue
         try:
             before = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
             try:  # vlmspec's loader (what `train` uses): language model only, tower never built
@@ -663,27 +672,28 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
             # exactly what runtime/train.build_model does for a 4-bit spec
             q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=gc,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-            pm = _lora(q, 16)
+            pm = _lora(q, r)
             opt = _optimizer(pm, device)  # as runtime.train: fused AdamW on CUDA
-            ids, mask, labels = text_batch(shape, 2, device, seed=7)
+            ids, mask, labels = text_batch(shape, b, device, seed=7)
             ntok = (s["image_px"] // 28) ** 2
-            h = torch.randn(2, ntok, s["text"]["hidden_size"], device=device, dtype=torch.float16) * 0.5
+            h = torch.randn(b, ntok, s["text"]["hidden_size"], device=device, dtype=torch.float16) * 0.5
             si = _step_inputs(shape, ids, mask, labels, device)
 
             def step():  # the training step of runtime.train (cached_loss on precomputed step inputs)
                 cached_loss(pm, ids, mask, h, si).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            med = measure(ph, key, f"4-bit NF4 QLoRA r16, batch 2, gradient checkpointing {'on' if gc else 'off'}",
-                          2, step, device, unit="samples/s", warmup=2, target_s=2.0, max_calls=20,
-                          weights_gib=round(weights, 3) if weights is not None else None)
+            med = measure(ph, key, f"4-bit NF4 QLoRA r{r}, batch {b}, gradient checkpointing {'on' if gc else 'off'}",
+                          b, step, device, unit="samples/s", warmup=2, target_s=2.0, max_calls=20,
+                          weights_gib=round(weights, 3) if weights is not None else None, r=r, batch=b, gc=gc)
             fig = ph.res.figures[key]
             # Whatever else this process holds on the GPU (the bf16 model other phases of the same
             # call use) is in max_memory_allocated too: report the QLoRA's own peak beside it.
             fig.extra["resident_before_gib"] = round(before / 2**30, 3)
             own = None if fig.extra["peak_gib"] is None else round(fig.extra["peak_gib"] - before / 2**30, 3)
             fig.extra["own_peak_gib"] = own
-            results[gc] = (med, own)
+            if (r, b) == (16, 2):
+                results[gc] = (med, own)
             del pm, opt, q
             if str(device).startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -1017,7 +1027,7 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
         repeats: int = 3, procs: int | None = None, tower_batches: list[int] | None = None,
         train_batches: list[int] | None = None, ranks: list[int] | None = None, workdir: str | None = None,
         paths: list[str] | None = None, variants: list[str] | None = None, suffix: str = "",
-        tower_threads: list[int] | None = None) -> dict:
+        tower_threads: list[int] | None = None, qlora_grid: bool = False) -> dict:
     import torch
 
     for p in phases:
@@ -1032,7 +1042,8 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
                                tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats,
                                procs=procs or min(16, os.cpu_count() or 1), tower_batches=tower_batches,
                                train_batches=train_batches, ranks=ranks, workdir=str(work), paths=paths,
-                               variants=variants or ["eager", "compiled"], tower_threads=tower_threads or [0])
+                               variants=variants or ["eager", "compiled"], tower_threads=tower_threads or [0],
+                               qlora_grid=qlora_grid)
     settings = {"shape": shape, "device": device, "dtype": str(dtype).replace("torch.", ""), "compile": compile,
                 "seq": SHAPES[shape]["seq"], "image_px": SHAPES[shape]["image_px"],
                 "image_tokens": (SHAPES[shape]["image_px"] // 28) ** 2, "label_tokens": NLAB}
@@ -1052,6 +1063,8 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
             extra = {"ranks": ranks or SHAPES[shape]["ranks"],
                      "batches": train_batches or SHAPES[shape]["train_batches"],
                      "variants": ctx["variants"], "lora_targets": "q,k,v,o of the LM", "lora_dropout": 0.05}
+        if p == "qlora":
+            extra = {"qlora_grid": qlora_grid}
         ph = Phase(p, TITLES[p], {**settings, **extra}, out, deadline, suffix)
         if p == "tier3" and ctx.get("model") is not None:
             ctx["tower"] = ctx["model"].model.visual
@@ -1076,6 +1089,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tier3-batch", type=int, default=256)  # vlm.vision_tower's default batch_size
     ap.add_argument("--sub-batch", type=int, default=16)
     ap.add_argument("--tower-threads", default="0", help="tier3: decode thread counts to try (0 = the default)")
+    ap.add_argument("--qlora-grid", action="store_true", help="qlora: also r16/r64 x batch 2/8/16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tower-batches", default=None)
     ap.add_argument("--train-batches", default=None)
@@ -1093,7 +1107,7 @@ def main(argv: list[str] | None = None) -> None:
               tower_batches=ints(a.tower_batches), train_batches=ints(a.train_batches), ranks=ints(a.ranks),
               workdir=a.workdir, paths=a.paths.split(",") if a.paths else None,
               variants=a.variants.split(",") if a.variants else None, suffix=a.suffix,
-              tower_threads=ints(a.tower_threads))
+              tower_threads=ints(a.tower_threads), qlora_grid=a.qlora_grid)
     for r in res.values():
         print(f"== {r.name}")
         for d in r.derived.values():

@@ -119,7 +119,14 @@ def render(d: Path) -> str:
         for (path, r, b), cells in sorted(seen.items(), key=lambda kv: (kv[0][0] != "cached", kv[0][1], kv[0][2])):
             out.append(f"| {path} | {r} | {b} | " + " | ".join(cells.get(v, "–") for v in variants) + " |")
         out.append("")
-    if q:
+    if q and len(q["figures"]) > 2:  # the r16/r64 x batch grid (`--qlora-grid`)
+        out += [f"**4-bit NF4 QLoRA, cached path, samples/s** (`gpu_qlora.json`, {_machine(q)})", "",
+                "| r | batch | gradient checkpointing | samples/s | own peak GiB |", "|---:|---:|---|---:|---:|"]
+        for k, f in q["figures"].items():
+            out.append(f"| {f.get('r', 16)} | {f.get('batch', 2)} | {'on' if f.get('gc', True) else 'off'} | "
+                       f"{_fig(q, k)} | {f.get('own_peak_gib')} |")
+        out.append("")
+    elif q:
         out += [f"**4-bit NF4 QLoRA r16, batch 2** (`gpu_qlora.json`, {_machine(q)}): "
                 + "; ".join(f"gradient checkpointing {'on' if f.get('label', '').endswith('on') else 'off'}: "
                             f"{_fig(q, k)} samples/s, own peak {f.get('own_peak_gib')} GiB, 4-bit weights "

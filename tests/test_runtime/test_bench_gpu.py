@@ -62,3 +62,16 @@ def test_bench_bf16_noise_tiny(tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     tol = _load(tmp_path, "bf16_noise")["derived"]["bf16_tolerance"]["value"]
     assert 0 < tol < 0.1  # bf16 rounds (not zero) but keeps the tower's output close
+
+
+@pytest.mark.slow
+def test_bench_gpu_tiny_qlora_grid(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "gpu", "--shape", "tiny", "--phases", "qlora", "--qlora-grid",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = _load(tmp_path, "gpu_qlora")
+    assert data["details"]["errors"] == {}
+    want = {f"qlora_r{r}_b{b}_gc1" for r in (16, 64) for b in (2, 8, 16)} | {"qlora_r16_b2_gc0"}
+    assert set(data["figures"]) == want
+    assert all(f["median"] > 0 for f in data["figures"].values())
+    assert data["derived"]["qlora_rate"]["value"] == data["figures"]["qlora_r16_b2_gc1"]["median"]
