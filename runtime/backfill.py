@@ -5,7 +5,8 @@ Protocol (what makes a killed apply resumable):
    fingerprint being filled. A stale column is dropped first (metadata-only too).
 2. Each fragment's values are computed, written as a standalone data file and attached with a
    `DataReplacement` commit: one commit per checkpoint. A kill loses at most the fragments in
-   flight; a fragment holding a data file for the field is done and is never recomputed.
+   flight (locally two: the one being written and committed, and the next, computed meanwhile);
+   a fragment holding a data file for the field is done and is never recomputed.
 3. When every fragment holds data, `vlmspec.fingerprint` is written and `vlmspec.target` removed:
    the fingerprint appears when, and only when, the column is complete.
 Raw columns are only ever read.
@@ -410,8 +411,9 @@ def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, devic
                 # while the next chunk computes (the GPU would otherwise idle through a 1.6 GB write
                 # per 1,024 rows of hiddens). One write in flight keeps memory bounded and commits in
                 # order; a writer error (or a `fail` row) surfaces before the next chunk is queued.
-                # (Two writers at once were tried on the H200: no faster, and a kill would lose two
-                # fragments.)
+                # A kill loses at most two fragments: the one being written and the one computed
+                # meanwhile. (Two writers at once were tried on the H200: no faster, and a kill would
+                # lose three.)
                 writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmspec-writer")
                 pending = None
                 try:

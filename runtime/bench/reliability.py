@@ -102,7 +102,8 @@ def section(results: Path) -> str:
                   f"{d['kills']['value']} of {len(killed)} kills survived (landed in ingest / tier-1,2 / tier-3 / "
                   f"train / after the last step: {d['phases']['value']})", "every kill"],
                  ["rows lost or doubled after the rerun", d["lost"]["value"], "0"],
-                 ["kills that recomputed at most one checkpoint's worth",
+                 ["kills that recomputed at most what was in flight (ingest: one commit; a column: two "
+                  "fragments, the one being written and the one computed meanwhile; training: one checkpoint)",
                   f"{d['bound']['value']} of {len(killed)} (one commit or fragment = "
                   f"{found['chaos']['settings']['rows_per_fragment']} rows; training: "
                   f"{found['chaos']['settings']['checkpoint_every']} steps)", "every kill"],
