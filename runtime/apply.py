@@ -89,9 +89,17 @@ def table_lock(table: str) -> Iterator[None]:
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
+        # The holder writes its pid right after taking the lock: a refusal that lands in between
+        # reads an empty file, so wait (briefly) for the pid to appear.
+        holder = ""
+        for _ in range(50):
+            f.seek(0)
+            holder = f.read().strip()
+            if holder:
+                break
+            time.sleep(0.02)
         f.close()
+        holder = holder or "?"
         raise ApplyError(Problem(f"another `vlmspec apply` (pid {holder}) is running on `{table}`",
                                  fix="Wait for it to finish; the table is safe")) from None
     f.truncate(0)
@@ -100,6 +108,8 @@ def table_lock(table: str) -> Iterator[None]:
     try:
         yield
     finally:
+        f.truncate(0)  # no stale pid for the next refusal to read before the next holder writes its own
+        f.flush()
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
 
