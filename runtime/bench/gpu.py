@@ -636,12 +636,20 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
     results = {}
     # (rank, batch, gradient checkpointing): r16 b2 with and without checkpointing by default, the
     # issue's whole r16/r64 x batch 2/8/16 grid (checkpointing on) with `--qlora-grid`
-    configs = [(16, 2, True), (16, 2, False)]
+    # and the path: cached (hiddens from the column) or raw (the bf16 vision tower run every step,
+    # frozen, beside the 4-bit language model)
+    configs = [("cached", 16, 2, True), ("cached", 16, 2, False)]
     if ctx.get("qlora_grid"):
-        configs += [(r, b, True) for r in (16, 64) for b in (2, 8, 16) if (r, b) != (16, 2)]
+        configs += [(path, r, b, True) for path in ("cached", "raw") for r in (16, 64) for b in (2, 8, 16)
+                    if (path, r, b) != ("cached", 16, 2)]
     ph.res.details["configs"] = [list(c) for c in configs]
-    for r, b, gc in configs:
-        key = f"qlora_r{r}_b{b}_gc{int(gc)}"
+    tower = None
+    if any(c[0] == "raw" for c in configs):
+        model = ctx.get("model")
+        tower = model.model.visual if model is not None else (ctx.get("tower") or build_tower(shape, device,
+                                                                                             ctx["dtype"]))
+    for path, r, b, gc in configs:
+        key = f"qlora_r{r}_b{b}_gc{int(gc)}" + ("_raw" if path == "raw" else "")
         if ph.time_left() < 40:
             ph.res.notes.append(f"{key}: skipped (device-call deadline)")
             continue
@@ -678,21 +686,32 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
             ntok = (s["image_px"] // 28) ** 2
             h = torch.randn(b, ntok, s["text"]["hidden_size"], device=device, dtype=torch.float16) * 0.5
             si = _step_inputs(shape, ids, mask, labels, device)
+            px = pixels(shape, b, device, ctx["dtype"], seed=b) if path == "raw" else None
+            grid = torch.tensor([grid_of(shape)] * b)
+
+            def hiddens():
+                if path == "raw":
+                    with torch.no_grad():
+                        return pooled(tower(px, grid_thw=grid.to(device))).reshape(b, ntok, -1)
+                return h
 
             def step():  # the training step of runtime.train (cached_loss on precomputed step inputs)
-                cached_loss(pm, ids, mask, h, si).backward()
+                cached_loss(pm, ids, mask, hiddens(), si).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            med = measure(ph, key, f"4-bit NF4 QLoRA r{r}, batch {b}, gradient checkpointing {'on' if gc else 'off'}",
-                          b, step, device, unit="samples/s", warmup=2, target_s=2.0, max_calls=20,
-                          weights_gib=round(weights, 3) if weights is not None else None, r=r, batch=b, gc=gc)
+            what = "cached" if path == "cached" else \
+                f"raw ({str(ctx['dtype']).replace('torch.', '')} tower every step)"
+            med = measure(ph, key, f"4-bit NF4 QLoRA {what}, r{r}, batch {b}, gradient checkpointing "
+                          f"{'on' if gc else 'off'}", b, step, device, unit="samples/s", warmup=2, target_s=2.0,
+                          max_calls=20, weights_gib=round(weights, 3) if weights is not None else None, r=r, batch=b,
+                          gc=gc, path=path)
             fig = ph.res.figures[key]
             # Whatever else this process holds on the GPU (the bf16 model other phases of the same
             # call use) is in max_memory_allocated too: report the QLoRA's own peak beside it.
             fig.extra["resident_before_gib"] = round(before / 2**30, 3)
             own = None if fig.extra["peak_gib"] is None else round(fig.extra["peak_gib"] - before / 2**30, 3)
             fig.extra["own_peak_gib"] = own
-            if (r, b) == (16, 2):
+            if (path, r, b) == ("cached", 16, 2):
                 results[gc] = (med, own)
             del pm, opt, q
             if str(device).startswith("cuda"):

@@ -120,11 +120,12 @@ def render(d: Path) -> str:
             out.append(f"| {path} | {r} | {b} | " + " | ".join(cells.get(v, "–") for v in variants) + " |")
         out.append("")
     if q and len(q["figures"]) > 2:  # the r16/r64 x batch grid (`--qlora-grid`)
-        out += [f"**4-bit NF4 QLoRA, cached path, samples/s** (`gpu_qlora.json`, {_machine(q)})", "",
-                "| r | batch | gradient checkpointing | samples/s | own peak GiB |", "|---:|---:|---|---:|---:|"]
+        out += [f"**4-bit NF4 QLoRA, samples/s** (`gpu_qlora.json`, {_machine(q)}; raw = the bf16 tower every "
+                "step)", "", "| path | r | batch | gradient checkpointing | samples/s | own peak GiB |",
+                "|---|---:|---:|---|---:|---:|"]
         for k, f in q["figures"].items():
-            out.append(f"| {f.get('r', 16)} | {f.get('batch', 2)} | {'on' if f.get('gc', True) else 'off'} | "
-                       f"{_fig(q, k)} | {f.get('own_peak_gib')} |")
+            out.append(f"| {f.get('path', 'cached')} | {f.get('r', 16)} | {f.get('batch', 2)} | "
+                       f"{'on' if f.get('gc', True) else 'off'} | {_fig(q, k)} | {f.get('own_peak_gib')} |")
         out.append("")
     elif q:
         out += [f"**4-bit NF4 QLoRA r16, batch 2** (`gpu_qlora.json`, {_machine(q)}): "

@@ -71,7 +71,8 @@ def test_bench_gpu_tiny_qlora_grid(tmp_path):
     assert res.exit_code == 0, res.output + repr(res.exception)
     data = _load(tmp_path, "gpu_qlora")
     assert data["details"]["errors"] == {}
-    want = {f"qlora_r{r}_b{b}_gc1" for r in (16, 64) for b in (2, 8, 16)} | {"qlora_r16_b2_gc0"}
+    want = {f"qlora_r{r}_b{b}_gc1{raw}" for r in (16, 64) for b in (2, 8, 16) for raw in ("", "_raw")}
+    want |= {"qlora_r16_b2_gc0"}
     assert set(data["figures"]) == want
     assert all(f["median"] > 0 for f in data["figures"].values())
     assert data["derived"]["qlora_rate"]["value"] == data["figures"]["qlora_r16_b2_gc1"]["median"]
