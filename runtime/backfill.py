@@ -458,15 +458,10 @@ def _instantiate(node: ColumnNode, model_spec: Any, device: str) -> tuple[Callab
 class _BoundInstance:
     def __init__(self, inst):
         self.inst = inst
+        self.prefetch = getattr(inst, "prefetch", None)  # the optional hook `_compute_chunk` calls
 
     def __call__(self, *arrays, **_params):
         return self.inst(*arrays)
-
-    def __getattr__(self, name):  # optional hooks (`prefetch`) of the instance
-        inst = self.__dict__.get("inst")
-        if name == "prefetch" and hasattr(inst, "prefetch"):
-            return inst.prefetch
-        raise AttributeError(name)
 
     def close(self):
         if hasattr(self.inst, "close"):

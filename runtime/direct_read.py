@@ -69,10 +69,10 @@ class FixedColumnReader:
     spawned workers (descriptors are reopened there).
     """
 
-    def __init__(self, column: str, list_size: int, dtype: np.dtype, paths: list[str],
-                 pages: dict[int, list[_Page]]):
-        self.column, self.list_size, self.dtype = column, list_size, np.dtype(dtype)
-        self.row_bytes = list_size * self.dtype.itemsize
+    def __init__(self, column: str, type: pa.FixedSizeListType, paths: list[str], pages: dict[int, list[_Page]]):
+        self.column, self.type = column, type
+        self.dtype = np.dtype(type.value_type.to_pandas_dtype())
+        self.row_bytes = type.list_size * self.dtype.itemsize
         self.paths, self.pages = paths, pages
         self._starts = {f: [p.first for p in ps] for f, ps in pages.items()}
         self._fds: dict[int, int] = {}
@@ -95,8 +95,7 @@ class FixedColumnReader:
         if not pa.types.is_fixed_size_list(typ) or not pa.types.is_primitive(typ.value_type) or \
                 pa.types.is_boolean(typ.value_type):
             return f"{column} is {typ}, not a fixed-size list of a fixed-width type"
-        list_size, dtype = typ.list_size, typ.value_type.to_pandas_dtype()
-        bits = typ.value_type.bit_width
+        list_size, bits = typ.list_size, typ.value_type.bit_width
         paths: list[str] = []
         pages: dict[int, list[_Page]] = {}
         for frag in ds.get_fragments():
@@ -124,7 +123,7 @@ class FixedColumnReader:
                 return f"{path}: pages hold {first} rows, the fragment {frag.physical_rows}"
             paths.append(path)
             pages[frag.fragment_id] = out
-        return cls(column, list_size, dtype, paths, pages)
+        return cls(column, typ, paths, pages)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -179,6 +178,14 @@ class FixedColumnReader:
                 run += 1
             _pread_exact(self._fd(page.file), mv[k * rb:(k + run) * rb], page.position + (off - page.first) * rb)
             k += run
+
+    def read_array(self, addrs: np.ndarray, out: np.ndarray) -> pa.FixedSizeListArray:
+        """`read_into(addrs, out)`, then `out` as this column's Arrow array (no copy: the array
+        holds `out`)."""
+        self.read_into(addrs, out)
+        n = len(addrs) * self.type.list_size
+        return pa.FixedSizeListArray.from_arrays(
+            pa.Array.from_buffers(self.type.value_type, n, [None, pa.py_buffer(out)]), type=self.type)
 
 
 def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:

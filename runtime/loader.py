@@ -70,10 +70,13 @@ class SliceDataset(Dataset):
         if self.direct_enabled:
             ds = lance.dataset(self.uri, version=self.version)
             frags = set((self.row_addrs >> np.uint64(32)).tolist())  # only the slice's fragments
+            # The data files' names (unique per write) identify the version's content too: a table
+            # deleted and written again at the same path restarts its version numbers.
+            files = tuple(df.path for f in ds.get_fragments() if f.fragment_id in frags for df in f.data_files())
             for col in self.columns:
                 typ = ds.schema.field(col).type
                 paths = leaves(typ, col)
-                readers = [_reader(ds, self.version, p, frags) for p in paths] if paths else ["a nested struct"]
+                readers = [_reader(ds, p, frags, files) for p in paths] if paths else ["a nested struct"]
                 bad = [r for r in readers if isinstance(r, str)]
                 if bad:
                     self.why_not_direct[col] = bad[0]
@@ -134,13 +137,7 @@ class SliceDataset(Dataset):
         n, out = len(addrs), []
         for col in columns:
             typ, readers = self._direct[col]
-            arrays = []
-            for r in readers:
-                buf = self._buffer(n * r.row_bytes)
-                r.read_into(addrs, buf)
-                ftype = _leaf_type(typ, r.column)
-                values = pa.Array.from_buffers(ftype.value_type, n * ftype.list_size, [None, pa.py_buffer(buf)])
-                arrays.append(pa.FixedSizeListArray.from_arrays(values, type=ftype))
+            arrays = [r.read_array(addrs, self._buffer(n * r.row_bytes)) for r in readers]
             out.append(pa.StructArray.from_arrays(arrays, fields=list(typ)) if pa.types.is_struct(typ) else arrays[0])
         return pa.RecordBatch.from_arrays(out, names=columns)
 
@@ -171,26 +168,18 @@ class SliceDataset(Dataset):
 _READERS: dict[tuple, Any] = {}  # (uri, version, column, data files) -> reader or reason, per process
 
 
-def _reader(ds, version: int, column: str, frags: set[int]):
-    """`FixedColumnReader.open`, once per process for a version, column and fragment set: a new
-    loader each epoch reuses the page map (and open files) instead of reading every file's footer."""
+def _reader(ds, column: str, frags: set[int], files: tuple[str, ...]):
+    """`FixedColumnReader.open`, once per process for a version's data files, column and fragment
+    set: a new loader each epoch reuses the page map (and open files) instead of reading every
+    file's footer."""
     from .direct_read import FixedColumnReader
 
-    # The data files' names (unique per write) identify the version's content too: a table deleted
-    # and written again at the same path restarts its version numbers.
-    files = tuple(df.path for f in ds.get_fragments() if f.fragment_id in frags for df in f.data_files())
-    key = (ds.uri, version, column, files)
+    key = (ds.uri, ds.version, column, files)
     if key not in _READERS:
         if len(_READERS) >= 32:
             _READERS.pop(next(iter(_READERS)))
         _READERS[key] = FixedColumnReader.open(ds, column, frags)
     return _READERS[key]
-
-
-def _leaf_type(typ: pa.DataType, path: str) -> pa.DataType:
-    for part in path.split(".")[1:]:
-        typ = typ.field(part).type
-    return typ
 
 
 def _open_table(uri: str):

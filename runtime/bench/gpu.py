@@ -634,10 +634,10 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
     results = {}
-    # (rank, batch, gradient checkpointing): r16 b2 with and without checkpointing by default, the
-    # issue's whole r16/r64 x batch 2/8/16 grid (checkpointing on) with `--qlora-grid`
-    # and the path: cached (hiddens from the column) or raw (the bf16 vision tower run every step,
-    # frozen, beside the 4-bit language model)
+    # (path, rank, batch, gradient checkpointing). Path: cached (hiddens as the column holds them)
+    # or raw (the frozen vision tower run every step beside the 4-bit language model). By default
+    # cached r16 b2 with and without checkpointing; `--qlora-grid` adds the whole grid,
+    # both paths x r16/r64 x batch 2/8/16, checkpointing on.
     configs = [("cached", 16, 2, True), ("cached", 16, 2, False)]
     if ctx.get("qlora_grid"):
         configs += [(path, r, b, True) for path in ("cached", "raw") for r in (16, 64) for b in (2, 8, 16)
@@ -888,11 +888,14 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         threads = ctx.get("tower_threads") or [0]  # 0: the UDF's default
         d["tower_threads"] = threads
         udf_figs = {}
-        for th in threads:
+        def use_threads(th: int) -> None:  # read by VisionTower when it is built
             if th:
                 os.environ["VLMSPEC_TOWER_THREADS"] = str(th)
             else:
                 os.environ.pop("VLMSPEC_TOWER_THREADS", None)
+
+        for th in threads:
+            use_threads(th)
             udf = VisionTower(UdfContext("vision_tower_hiddens", out_type, {}, spec, device, batch))
             udf(slices[0])  # warm: pinned buffers
 
@@ -921,10 +924,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         best_th = max(udf_figs, key=lambda k: udf_figs[k].median)
         fig = udf_figs[best_th]
         d["e2e_tower_threads"] = best_th
-        if best_th:
-            os.environ["VLMSPEC_TOWER_THREADS"] = str(best_th)
-        else:
-            os.environ.pop("VLMSPEC_TOWER_THREADS", None)
+        use_threads(best_th)
 
         # (3) end to end through the engine: both tier-3 columns computed and written to Lance
         from vlmspec.compiler.load import load_spec

@@ -8,6 +8,7 @@ column's `on_error` policy.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -161,9 +162,13 @@ class VisionTower:
         """Start decoding the batch the next call will get, while this one runs (the engine calls it)."""
         if self._pool is None:
             return
-        while len(self._ahead) > 1:  # keep the batch about to run; older ones were never called
-            self._ahead.pop(0).drop()
+        self._keep_latest()  # the batch about to run; older ones were never called
         self._ahead.append(self._start(images))
+
+    def _keep_latest(self) -> None:
+        """Drop all but the newest batch decoding ahead (so one staging slot is free)."""
+        while len(self._ahead) > 1:
+            self._ahead.pop(0).drop()
 
     def _decode_into(self, values: list, i: int, slot) -> None:
         """Row i decoded and resized (as evaluation does) into its uint8 [px, px, 3] staging slot."""
@@ -208,8 +213,7 @@ class VisionTower:
                 d.drop()
             self._ahead = self._ahead[i + 1:]
         else:  # not prefetched (first batch of a chunk, a retried slice): keep what was prefetched next
-            while len(self._ahead) > 1:
-                self._ahead.pop(0).drop()
+            self._keep_latest()
             job = self._start(images)
         n, stage = len(job.values), job.stage
         try:
@@ -248,8 +252,6 @@ class VisionTower:
         return out.pooler_output.reshape(len(pil), self.tokens, self.hidden_size)
 
     def __call__(self, images: pa.Array) -> pa.Array:
-        import time
-
         torch = self._torch
         n = len(images)
         if n == 0:

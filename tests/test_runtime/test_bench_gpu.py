@@ -28,28 +28,33 @@ def _load(out, name):
     return data
 
 
+def _bench(out, *args):
+    """`vlmspec bench ARGS --out OUT`, which must succeed."""
+    res = CliRunner().invoke(app, ["bench", *args, "--out", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_lance(monkeypatch):
     monkeypatch.setenv("LANCE_LOG", "error")
 
 
 def test_bench_reads_tiny(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "reads", "--rows", "48", "--tokens", "4", "--hidden", "8", "--image-kb",
-                                   "1", "--repeats", "1", "--workers", "0", "--threads", "2", "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    _bench(tmp_path, "reads", "--rows", "48", "--tokens", "4", "--hidden", "8", "--image-kb", "1", "--repeats", "1",
+           "--workers", "0", "--threads", "2")
     data = _load(tmp_path, "reads")
     figs = data["figures"]
     for key in ("plain_read", "lance_raw_seq", "lance_raw_shuf", "lance_h_seq", "lance_h_shuf", "pq_default_h_shuf",
-                "pq_rg64_h_shuf", "pq_rg64_raw_shuf", "loader_w0", "loader_w0_steady", "loader_w0_t2_steady", "loader_w0_t2_perm_steady"):
+                "pq_rg64_h_shuf", "pq_rg64_raw_shuf", "loader_w0", "loader_w0_steady", "loader_w0_t2_steady",
+                "loader_w0_t2_perm_steady"):
         assert key in figs, key
-    assert {"loader_vs_plain", "loader_perm_vs_plain", "loader_vs_parquet", "lance_vs_parquet_h_shuf"} <= data["derived"].keys()
+    assert {"loader_vs_plain", "loader_perm_vs_plain", "loader_vs_parquet",
+            "lance_vs_parquet_h_shuf"} <= data["derived"].keys()
     assert data["details"]["parquet_rg64_row_groups"] == 1 and data["details"]["parquet_default_row_groups"] == 1
 
 
 def test_bench_gpu_tiny_equivalence(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "gpu", "--shape", "tiny", "--phases", "equivalence", "--no-compile",
-                                   "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    _bench(tmp_path, "gpu", "--shape", "tiny", "--phases", "equivalence", "--no-compile")
     data = _load(tmp_path, "gpu_equivalence")
     assert data["details"]["errors"] == {}
     assert data["derived"]["fast_tower_equal"]["met"] is True
@@ -58,17 +63,13 @@ def test_bench_gpu_tiny_equivalence(tmp_path):
 
 
 def test_bench_bf16_noise_tiny(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "bf16-noise", "--shape", "tiny", "--seeds", "1", "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    _bench(tmp_path, "bf16-noise", "--shape", "tiny", "--seeds", "1")
     tol = _load(tmp_path, "bf16_noise")["derived"]["bf16_tolerance"]["value"]
     assert 0 < tol < 0.1  # bf16 rounds (not zero) but keeps the tower's output close
 
 
-@pytest.mark.slow
 def test_bench_gpu_tiny_qlora_grid(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "gpu", "--shape", "tiny", "--phases", "qlora", "--qlora-grid",
-                                   "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    _bench(tmp_path, "gpu", "--shape", "tiny", "--phases", "qlora", "--qlora-grid")
     data = _load(tmp_path, "gpu_qlora")
     assert data["details"]["errors"] == {}
     want = {f"qlora_r{r}_b{b}_gc1{raw}" for r in (16, 64) for b in (2, 8, 16) for raw in ("", "_raw")}

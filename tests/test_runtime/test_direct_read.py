@@ -72,7 +72,7 @@ def test_run_of_rows_is_split_at_page_ends(tmp_path):
     path.write_bytes(data.tobytes())
     from vlmspec.runtime.direct_read import _Page
 
-    r = FixedColumnReader("c", 4, np.uint8, [str(path)], {0: [_Page(0, 3, 0, 0), _Page(3, 2, 0, 1000)]})
+    r = FixedColumnReader("c", pa.list_(pa.uint8(), 4), [str(path)], {0: [_Page(0, 3, 0, 0), _Page(3, 2, 0, 1000)]})
     out = np.empty(5 * 4, np.uint8)
     r.read_into(np.arange(5, dtype=np.uint64), out)
     want = np.concatenate([data[0:12], data[1000:1008]])
