@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import multiprocessing
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -235,7 +236,13 @@ def _run_chunk(uri: str, version: int, node: WorkerNode, chunk: Chunk, batch_siz
     return _compute_chunk(ds, fn, node, chunk, batch_size)
 
 
-def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
+# `_compute_chunk`'s values when each part went to `emit` as it was computed (a streamed write).
+EMITTED = object()
+
+
+def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int, emit: Callable | None = None):
+    """(chunk, values, failures): values None when a row failed under `fail`; EMITTED when each
+    part was handed to `emit` as soon as it was computed instead of being collected."""
     out_type = to_pyarrow(node.output)
     frag = ds.get_fragment(chunk.frag_id)
     table = frag.to_table(columns=list(node.inputs), offset=chunk.offset, limit=chunk.limit)
@@ -254,8 +261,13 @@ def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
             return chunk, None, [RowFailure(chunk.offset + start + e.offset, str(e))]
         except Exception as e:  # a whole-batch failure under `fail` with one row
             return chunk, None, [RowFailure(chunk.offset + start, f"{type(e).__name__}: {e}")]
-        parts.append(values)
         failures += [RowFailure(chunk.offset + start + f.offset, f.error) for f in fails]
+        if emit is not None:
+            emit(values)
+        else:
+            parts.append(values)
+    if emit is not None:
+        return chunk, EMITTED, failures
     # Parts stay separate chunks: concatenating 1.6 GB of hiddens per 1,024 rows would be a copy
     # with the GPU idle; the Lance writer takes chunked columns as they are.
     values = (parts[0] if len(parts) == 1 else pa.chunked_array(parts, out_type)) if parts else pa.array([], out_type)
@@ -263,6 +275,67 @@ def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int):
 
 
 # --- the engine ---------------------------------------------------------------------------
+
+class _PartStream:
+    """A whole fragment's values, handed part by part from the computing thread to the writer thread
+    as a `RecordBatchReader`: Lance encodes and writes each part while later parts compute, so a
+    column ends with one part's write (420 MB of hiddens for a 256-row call) instead of a whole
+    fragment's (1.6 GB per 1,024 rows) with the GPU idle. Parts wait in an unbounded queue, as
+    they waited in the chunk before: memory is what it was."""
+
+    def __init__(self, name: str, out_type: pa.DataType):
+        self.schema = pa.schema([pa.field(name, out_type)])
+        self._q: queue.Queue = queue.Queue()
+        self.outcome: tuple | None = None  # (values, failures) from `_compute_chunk`, once done
+        self.aborted = False
+
+    def put(self, values: pa.Array | pa.ChunkedArray) -> None:
+        self._q.put(values)
+
+    def waiting(self) -> int:
+        """Parts (and the end mark) not yet taken by the writer."""
+        return self._q.qsize()
+
+    def finish(self, values: Any, failures: list[RowFailure]) -> None:
+        """No more parts; `values` None means a row failed under `fail`: the write is abandoned."""
+        self.outcome = (values, failures)
+        self._q.put(None)
+
+    def abort(self) -> None:
+        """The engine stopped (the UDF or an earlier fragment's write failed): end the write
+        without a data file, and never commit it."""
+        self.aborted = True
+        self._q.put(None)
+
+    def reader(self) -> pa.RecordBatchReader:
+        def batches():
+            while (item := self._q.get()) is not None and not self.aborted:
+                for part in item.chunks if isinstance(item, pa.ChunkedArray) else [item]:
+                    yield pa.record_batch([part], schema=self.schema)
+            if self.aborted or self.outcome[0] is None:
+                raise _StreamAbandoned()
+        return pa.RecordBatchReader.from_batches(self.schema, batches())
+
+
+class _StreamAbandoned(Exception):
+    pass
+
+
+def _write_streamed(sink: "FragmentSink", chunk: Chunk, stream: _PartStream) -> None:
+    """Writer-thread side of a streamed fragment: write its parts as they come, then hand the data
+    file (or the `fail` row) to the sink exactly as a buffered chunk would be."""
+    try:
+        datafile = lance_io.write_column_data(sink.uri, sink.node.name, stream.reader(), sink.storage)
+    except Exception:
+        if stream.aborted:  # the computing thread raised; it reports its own error
+            return
+        if stream.outcome is not None and stream.outcome[0] is None:  # a row failed under `fail`
+            return sink.add(chunk, None, stream.outcome[1])
+        raise
+    if stream.aborted:  # stopped after the last part was written: an unreferenced file, no commit
+        return
+    sink.add(chunk, None, stream.outcome[1], datafile=datafile)
+
 
 @dataclass
 class _FragmentBuffer:
@@ -414,19 +487,37 @@ def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, devic
                 # A kill loses at most two fragments: the one being written and the one computed
                 # meanwhile. (Two writers at once were tried on the H200: no faster, and a kill would
                 # lose three.)
+                # A chunk that is a whole fragment streams: its write is queued first and takes each
+                # part as it is computed (`_PartStream`), so only the last part's write is left when
+                # the last chunk is computed.
                 writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmspec-writer")
                 pending = None
+                out_type = to_pyarrow(node.output)
                 try:
                     for chunk in chunks:
                         t = time.perf_counter()
-                        result = _compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
-                                                chunk, node.batch_size)
+                        stream = _PartStream(node.name, out_type) if sink.whole(chunk) else None
+                        task = writer.submit(_write_streamed, sink, chunk, stream) if stream else None
+                        try:
+                            result = _compute_chunk(lance.dataset(uri, version=ds.version), instance, node,
+                                                    chunk, node.batch_size, emit=stream.put if stream else None)
+                        except BaseException:
+                            if stream is not None:
+                                stream.abort()
+                            raise
+                        if stream is not None:
+                            stream.finish(result[1], result[2])
                         t2 = time.perf_counter()
                         run.compute_s += t2 - t
                         if pending is not None:
-                            pending.result()
+                            try:
+                                pending.result()
+                            except BaseException:  # commit nothing after the fragment that failed
+                                if stream is not None:
+                                    stream.abort()
+                                raise
                         run.write_wait_s += time.perf_counter() - t2
-                        pending = writer.submit(sink.add, *result)
+                        pending = task or writer.submit(sink.add, *result)
                     t = time.perf_counter()
                     if pending is not None:
                         pending.result()

@@ -127,9 +127,12 @@ def update_field_metadata(ds: lance.LanceDataset, name: str, changes: Mapping[st
     ds.update_field_metadata({name: dict(changes)})
 
 
-def write_column_data(uri: str, name: str, values: pa.Array | pa.ChunkedArray, data_storage_version: str):
-    """Write one column's values for one fragment as a standalone data file (not yet committed)."""
-    frags = lance.fragment.write_fragments(pa.table({name: values}), uri,
+def write_column_data(uri: str, name: str, values: pa.Array | pa.ChunkedArray | pa.RecordBatchReader,
+                      data_storage_version: str):
+    """Write one column's values for one fragment as a standalone data file (not yet committed);
+    a `RecordBatchReader` of that one column is written as its batches arrive."""
+    data = values if isinstance(values, pa.RecordBatchReader) else pa.table({name: values})
+    frags = lance.fragment.write_fragments(data, uri,
                                            data_storage_version=data_storage_version)
     files = _files(frags[0])
     if len(frags) != 1 or len(files) != 1:

@@ -2,7 +2,7 @@
 # but no vlmspec, pydantic, pylance or bitsandbytes) from the repository root, before
 # `python3 -m vlmspec.runtime.bench.gpu ...` / `python3 -m vlmspec.runtime.bench.reads ...`.
 # Wheels travel in the git-ignored .gpu/ folder: .gpu/whl (pydantic, sqlglot, lance-namespace),
-# .gpu/pylance.tar.xz (pylance unpacked, xz) and .gpu/bnb/*.whl (bitsandbytes), as available.
+# .gpu/pylance.tar.xz (pylance unpacked, xz) and .gpu/bnb*/*.whl (bitsandbytes; the first one found), as available.
 export PYTHONUNBUFFERED=1 LANCE_LOG=error
 mkdir -p /tmp/site /tmp/pkg/vlmspec
 ln -sfn "$PWD/compiler" /tmp/pkg/vlmspec/compiler
@@ -13,8 +13,8 @@ if [ -d .gpu/whl ]; then
     2>&1 | grep -v -i warning | tail -3
 fi
 if [ -f .gpu/pylance.tar.xz ] && [ ! -f /tmp/site/lance/__init__.py ]; then tar xJf .gpu/pylance.tar.xz -C /tmp/site; fi
-if ls .gpu/bnb/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/bitsandbytes ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpu/bnb/*.whl 2>&1 | tail -2
+if ls .gpu/bnb*/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/bitsandbytes ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $(ls .gpu/bnb*/*.whl | head -1) 2>&1 | tail -2
 fi
 export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 - <<'PY'

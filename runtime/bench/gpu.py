@@ -24,6 +24,7 @@ Phases (each writes `gpu_<phase>.json` + `.md`; one device call can run several)
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import json
 import math
@@ -648,12 +649,18 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
         model = ctx.get("model")
         tower = model.model.visual if model is not None else (ctx.get("tower") or build_tower(shape, device,
                                                                                              ctx["dtype"]))
-    for path, r, b, gc in configs:
-        key = f"qlora_r{r}_b{b}_gc{int(gc)}" + ("_raw" if path == "raw" else "")
+    for path, r, b, grad_ckpt in configs:
+        key = f"qlora_r{r}_b{b}_gc{int(grad_ckpt)}" + ("_raw" if path == "raw" else "")
         if ph.time_left() < 40:
             ph.res.notes.append(f"{key}: skipped (device-call deadline)")
             continue
         try:
+            # The previous configuration's model, optimizer and step closures sit in reference
+            # cycles until a collection: free them now, or `before` counts memory that is then
+            # released mid-measurement (own peaks below the 4-bit weights, negative weights).
+            gc.collect()
+            if str(device).startswith("cuda"):
+                torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
             try:  # vlmspec's loader (what `train` uses): language model only, tower never built
                 from vlmspec.compiler.model import ModelSpec
@@ -678,7 +685,7 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
                 torch.cuda.empty_cache()
             weights = ((torch.cuda.memory_allocated() - before) / 2**30) if str(device).startswith("cuda") else None
             # exactly what runtime/train.build_model does for a 4-bit spec
-            q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=gc,
+            q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=grad_ckpt,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
             pm = _lora(q, r)
             opt = _optimizer(pm, device)  # as runtime.train: fused AdamW on CUDA
@@ -702,9 +709,9 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
             what = "cached" if path == "cached" else \
                 f"raw ({str(ctx['dtype']).replace('torch.', '')} tower every step)"
             med = measure(ph, key, f"4-bit NF4 QLoRA {what}, r{r}, batch {b}, gradient checkpointing "
-                          f"{'on' if gc else 'off'}", b, step, device, unit="samples/s", warmup=2, target_s=2.0,
+                          f"{'on' if grad_ckpt else 'off'}", b, step, device, unit="samples/s", warmup=2, target_s=2.0,
                           max_calls=20, weights_gib=round(weights, 3) if weights is not None else None, r=r, batch=b,
-                          gc=gc, path=path)
+                          gc=grad_ckpt, path=path)
             fig = ph.res.figures[key]
             # Whatever else this process holds on the GPU (the bf16 model other phases of the same
             # call use) is in max_memory_allocated too: report the QLoRA's own peak beside it.
@@ -712,8 +719,8 @@ def phase_qlora(ph: Phase, ctx: dict[str, Any]) -> None:
             own = None if fig.extra["peak_gib"] is None else round(fig.extra["peak_gib"] - before / 2**30, 3)
             fig.extra["own_peak_gib"] = own
             if (path, r, b) == ("cached", 16, 2):
-                results[gc] = (med, own)
-            del pm, opt, q
+                results[grad_ckpt] = (med, own)
+            pm = opt = q = None  # the step closures see None: the model and optimizer are freed
             if str(device).startswith("cuda"):
                 torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
@@ -880,6 +887,12 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         bare()
         bare_rate = measure(ph, "tier3_bare_tower", f"bare tower forward on pre-made pixels, batch {sub}", sub, bare,
                             device, unit="rows/s", warmup=3, target_s=2.0)
+        with GpuBusy() as busy:  # what NVML reads when the GPU only ever runs the tower
+            t = time.perf_counter()
+            while time.perf_counter() - t < 3.0:
+                bare()
+            sync(device)
+        ph.res.figures["tier3_bare_tower"].extra["gpu_busy_pct"] = [busy.mean()]
 
         # (2) the VisionTower UDF alone on in-memory JPEG rows (decode, preprocess, tower, fp16 Arrow),
         # for each decode thread count asked for; the end-to-end run below uses the fastest.
@@ -919,6 +932,24 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
                 fig.add(rows / sec, lb, load())
                 fig.extra["gpu_busy_pct"].append(busy.mean())
             ph.log(key, f"{fig.median:.1f} rows/s, GPU busy {fig.extra['gpu_busy_pct']} ({how})")
+            if th == threads[0] and str(device).startswith("cuda"):
+                # Why the UDF's GPU is not always busy: its host syncs per call, and the gaps between
+                # its kernels over three calls with what the launching thread did meanwhile.
+                from .gpu_trace import kernel_gaps, sync_sites
+
+                def calls(parts):
+                    def go():
+                        for k, part in enumerate(parts):
+                            if k + 1 < len(parts):
+                                udf.prefetch(parts[k + 1])
+                            udf(part)
+                    return go
+                try:
+                    d["udf_sync_sites_per_3_calls"] = sync_sites(calls(slices[:3]))
+                    d["udf_kernel_gaps_3_calls"] = kernel_gaps(calls(slices[:3]))
+                    ph.log("udf_kernel_gaps", json.dumps(d["udf_kernel_gaps_3_calls"])[:1500])
+                except Exception as e:  # noqa: BLE001 - a diagnostic; the figures stand without it
+                    ph.error("udf_trace", e)
             udf.close()
             ph.save()
         best_th = max(udf_figs, key=lambda k: udf_figs[k].median)

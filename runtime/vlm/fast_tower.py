@@ -238,19 +238,21 @@ class FastTower:
         grid_cpu = torch.as_tensor(grid_thw)
         key = (tuple(tuple(int(v) for v in row) for row in grid_cpu.tolist()),
                pixel_values.dtype, str(pixel_values.device))
-        grid_thw = grid_cpu.to(pixel_values.device)
         layout = self.layouts.get(key)
         if layout is None:
             self.stats["hf_calls"] += 1
-            out, layout = self._hf_and_capture(pixel_values, grid_thw, key)
+            out, layout = self._hf_and_capture(pixel_values, grid_cpu.to(pixel_values.device), key)
             self.layouts[key] = layout
             last, merged = _output(out)
             return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=merged)
         if layout.batched_layers == 0:
             self.stats["hf_calls"] += 1
             self._set_chunks(None)
-            last, merged = _output(self.tower(pixel_values, grid_thw=grid_thw))
+            last, merged = _output(self.tower(pixel_values, grid_thw=grid_cpu.to(pixel_values.device)))
             return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=merged)
+        # The replay needs no grid on the device: copying it there (pageable memory) would block
+        # the host until the GPU finished all queued work, every call, so the launching thread
+        # could never run ahead of the GPU by more than one sub-batch.
         self._set_chunks(layout.chunks)
         try:
             run_block = None

@@ -77,3 +77,28 @@ def test_bench_gpu_tiny_qlora_grid(tmp_path):
     assert set(data["figures"]) == want
     assert all(f["median"] > 0 for f in data["figures"].values())
     assert data["derived"]["qlora_rate"]["value"] == data["figures"]["qlora_r16_b2_gc1"]["median"]
+
+
+def test_kernel_gap_summary_names_what_the_launching_thread_did():
+    from vlmspec.runtime.bench.gpu_trace import summarise
+
+    def x(cat, name, ts, dur, tid=1, corr=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {"correlation": corr} if corr is not None else {}}
+    events = [
+        x("kernel", "gemm", 0, 100, tid=7, corr=1), x("kernel", "gemm", 90, 110, tid=7, corr=2),  # overlap: merged
+        x("kernel", "sdpa", 5200, 800, tid=7, corr=3),  # after a 5 ms gap
+        x("kernel", "copy", 6030, 10, tid=7, corr=4),  # a 30 us gap
+        x("cuda_runtime", "cudaLaunchKernel", 5150, 5, corr=3),
+        x("cuda_runtime", "cudaStreamSynchronize", 150, 4000),
+        x("user_annotation", "vlmspec.decode_wait", 4200, 900),
+        x("cpu_op", "aten::copy_", 5000, 100, tid=2),  # another thread: not counted
+    ]
+    got = summarise(events)
+    assert got["kernels"] == 4 and got["window_ms"] == 6.0
+    assert got["gaps_by_size"]["1ms-10ms"]["count"] == 1 and got["gaps_by_size"]["20us-100us"]["count"] == 1
+    assert got["kernel_busy_pct"] == round(100 * (200 + 800 + 10) / 6040, 1)
+    big = got["largest_gaps"][0]
+    assert big["gap_ms"] == 5.0 and big["next_kernel"] == "sdpa" and big["launched_ms_after_gap_start"] == 4.95
+    assert big["host_ops_ms"] == {"cudaStreamSynchronize": 3.95, "vlmspec.decode_wait": 0.9,
+                                  "cudaLaunchKernel": 0.005}
