@@ -94,8 +94,8 @@ def child_main() -> None:
 
     compute_chunk = backfill._compute_chunk
 
-    def logged_chunk(ds, fn, node, chunk, batch_size):
-        out = compute_chunk(ds, fn, node, chunk, batch_size)
+    def logged_chunk(ds, fn, node, chunk, *args: Any, **kwargs: Any):
+        out = compute_chunk(ds, fn, node, chunk, *args, **kwargs)
         note(node.name, chunk.limit)
         return out
 

@@ -893,6 +893,18 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
                 bare()
             sync(device)
         ph.res.figures["tier3_bare_tower"].extra["gpu_busy_pct"] = [busy.mean()]
+        if ctx["compile"] and str(device).startswith("cuda"):  # the same, replayed as a CUDA graph (the UDF's way)
+            graphed = FastTower(tower, compile=True, graph=True)
+
+            def bare_graph():
+                with torch.inference_mode():
+                    return graphed(pxs, grid).pooler_output
+            want = bare().clone()
+            got = bare_graph().clone()
+            d["graph_vs_compiled_max_abs"] = float((got.float() - want.float()).abs().max())
+            d["graph_captured"] = graphed.stats["graph_calls"] > 0
+            measure(ph, "tier3_bare_tower_graph", f"bare tower forward on pre-made pixels, batch {sub}, "
+                    "one CUDA graph", sub, bare_graph, device, unit="rows/s", warmup=3, target_s=2.0)
 
         # (2) the VisionTower UDF alone on in-memory JPEG rows (decode, preprocess, tower, fp16 Arrow),
         # for each decode thread count asked for; the end-to-end run below uses the fastest.

@@ -76,10 +76,15 @@ class VisionTower:
         # Compiled by default on CUDA: 2.3x the eager FastTower at the 3B shape (`vlmspec bench gpu
         # --phases tower`) for ~5 s of compiling once per process.
         compile_ = cuda and os.environ.get("VLMSPEC_TOWER_COMPILE", "1").lower() in ("1", "true", "yes", "on")
+        # The compiled tower is also replayed as one CUDA graph per sub-batch: its ~600 kernel
+        # launches each needed the GIL, which the decode threads hold in short stretches, and
+        # the GPU waited on those launches (a profile of the UDF: 88 % kernel-busy, the gaps inside
+        # the compiled blocks). `VLMSPEC_TOWER_GRAPH=0` keeps it uncaptured.
+        graph = compile_ and os.environ.get("VLMSPEC_TOWER_GRAPH", "1").lower() in ("1", "true", "yes", "on")
         self.fast = None
         if fast_tower_enabled():
             sizes = {self.sub_batch or int(getattr(self.ctx, "batch_size", 16))}
-            self.fast = FastTower(self.tower, compile=compile_, compile_sizes=sizes)
+            self.fast = FastTower(self.tower, compile=compile_, compile_sizes=sizes, graph=graph)
         # 4 decode threads keep up with the tower (~190 rows/s at 560 px on an H200); more only
         # contend for the GIL with the thread launching the tower's kernels (UDF alone, 16 threads:
         # 161.5 rows/s, GPU 84 % busy; 4 threads: 171.3 rows/s, 88 %; `gpu_tier3.json`).
@@ -109,7 +114,7 @@ class VisionTower:
 
         zeros = self._torch.zeros((next(iter(sizes)), self.image_px, self.image_px, 3), dtype=self._torch.uint8)
         try:
-            for _ in range(2):  # the first call records the layout (HF's forward), the second compiles
+            for _ in range(2):  # the first call records the layout (HF's forward), the second compiles and captures
                 self._tower(zeros)
         except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
             if not compiled:
@@ -189,7 +194,8 @@ class VisionTower:
     def encode(self, images: pa.Array | list) -> Any:
         """Tower outputs [B, tokens, hidden] in the tower's dtype (before the fp16 cast)."""
         outs = []
-        n = self._run(images, lambda start, out: outs.append(out))
+        # clone: a CUDA-graph tower returns its static output, which the next sub-batch overwrites
+        n = self._run(images, lambda start, out: outs.append(out.clone()))
         out = self._torch.cat(outs) if len(outs) > 1 else outs[0]
         return out.reshape(n, self.tokens, self.hidden_size)
 

@@ -138,13 +138,18 @@ class FastTower:
         compile: run the replayed forward through `torch.compile` (CUDA only; ignored on CPU).
         compile_sizes: compile only layouts of this many images (others run the eager fast
             path), so a short tail batch never triggers a recompile. None compiles every layout.
+        graph: also capture each compiled layout's whole forward as one CUDA graph and replay it
+            (one launch instead of ~600, so a host thread sharing the GIL with others still keeps
+            the GPU fed). The returned tensors are then the graph's static outputs: the next call
+            overwrites them, so consume them (any op queued on the stream) before calling again.
+            A capture that fails warns once and runs the compiled path uncaptured.
     """
 
     def __init__(self, tower: torch.nn.Module, compile: bool = False, compile_sizes: set[int] | None = None,
-                 compile_mode: str | None = None, allow_cpu_compile: bool = False):
+                 compile_mode: str | None = None, allow_cpu_compile: bool = False, graph: bool = False):
         self.tower = tower
         self.layouts: dict[tuple, Layout] = {}
-        self.stats = {"hf_calls": 0, "fast_calls": 0, "compiled_calls": 0}
+        self.stats = {"hf_calls": 0, "fast_calls": 0, "compiled_calls": 0, "graph_calls": 0}
         for blk in tower.blocks:
             attn = blk.attn
             if not isinstance(attn.forward, types.MethodType) or attn.forward.__func__ is not _batched_attention:
@@ -155,6 +160,8 @@ class FastTower:
         self.compile = bool(compile) and (device.type == "cuda" or allow_cpu_compile)
         self.compile_sizes = compile_sizes
         self._block = compiled_block_runner(compile_mode) if self.compile else None
+        self.graph = bool(graph) and self.compile and device.type == "cuda"
+        self._graphs: dict[tuple, tuple] = {}  # layout key -> (static input, graph, last, merged)
 
     # -- layout capture -----------------------------------------------------------------------
 
@@ -232,6 +239,30 @@ class FastTower:
         merged = tower.merger(x)
         return x, merged[reverse]
 
+    def _captured(self, pixel_values: torch.Tensor, layout: Layout, run_block) -> tuple | None:
+        """The layout's forward captured as a CUDA graph (warmed on a side stream first, as CUDA
+        graph capture requires), or None when capturing fails."""
+        import warnings
+
+        static = pixel_values.clone()
+        args = (layout.perm, layout.reverse, layout.block_args, run_block)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._replay(static, *args)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                last, merged = self._replay(static, *args)
+        except Exception as e:  # noqa: BLE001 - the uncaptured compiled path computes the same
+            warnings.warn(f"vision tower: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                          "running it uncaptured (set VLMSPEC_TOWER_GRAPH=0 to skip trying)")
+            self.graph = False
+            return None
+        return static, g, last, merged
+
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -260,7 +291,18 @@ class FastTower:
                 run_block = self._block
                 self.stats["compiled_calls"] += 1
             self.stats["fast_calls"] += 1
-            last, merged = self._replay(pixel_values, layout.perm, layout.reverse, layout.block_args, run_block)
+            captured = None
+            if self.graph and run_block is not None:
+                captured = self._graphs.get(key)
+                if captured is None and key not in self._graphs:
+                    captured = self._graphs[key] = self._captured(pixel_values, layout, run_block)
+            if captured is not None:
+                static, g, last, merged = captured
+                static.copy_(pixel_values)
+                g.replay()
+                self.stats["graph_calls"] += 1
+            else:
+                last, merged = self._replay(pixel_values, layout.perm, layout.reverse, layout.block_args, run_block)
         finally:
             self._set_chunks(None)
         return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=merged)

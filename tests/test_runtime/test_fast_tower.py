@@ -151,3 +151,26 @@ def test_compiled_fast_tower_is_within_bf16_tolerance_of_hf(tower):
     assert 0 < rel(want, exact) < 0.05  # bf16 rounds
     assert 0 < rel(got, want) < 2 * rel(want, exact)  # rounds differently from HF...
     assert rel(got, exact) <= 1.25 * rel(want, exact)  # ...but no worse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (CI has none; "
+                    "the H200 benchmark runs this file too)")
+def test_cuda_graph_replay_equals_the_uncaptured_compiled_tower_call_after_call(tower):
+    cuda = tower.to("cuda")
+    try:
+        plain = FastTower(cuda, compile=True)
+        graphed = FastTower(cuda, compile=True, graph=True)
+        for seed in range(4):  # 0: HF records the layout; 1: capture; 2-3: replays of new inputs
+            px, grid = _pixels(2, 224, seed)
+            px = px.cuda()
+            with torch.inference_mode():
+                want = plain(px, grid).pooler_output.clone()
+                got = graphed(px, grid).pooler_output
+                kept = got.clone()
+                graphed(_pixels(2, 224, 100 + seed)[0].cuda(), grid)  # overwrites the static output
+            torch.testing.assert_close(kept, want, rtol=0, atol=0)
+            if seed >= 2:
+                assert not torch.equal(got, kept)  # the static buffer now holds the next call's output
+        assert graphed.stats["graph_calls"] >= 4 and graphed.graph
+    finally:
+        tower.to("cpu")

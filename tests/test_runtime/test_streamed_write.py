@@ -76,7 +76,7 @@ def test_each_part_is_written_while_the_fragment_still_computes(tmp_path, monkey
     real = backfill._compute_chunk
     streamed = []
 
-    def gated(ds, fn, node, chunk, batch_size, emit=None):
+    def gated(ds, fn, node, chunk, batch_size, emit=None, table=None):
         assert emit is not None, "a whole-fragment chunk was not streamed"
         stream = emit.__self__
 
@@ -89,7 +89,7 @@ def test_each_part_is_written_while_the_fragment_still_computes(tmp_path, monkey
                 assert time.monotonic() < deadline, "the writer never took a part before the fragment ended"
                 time.sleep(0.005)
             streamed.append(chunk.frag_id)
-        return real(ds, fn, node, chunk, batch_size, emit=emit_then_wait)
+        return real(ds, fn, node, chunk, batch_size, emit=emit_then_wait, table=table)
 
     monkeypatch.setattr(backfill, "_compute_chunk", gated)
     run = backfill.backfill_column(uri, node)
