@@ -240,28 +240,35 @@ def _run_chunk(uri: str, version: int, node: WorkerNode, chunk: Chunk, batch_siz
 EMITTED = object()
 
 
-def _read_chunk(ds, node: ColumnNode, chunk: Chunk) -> pa.Table:
-    """The chunk's input columns."""
-    return ds.get_fragment(chunk.frag_id).to_table(columns=list(node.inputs), offset=chunk.offset, limit=chunk.limit)
+Batches = list[tuple[int, list[pa.Array]]]  # (row offset in the chunk, one array per input)
+
+
+def _read_chunk(ds, node: ColumnNode, chunk: Chunk, batch_size: int) -> Batches:
+    """The chunk's input columns, cut into the UDF's batches."""
+    table = ds.get_fragment(chunk.frag_id).to_table(columns=list(node.inputs), offset=chunk.offset,
+                                                    limit=chunk.limit)
+    return [(start, [table.column(c).slice(start, batch_size).combine_chunks() for c in node.inputs])
+            for start in range(0, table.num_rows, batch_size)]
 
 
 def _compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int, emit: Callable | None = None,
-                   table: pa.Table | None = None):
+                   batches: Batches | None = None, then: Callable[[], list[pa.Array] | None] | None = None):
     """(chunk, values, failures): values None when a row failed under `fail`; EMITTED when each
-    part was handed to `emit` as soon as it was computed instead of being collected. `table` is
-    the chunk's inputs when they were read ahead (else they are read here)."""
+    part was handed to `emit` as soon as it was computed instead of being collected. `batches`
+    are the chunk's inputs when they were read ahead (else they are read here); `then()` gives
+    the next chunk's first batch, for the UDF to prefetch during this chunk's last call."""
     out_type = to_pyarrow(node.output)
-    if table is None:
-        table = _read_chunk(ds, node, chunk)
+    if batches is None:
+        batches = _read_chunk(ds, node, chunk, batch_size)
     parts, failures = [], []
-    batches = [(start, [table.column(c).slice(start, batch_size).combine_chunks() for c in node.inputs])
-               for start in range(0, table.num_rows, batch_size)]
     # A UDF with `prefetch` (the vision tower) starts preparing the next batch's inputs (decoding
     # images) while this batch runs, so the GPU does not wait on the CPU between calls.
     prefetch = getattr(fn, "prefetch", None)
     for k, (start, arrays) in enumerate(batches):
-        if prefetch is not None and k + 1 < len(batches):
-            prefetch(*batches[k + 1][1])
+        if prefetch is not None:
+            following = batches[k + 1][1] if k + 1 < len(batches) else then() if then is not None else None
+            if following is not None:
+                prefetch(*following)
         try:
             values, fails = compute(fn, arrays, dict(node.params), out_type, node.batch, node.on_error)
         except _RowError as e:
@@ -322,6 +329,22 @@ class _PartStream:
             if self.aborted or self.outcome[0] is None:
                 raise _StreamAbandoned()
         return pa.RecordBatchReader.from_batches(self.schema, batches())
+
+
+def _first_batch(ahead) -> Callable[[], list[pa.Array] | None] | None:
+    """The next chunk's first batch once read (None if there is none, or its read failed: the
+    engine raises that error when it gets to the chunk). The same array objects go to the next
+    `_compute_chunk`, so a UDF recognises the batch it prefetched."""
+    if ahead is None:
+        return None
+
+    def first() -> list[pa.Array] | None:
+        try:
+            batches = ahead.result()
+        except Exception:  # noqa: BLE001 - reported where the chunk is computed
+            return None
+        return batches[0][1] if batches else None
+    return first
 
 
 class _StreamAbandoned(Exception):
@@ -504,18 +527,19 @@ def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, devic
                 pending = None
                 out_type = to_pyarrow(node.output)
                 source = lance.dataset(uri, version=ds.version)
-                ahead = reader.submit(_read_chunk, source, node, chunks[0]) if chunks else None
+                read = lambda c: reader.submit(_read_chunk, source, node, c, node.batch_size)  # noqa: E731
+                ahead = read(chunks[0]) if chunks else None
                 try:
                     for i, chunk in enumerate(chunks):
                         t = time.perf_counter()
                         inputs = ahead.result()
-                        if i + 1 < len(chunks):
-                            ahead = reader.submit(_read_chunk, source, node, chunks[i + 1])
+                        ahead = read(chunks[i + 1]) if i + 1 < len(chunks) else None
                         stream = _PartStream(node.name, out_type) if sink.whole(chunk) else None
                         task = writer.submit(_write_streamed, sink, chunk, stream) if stream else None
                         try:
                             result = _compute_chunk(source, instance, node, chunk, node.batch_size,
-                                                    emit=stream.put if stream else None, table=inputs)
+                                                    emit=stream.put if stream else None, batches=inputs,
+                                                    then=_first_batch(ahead))
                             inputs = None
                         except BaseException:
                             if stream is not None:

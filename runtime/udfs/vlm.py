@@ -310,6 +310,8 @@ class VisionTower:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self.fast is not None:  # how its calls ran (HF / fast / compiled / graph replays), kept for benchmarks
+            self.stats["tower_calls"] = dict(self.fast.stats)
         self.tower = None
         self.fast = None
         if self.device.startswith("cuda"):

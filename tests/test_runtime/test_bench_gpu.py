@@ -79,6 +79,23 @@ def test_bench_gpu_tiny_qlora_grid(tmp_path):
     assert data["derived"]["qlora_rate"]["value"] == data["figures"]["qlora_r16_b2_gc1"]["median"]
 
 
+def test_bench_gpu_tiny_tier3(tmp_path):
+    from vlmspec.runtime.bench.gpu import main  # the module's own CLI: it also takes --unique and --workdir
+
+    main(["--shape", "tiny", "--phases", "tier3", "--rows", "64", "--unique", "8", "--repeats", "2",
+          "--tier3-batch", "16", "--sub-batch", "4", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)])
+    data = _load(tmp_path, "gpu_tier3")
+    assert data["details"]["errors"] == {}
+    assert {"tier3_bare_tower", "tier3_udf", "tier3_e2e"} <= data["figures"].keys()
+    e2e = data["figures"]["tier3_e2e"]
+    assert e2e["n"] == 2 and all(c["fast_calls"] > 0 for c in e2e["udf_tower_calls"])
+    assert data["details"]["written_vs_hf_reference_rel_l2"] < 0.05
+    # the first repeat's column files were deleted before the second wrote its own: per fragment,
+    # the source's file plus one for each of the two columns
+    frags = -(-64 // data["details"]["rows_per_fragment"])
+    assert len(list((tmp_path / "work" / "tier3.lance" / "data").glob("*.lance"))) == 3 * frags
+
+
 def test_kernel_gap_summary_names_what_the_launching_thread_did():
     from vlmspec.runtime.bench.gpu_trace import summarise
 

@@ -49,6 +49,22 @@ class Interrupted:
         if self.calls == 7:
             raise KeyboardInterrupt
         return pa.array(id.to_pylist(), pa.int64())
+
+
+@udf(output="int64", inputs=["id"], batch_size=8)
+class Prefetching:
+    """Logs, per call, whether the engine had handed it this very batch to prefetch."""
+
+    def __init__(self, ctx):
+        self.ahead = []
+
+    def prefetch(self, id):
+        self.ahead.append(id)
+
+    def __call__(self, id):
+        with open(__file__.replace("udfs.py", "calls.log"), "a") as f:
+            f.write("hit\\n" if any(id is a for a in self.ahead) else "miss\\n")
+        return pa.array(id.to_pylist(), pa.int64())
 '''
 
 ROWS, FRAG = 96, 32  # 3 fragments of 4 parts (batch_size 8)
@@ -76,7 +92,7 @@ def test_each_part_is_written_while_the_fragment_still_computes(tmp_path, monkey
     real = backfill._compute_chunk
     streamed = []
 
-    def gated(ds, fn, node, chunk, batch_size, emit=None, table=None):
+    def gated(ds, fn, node, chunk, batch_size, emit=None, **kw):
         assert emit is not None, "a whole-fragment chunk was not streamed"
         stream = emit.__self__
 
@@ -89,7 +105,7 @@ def test_each_part_is_written_while_the_fragment_still_computes(tmp_path, monkey
                 assert time.monotonic() < deadline, "the writer never took a part before the fragment ended"
                 time.sleep(0.005)
             streamed.append(chunk.frag_id)
-        return real(ds, fn, node, chunk, batch_size, emit=emit_then_wait, table=table)
+        return real(ds, fn, node, chunk, batch_size, emit=emit_then_wait, **kw)
 
     monkeypatch.setattr(backfill, "_compute_chunk", gated)
     run = backfill.backfill_column(uri, node)
@@ -143,3 +159,12 @@ def test_a_failed_commit_stops_the_next_fragments_streamed_write(tmp_path, monke
         backfill.backfill_column(uri, node)
     assert committed == [[0], [1]]  # fragment 2 was computed, but its write was stopped uncommitted
     assert sorted(lance_io.fragment_fill(lance.dataset(uri))["tripled"]) == [0]
+
+
+def test_the_next_fragments_first_batch_is_prefetched_during_this_ones_last_call(tmp_path):
+    uri, node = _node(tmp_path, "same", "Prefetching")
+    backfill.backfill_column(uri, node)
+    # Only the column's very first call had no batch handed ahead; every fragment's first call
+    # (not only the calls within a fragment) gets the very arrays it was told to prefetch.
+    assert (tmp_path / "calls.log").read_text().split() == ["miss"] + ["hit"] * (ROWS // 8 - 1)
+    assert _values(uri, "same") == list(range(ROWS))
