@@ -137,6 +137,8 @@ def render(d: Path) -> str:
         out += [f"**Tier-3 backfill, rows/s** ({dt.get('rows')} synthetic 560-px JPEG rows, engine batch "
                 f"{dt.get('engine_batch_size')}, tower sub-batch {dt.get('sub_batch')}, compile "
                 f"{dt.get('compile')}; `gpu_tier3.json`, {_machine(t3)})", "",
+                f"The UDF-alone row runs on the first {dt.get('udf_rows', dt.get('rows'))} rows; the others on "
+                "all of them.", "",
                 "| stage | rows/s | GPU busy % | after set-up % |", "|---|---:|---|---|"]
         for key, f in t3["figures"].items():
             busy, after = f.get("gpu_busy_pct"), f.get("gpu_busy_after_setup_pct")
@@ -149,6 +151,24 @@ def render(d: Path) -> str:
                 f"allocations {a} s) + waiting on the writer {w} s" for v, su, c, u, a, w in zip(
                     e2e["vision_s"], e2e["setup_s"], e2e["compute_s"], e2e["udf_call_s"], e2e["udf_alloc_s"],
                     e2e["write_wait_s"])) + "."]
+        calls = [c for c in e2e.get("udf_tower_calls") or [] if c]
+        if calls:
+            out += ["", "The engine's tower calls, per repeat: " + "; ".join(
+                f"{c.get('graph_calls', 0)} CUDA-graph replays, {c.get('compiled_calls', 0)} compiled, "
+                f"{c.get('fast_calls', 0)} batched-window, {c.get('hf_calls', 0)} HF (the layout's first)"
+                for c in calls) + "."]
+        gaps = dt.get("udf_kernel_gaps_3_calls")
+        if gaps and gaps.get("kernels"):
+            big = ", ".join(f"{g['gap_ms']} ms" for g in gaps.get("largest_gaps", [])[:3])
+            out += ["", f"Profile of three UDF calls (`gpu_trace.kernel_gaps`): kernels busy "
+                    f"{gaps['kernel_busy_pct']} % of {gaps['window_ms']} ms; gaps "
+                    + ", ".join(f"{k}: {v['count']} ({v['ms']} ms)" for k, v in gaps["gaps_by_size"].items())
+                    + f"; largest {big}. Host syncs per three calls: "
+                    + ", ".join(f"`{k}` x{v}" for k, v in (dt.get("udf_sync_sites_per_3_calls") or {}).items())
+                    + "."]
+        if "graph_vs_compiled_max_abs" in dt:
+            out += ["", f"CUDA-graph tower vs the uncaptured compiled tower, same input: max abs difference "
+                    f"{dt['graph_vs_compiled_max_abs']} (captured: {dt.get('graph_captured')})."]
         tol = _der(_load(d, "bf16_noise"), "bf16_tolerance")
         out += ["", f"Written hiddens (compiled tower) vs HF's bf16 tower on the same rows: relative L2 "
                 f"{_num(dt.get('written_vs_hf_reference_rel_l2'))}" + (
