@@ -330,9 +330,8 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
 
 
 def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
-    from .train import train_from_spec
-
     from .loader import drop_pins
+    from .train import train_from_spec
 
     t0 = time.perf_counter()
     table = prep.loaded.spec.source.table

@@ -78,6 +78,9 @@ class ColumnRun:
     setup_s: float = 0.0
     compute_s: float = 0.0
     write_wait_s: float = 0.0
+    # The UDF instance's own `stats` dict, if it keeps one (VisionTower's call timings and tower
+    # call counts), as it stood when the column ended; for benchmarks.
+    udf_stats: dict | None = None
 
     @property
     def rows_per_s(self) -> float | None:
@@ -567,6 +570,7 @@ def backfill_column(uri: str, node: ColumnNode, *, model_spec: Any = None, devic
                     writer.shutdown(wait=True)
                     if hasattr(instance, "close"):
                         instance.close()
+                    run.udf_stats = getattr(instance, "stats", None)
         sink.flush()
     finally:
         run.seconds = time.perf_counter() - started
@@ -591,6 +595,7 @@ class _BoundInstance:
     def __init__(self, inst):
         self.inst = inst
         self.prefetch = getattr(inst, "prefetch", None)  # the optional hook `_compute_chunk` calls
+        self.stats = getattr(inst, "stats", None)  # optional, kept in `ColumnRun.udf_stats`
 
     def __call__(self, *arrays, **_params):
         return self.inst(*arrays)

@@ -15,14 +15,10 @@ from pathlib import Path
 from .common import Results, load
 
 
-def rel_l2(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def run(out: Path, *, shape: str = "3b", images: int = 1, seeds: int = 2, device: str = "cpu") -> Results:
     import torch
 
-    from .gpu import build_tower, grid_of, pixels
+    from .gpu import build_tower, grid_of, pixels, rel_l2
 
     res = Results("bf16_noise", "HF vision tower: bf16 vs fp32 on the same weights and pixels",
                   {"shape": shape, "images": images, "seeds": seeds, "device": device})

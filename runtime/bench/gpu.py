@@ -272,7 +272,7 @@ def pooled(out):
     return out if hasattr(out, "shape") else out.pooler_output
 
 
-def _rel(a, b) -> float:
+def rel_l2(a, b) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -301,9 +301,9 @@ def phase_equivalence(ph: Phase, ctx: dict[str, Any]) -> None:
         hf2 = pooled(tower(px2, grid_thw=grid.to(device)))
         fh2 = fast(px2, grid).pooler_output
     layout = next(iter(fast.layouts.values()))
-    d["fast_tower_vs_hf"] = {"max_abs": float((fh - hf).abs().max()), "rel_l2": _rel(fh, hf),
+    d["fast_tower_vs_hf"] = {"max_abs": float((fh - hf).abs().max()), "rel_l2": rel_l2(fh, hf),
                              "fresh_inputs_max_abs": float((fh2 - hf2).abs().max()),
-                             "fresh_inputs_rel_l2": _rel(fh2, hf2), "ref_abs_mean": float(hf.abs().mean()),
+                             "fresh_inputs_rel_l2": rel_l2(fh2, hf2), "ref_abs_mean": float(hf.abs().mean()),
                              "batched_layers": layout.batched_layers, "layers": len(layout.chunks),
                              "chunks": sorted({c for c in layout.chunks if c})}
     ph.log("fast_tower_vs_hf", d["fast_tower_vs_hf"])
@@ -326,7 +326,7 @@ def phase_equivalence(ph: Phase, ctx: dict[str, Any]) -> None:
             out = cached_forward(model, ids, mask, h.reshape(b, -1, h.shape[-1]), grid_of(shape), labels=labels)
             pos = out.label_positions
             want = full[pos[:, 0], pos[:, 1]]
-            cmp[name] = {"max_abs": float((out.logits - want).abs().max()), "rel_l2": _rel(out.logits, want),
+            cmp[name] = {"max_abs": float((out.logits - want).abs().max()), "rel_l2": rel_l2(out.logits, want),
                          "argmax_agree": float((out.logits.argmax(-1) == want.argmax(-1)).float().mean()),
                          "positions": int(pos.shape[0])}
             ph.log(f"cached_vs_full[{name}]", cmp[name])
@@ -925,16 +925,19 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
             else:
                 os.environ.pop("VLMSPEC_TOWER_THREADS", None)
 
+        def engine_calls(udf, parts):  # as the engine calls it: the next batch starts decoding before each call
+            def go():
+                for k, part in enumerate(parts):
+                    if k + 1 < len(parts):
+                        udf.prefetch(parts[k + 1])
+                    udf(part)
+            return go
+
         for th in threads:
             use_threads(th)
             udf = VisionTower(UdfContext("vision_tower_hiddens", out_type, {}, spec, device, batch))
             udf(slices[0])  # warm: pinned buffers
-
-            def udf_all():  # as the engine calls it: the next batch starts decoding before each call
-                for k, part in enumerate(slices):
-                    if k + 1 < len(slices):
-                        udf.prefetch(slices[k + 1])
-                    udf(part)
+            udf_all = engine_calls(udf, slices)
             key = "tier3_udf" if th == threads[0] else f"tier3_udf_t{th}"
             how = f"{udf._pool._max_workers if udf._pool else 1} decode threads"
             fig = udf_figs[th] = ph.res.figure(
@@ -955,16 +958,9 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
                 # its kernels over three calls with what the launching thread did meanwhile.
                 from .gpu_trace import kernel_gaps, sync_sites
 
-                def calls(parts):
-                    def go():
-                        for k, part in enumerate(parts):
-                            if k + 1 < len(parts):
-                                udf.prefetch(parts[k + 1])
-                            udf(part)
-                    return go
                 try:
-                    d["udf_sync_sites_per_3_calls"] = sync_sites(calls(slices[:3]))
-                    d["udf_kernel_gaps_3_calls"] = kernel_gaps(calls(slices[:3]))
+                    d["udf_sync_sites_per_3_calls"] = sync_sites(engine_calls(udf, slices[:3]))
+                    d["udf_kernel_gaps_3_calls"] = kernel_gaps(engine_calls(udf, slices[:3]))
                     ph.log("udf_kernel_gaps", json.dumps(d["udf_kernel_gaps_3_calls"])[:1500])
                 except Exception as e:  # noqa: BLE001 - a diagnostic; the figures stand without it
                     ph.error("udf_trace", e)
@@ -994,12 +990,6 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
                               "(decode, preprocess, tower, Lance write)", "rows/s", higher_is_better=True,
                               gpu_busy_pct=[], gpu_busy_after_setup_pct=[], setup_s=[], vision_s=[], sft_s=[],
                               compute_s=[], write_wait_s=[], udf_call_s=[], udf_alloc_s=[])
-        made: list = []  # the engine's VisionTower instances, for their call/alloc timings
-        real_init = VisionTower.__init__
-
-        def init_and_keep(self, ctx):
-            made.append(self)
-            real_init(self, ctx)
         for rep in range(ctx["repeats"]):
             ds = lance.dataset(uri)
             drop = [c for c in ("vision_tower_hiddens", "sft_tokens") if c in ds.schema.names]
@@ -1011,12 +1001,8 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
             lb = load()
             with GpuBusy() as busy:
                 t = time.perf_counter()
-                VisionTower.__init__ = init_and_keep
-                try:
-                    run = backfill_column(uri, nodes["vision_tower_hiddens"], model_spec=loaded.spec.model,
-                                          device=device)
-                finally:
-                    VisionTower.__init__ = real_init
+                run = backfill_column(uri, nodes["vision_tower_hiddens"], model_spec=loaded.spec.model,
+                                      device=device)
                 tv = time.perf_counter() - t
             t2 = time.perf_counter()
             backfill_column(uri, nodes["sft_tokens"], model_spec=loaded.spec.model, device=device)
@@ -1027,14 +1013,15 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
             fig_e.extra["gpu_busy_after_setup_pct"].append(busy.mean(since=t + run.setup_s))
             fig_e.extra["setup_s"].append(round(run.setup_s, 2))
             # where the vision column's time went: the engine's compute (reading + UDF calls) and
-            # waits on its writer thread; inside the UDF calls, allocating their pinned outputs
+            # waits on its writer thread
             fig_e.extra["compute_s"].append(round(run.compute_s, 2))
             fig_e.extra["write_wait_s"].append(round(run.write_wait_s, 2))
-            fig_e.extra["udf_call_s"].append(round(made[-1].stats["call_s"], 2) if made else None)
-            fig_e.extra["udf_alloc_s"].append(round(made[-1].stats["alloc_s"], 2) if made else None)
-            # how the engine's tower ran its calls (HF / fast / compiled / CUDA-graph replays)
-            fig_e.extra.setdefault("udf_tower_calls", []).append(
-                made[-1].stats.get("tower_calls") if made else None)
+            # the UDF's own stats: its calls' time, the part spent allocating pinned outputs, and
+            # how its tower ran them (HF / fast / compiled / CUDA graph)
+            us = run.udf_stats or {}
+            fig_e.extra["udf_call_s"].append(round(us["call_s"], 2) if "call_s" in us else None)
+            fig_e.extra["udf_alloc_s"].append(round(us["alloc_s"], 2) if "alloc_s" in us else None)
+            fig_e.extra.setdefault("udf_tower_calls", []).append(us.get("tower_calls"))
             fig_e.extra["vision_s"].append(round(tv, 2))
             fig_e.extra["sft_s"].append(round(ts, 2))
             ph.log("tier3_e2e", f"{rows / (tv + ts):.1f} rows/s (vision {tv:.1f}s busy {busy.mean()}%, "
@@ -1060,7 +1047,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         d["patchify_backend"] = type(ref.image_processor).__name__
         d["patchify_bitwise_equal"] = bool(torch.equal(mine, hf))
         d["patchify_max_abs"] = float((mine - hf).abs().max())
-        d["written_vs_hf_reference_rel_l2"] = _rel(got.float(), want)
+        d["written_vs_hf_reference_rel_l2"] = rel_l2(got.float(), want)
         d["written_vs_hf_reference_max_abs"] = float((got.float() - want).abs().max())
         ref.close()
         d["disk_bytes_per_row"] = int(sum(f.stat().st_size for f in Path(uri).rglob("*") if f.is_file()) / rows)

@@ -22,6 +22,7 @@ each run, taken `batch` rows at a time. A slow pattern (Parquet shuffled) runs a
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -218,8 +219,6 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
             version = ds.version
             addrs = ds.to_table(columns=[], with_row_address=True).column("_rowaddr").to_numpy()
             # (workers, threads, direct reads); the last is the loader before direct reads, for comparison
-            import importlib.util
-
             configs = [(w, 1, True) for w in workers] + [(0, t, True) for t in threads if t > 1]
             if importlib.util.find_spec("lancedb") is not None:
                 configs.append((0, max(threads), False))

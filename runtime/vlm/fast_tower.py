@@ -291,11 +291,11 @@ class FastTower:
                 run_block = self._block
                 self.stats["compiled_calls"] += 1
             self.stats["fast_calls"] += 1
-            captured = None
-            if self.graph and run_block is not None:
-                captured = self._graphs.get(key)
-                if captured is None and key not in self._graphs:
-                    captured = self._graphs[key] = self._captured(pixel_values, layout, run_block)
+            captured = self._graphs.get(key)
+            if captured is None and self.graph and run_block is not None:  # a failed capture clears self.graph
+                captured = self._captured(pixel_values, layout, run_block)
+                if captured is not None:
+                    self._graphs[key] = captured
             if captured is not None:
                 static, g, last, merged = captured
                 static.copy_(pixel_values)
