@@ -21,7 +21,8 @@ from vlmspec.compiler.plan import Plan, build_plan
 from vlmspec.compiler.state import TableState
 
 from . import history, lance_io
-from .backfill import shared_pool, NullReporter, Reporter, backfill_column
+from .backfill import shared_pool, backfill_column
+from .progress import NullReporter, Reporter
 from .executors import open_executor
 from .guards import check_saved_plan, storage_errno, storage_error
 from .sources.ingest import ingest, source_info
@@ -330,8 +331,8 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
 
 
 def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
-    from .loader import drop_pins
-    from .train import train_from_spec
+    from .train.loader import drop_pins
+    from .train.loop import train_from_spec
 
     t0 = time.perf_counter()
     table = prep.loaded.spec.source.table
@@ -348,7 +349,7 @@ def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
 
 
 def _run_eval(prep: Prepared, result: ApplyResult, device: str | None) -> None:
-    from .evaluate import evaluate_from_spec
+    from .eval.evaluate import evaluate_from_spec
 
     t0 = time.perf_counter()
     out = evaluate_from_spec(prep, device=device)

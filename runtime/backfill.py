@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, FIRST_COMPLETED, ProcessPoolE
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import lance
 import pyarrow as pa
@@ -39,26 +39,11 @@ from vlmspec.compiler.state import FINGERPRINT, RECIPE, TARGET
 
 from . import lance_io
 from .arrow_types import to_pyarrow
+from .progress import NullReporter, Reporter
 from .udfs.base import UdfContext
 
 if TYPE_CHECKING:  # not at run time: worker processes must not pay for importing the compiler
     from vlmspec.compiler.compile import ColumnNode
-
-
-class Reporter(Protocol):
-    """How long work reports progress (the CLI draws bars; tests record calls)."""
-
-    def start(self, task: str, total: int) -> None: ...
-    def advance(self, task: str, n: int) -> None: ...
-    def finish(self, task: str) -> None: ...
-    def note(self, text: str) -> None: ...
-
-
-class NullReporter:
-    def start(self, task: str, total: int) -> None: ...
-    def advance(self, task: str, n: int) -> None: ...
-    def finish(self, task: str) -> None: ...
-    def note(self, text: str) -> None: ...
 
 
 @dataclass

@@ -1,6 +1,6 @@
 # Source this on a bare GPU machine (the workplace's CUDA image: torch, transformers, peft, pyarrow,
 # but no vlmspec, pydantic, pylance or bitsandbytes) from the repository root, before
-# `python3 -m vlmspec.runtime.bench.gpu ...` / `python3 -m vlmspec.runtime.bench.reads ...`.
+# `python3 -m vlmspec.runtime.tools.bench.gpu ...` / `python3 -m vlmspec.runtime.tools.bench.reads ...`.
 # Wheels travel in the git-ignored .gpu/ folder: .gpu/whl (pydantic, sqlglot, lance-namespace),
 # .gpu/pylance.tar.xz (pylance unpacked, xz) and .gpu/bnb*/*.whl (bitsandbytes; the first one found), as available.
 export PYTHONUNBUFFERED=1 LANCE_LOG=error

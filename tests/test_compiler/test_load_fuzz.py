@@ -182,7 +182,7 @@ from vlmspec.compiler.catalog import ModelFacts  # noqa: E402
 from vlmspec.compiler.compile import compile_spec  # noqa: E402
 from vlmspec.compiler.errors import CompileError  # noqa: E402
 from vlmspec.compiler.state import TableState  # noqa: E402
-from vlmspec.runtime.bench import fuzz as _fuzz  # noqa: E402
+from vlmspec.runtime.tools.bench import fuzz as _fuzz  # noqa: E402
 
 _JUDGE = _fuzz.Judge(Path(tempfile.mkdtemp(prefix="vlmspec-fuzz-compile-")))
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from vlmspec.runtime.bench import badrows
+from vlmspec.runtime.tools.bench import badrows
 from vlmspec.runtime.cli import app
 from vlmspec.runtime.udfs import image
 from vlmspec.runtime.udfs.base import MAX_IMAGE_PIXELS, open_image

@@ -80,7 +80,7 @@ def test_bench_gpu_tiny_qlora_grid(tmp_path):
 
 
 def test_bench_gpu_tiny_tier3(tmp_path):
-    from vlmspec.runtime.bench.gpu import main  # the module's own CLI: it also takes --unique and --workdir
+    from vlmspec.runtime.tools.bench.gpu import main  # the module's own CLI: it also takes --unique and --workdir
 
     main(["--shape", "tiny", "--phases", "tier3", "--rows", "64", "--unique", "8", "--repeats", "2",
           "--tier3-batch", "16", "--sub-batch", "4", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)])
@@ -97,7 +97,7 @@ def test_bench_gpu_tiny_tier3(tmp_path):
 
 
 def test_kernel_gap_summary_names_what_the_launching_thread_did():
-    from vlmspec.runtime.bench.gpu_trace import summarise
+    from vlmspec.runtime.tools.bench.gpu_trace import summarise
 
     def x(cat, name, ts, dur, tid=1, corr=None):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,

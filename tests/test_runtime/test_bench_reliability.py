@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from vlmspec.runtime.bench.reliability import END, START, update_readme
+from vlmspec.runtime.tools.bench.reliability import END, START, update_readme
 from vlmspec.runtime.cli import app
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vlmspec.runtime.direct_read import BufferPool, FixedColumnReader, page_extent
-from vlmspec.runtime.loader import SliceDataset, make_loader
+from vlmspec.runtime.train.direct_read import BufferPool, FixedColumnReader, page_extent
+from vlmspec.runtime.train.loader import SliceDataset, make_loader
 
 
 def _fsl(values, size):
@@ -70,7 +70,7 @@ def test_run_of_rows_is_split_at_page_ends(tmp_path):
     path = tmp_path / "f.bin"
     data = np.arange(2000, dtype=np.uint8)
     path.write_bytes(data.tobytes())
-    from vlmspec.runtime.direct_read import _Page
+    from vlmspec.runtime.train.direct_read import _Page
 
     r = FixedColumnReader("c", pa.list_(pa.uint8(), 4), [str(path)], {0: [_Page(0, 3, 0, 0), _Page(3, 2, 0, 1000)]})
     out = np.empty(5 * 4, np.uint8)

@@ -1,4 +1,4 @@
-"""Tests for vlmspec.runtime.metrics (TextVQA accuracy, paired bootstrap) and .report."""
+"""Tests for vlmspec.runtime.eval.metrics (TextVQA accuracy, paired bootstrap) and .report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmspec.runtime.metrics import (
+from vlmspec.runtime.eval.metrics import (
     answer_scores,
     ci_excludes_zero,
     mean_accuracy,
@@ -19,7 +19,7 @@ from vlmspec.runtime.metrics import (
     paired_bootstrap,
     vqa_accuracy,
 )
-from vlmspec.runtime.report import THUMB_SIZE, write_report
+from vlmspec.runtime.eval.report import THUMB_SIZE, write_report
 
 
 # --- normalisation -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for vlmspec.runtime.vlm.pretrain: the mix helpers, and a few real pretraining steps whose
+"""Tests for vlmspec.runtime.tools.pretrain: the mix helpers, and a few real pretraining steps whose
 output must load through the project's own loaders (tower only, language model only, full model)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vlmspec.compiler.model import ModelSpec
-from vlmspec.runtime.metrics import vqa_accuracy
-from vlmspec.runtime.vlm import models, pretrain
+from vlmspec.runtime.eval.metrics import vqa_accuracy
+from vlmspec.runtime.tools import pretrain
+from vlmspec.runtime.vlm import models
 
 
 def test_question_family():
@@ -33,7 +34,7 @@ def test_styled_answer_sentences_score_zero_but_short_answers_score():
 
 
 def test_batches_are_a_function_of_the_index(tmp_path):
-    from vlmspec.runtime.vlm import tiny
+    from vlmspec.runtime.tools import tiny
     from vlmspec.runtime.vlm.processor import load_processor
 
     tiny.build(tmp_path, seed=1, corpus_rows=200)
@@ -79,7 +80,7 @@ def test_pretrain_few_steps_loss_drops_and_output_loads(tmp_path):
         assert torch.equal(p, full.model.visual.state_dict()[name])
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vlmspec.runtime.vlm import tiny
+    from vlmspec.runtime.tools import tiny
 
     init = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny.build(tmp_path / "init", seed=3, corpus_rows=300))
     assert not torch.equal(init.model.visual.patch_embed.proj.weight, full.model.visual.patch_embed.proj.weight)

@@ -340,7 +340,7 @@ def test_model_udfs_run_on_actors_and_match_local(cluster, tmp_path):
 def test_bench_ray_writes_json_and_markdown(cluster, tmp_path):
     import json
 
-    from vlmspec.runtime.bench import ray_executor
+    from vlmspec.runtime.tools.bench import ray_executor
 
     res = ray_executor.run(64, 64, [1, 2], 1, tmp_path / "out", rows_per_fragment=16, workdir=tmp_path,
                            tier3_rows=32, tier3_rows_per_fragment=16)

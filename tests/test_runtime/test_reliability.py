@@ -153,7 +153,7 @@ def _batches(it, k=None):
 
 @pytest.mark.slow
 def test_loader_reads_its_pinned_version_while_commits_land(tmp_path):
-    from vlmspec.runtime.loader import make_loader
+    from vlmspec.runtime.train.loader import make_loader
 
     uri = str(tmp_path / "c.lance")
     ds = lance.write_dataset(_cached_table(24), uri, max_rows_per_file=8)
@@ -182,7 +182,7 @@ def test_loader_reads_its_pinned_version_while_commits_land(tmp_path):
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(again, want, strict=True))
     # The token column (6 int8 a row: mini-block pages) came through a pinned clone; `apply` drops
     # those clones when training ends.
-    from vlmspec.runtime.loader import drop_pins
+    from vlmspec.runtime.train.loader import drop_pins
 
     pins = lance_io.sidecar_dir(uri) / "pins"
     assert pins.exists()
@@ -414,7 +414,7 @@ def test_report_thumbnails_cannot_escape_the_output_dir(tmp_path):
 
     from PIL import Image
 
-    from vlmspec.runtime.report import write_report
+    from vlmspec.runtime.eval.report import write_report
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")

@@ -11,8 +11,8 @@ import pytest
 from vlmspec.compiler.load import load_spec_text
 from vlmspec.runtime import lance_io
 from vlmspec.runtime.apply import apply, prepare
-from vlmspec.runtime.loader import epoch_order, make_loader
-from vlmspec.runtime.train import lora_target_regex, pinned_slice, train_from_spec
+from vlmspec.runtime.train.loader import epoch_order, make_loader
+from vlmspec.runtime.train.loop import lora_target_regex, pinned_slice, train_from_spec
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_spawned_workers_read_the_same_batches(table, monkeypatch):
     got = [b.input_ids for b in threaded]
     assert len(got) == len(serial) and all((a == b).all() for a, b in zip(serial, got))
     # resuming mid-epoch skips batches without reading them, threads or not
-    from vlmspec.runtime.loader import iterate_epochs
+    from vlmspec.runtime.train.loader import iterate_epochs
 
     resumed = iterate_epochs(lambda ep: make_loader(sl.uri, sl.version, sl.train, threads=3, **kw), 2, 2)
     ep, i, b = next(resumed)

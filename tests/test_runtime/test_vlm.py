@@ -486,7 +486,7 @@ def test_cached_forward_trains_lora_through_peft(spec, tower_udf, sft_udf, batch
 
 @pytest.mark.slow
 def test_tiny_builder_output_loads_offline(tmp_path):
-    from vlmspec.runtime.vlm import tiny
+    from vlmspec.runtime.tools import tiny
 
     out = tiny.build(tmp_path / "tiny", corpus_source="builtin", corpus_rows=1000)
     cfg = json.loads((out / "config.json").read_text())

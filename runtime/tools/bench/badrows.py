@@ -79,7 +79,7 @@ def build_source(out: Path, good_rows: int = 4, image_px: int = 64) -> tuple[Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..sources.synthetic import generate_table
+    from ...sources.synthetic import generate_table
 
     kinds = list(image_kinds(b"")) + list(TEXT_KINDS)
     table = generate_table(good_rows + len(kinds), image_px=image_px)
@@ -121,7 +121,7 @@ def row_errors(uri: str) -> dict[tuple[str, str], str]:
     """(column, question_id) -> error, for the errors `vlmspec errors` would list."""
     import lance
 
-    from .. import lance_io
+    from ... import lance_io
 
     ds = lance.dataset(uri)
     addr = ds.to_table(columns=["question_id"], with_row_address=True)
@@ -145,7 +145,7 @@ def run_null(workdir: Path, source: Path, by_kind: dict[str, str]) -> dict[str, 
 
     from vlmspec.compiler.load import load_spec
 
-    from ..apply import apply
+    from ...apply import apply
 
     spec = write_spec(workdir, source, "null")
     t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def run_fail(workdir: Path, source: Path, by_kind: dict[str, str]) -> dict[str, 
     from vlmspec.compiler.errors import ApplyError
     from vlmspec.compiler.load import load_spec
 
-    from ..apply import apply
+    from ...apply import apply
 
     out = {}
     for col in IMAGE_COLUMNS + TEXT_COLUMNS:
@@ -201,7 +201,7 @@ def run_upfront(workdir: Path, good: Path) -> dict[str, Any]:
     from vlmspec.compiler.errors import VlmspecError
     from vlmspec.compiler.load import load_spec
 
-    from ..apply import prepare
+    from ...apply import prepare
 
     t = pq.read_table(good)
     workdir.mkdir(parents=True, exist_ok=True)

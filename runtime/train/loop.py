@@ -26,7 +26,7 @@ import torch
 
 from vlmspec.compiler.errors import ApplyError, Problem
 
-from . import history, lance_io
+from .. import history, lance_io
 from .loader import iterate_epochs, make_loader
 
 LM_PREFIX = r".*language_model\..*"  # LoRA never touches the vision tower or merger
@@ -59,7 +59,7 @@ class Slice:
 
 def pinned_slice(spec) -> Slice:
     """The train side of the slice recorded by the last curate/split, at its pinned version."""
-    from .curate import read_slice
+    from ..curate import read_slice
 
     side = lance_io.read_sidecar(spec.source.table).get("steps", {})
     rec = side.get("split") or side.get("curate")
@@ -99,7 +99,7 @@ def build_model(spec, device: str):
     """Language model only (4-bit NF4 for QLoRA), wrapped with LoRA per the spec."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from .vlm.models import load_language_model
+    from ..vlm.models import load_language_model
 
     tr = spec.train
     quant = tr.quant if tr.quant.bits in (4, 8) else None
@@ -123,7 +123,7 @@ def compile_layers(model) -> None:
     """`torch.compile` each decoder layer of the language model ("regional" compilation): the
     layers share one compiled graph (weights are graph inputs), so compiling costs one layer, and
     the step loses most of its per-kernel launch overhead (measured in `vlmspec bench gpu`)."""
-    from .vlm.cached import unwrap
+    from ..vlm.cached import unwrap
 
     for layer in unwrap(model).model.language_model.layers:
         layer.compile(dynamic=False)
@@ -189,8 +189,8 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
 
     from .distributed import all_sum, barrier, sum_gradients, world
 
-    from .vlm.cached import unwrap
-    from .vlm.graph_step import CaptureError, eager_step
+    from ..vlm.cached import unwrap
+    from ..vlm.graph_step import CaptureError, eager_step
 
     # -- setup ------------------------------------------------------------------------------
     spec = prep.loaded.spec
@@ -225,7 +225,7 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
         compile_layers(model)
     graphed = None
     if tr.compile == "graph" and cuda:
-        from .vlm.graph_step import GRAPH_LABEL_SLOTS, GraphedStep
+        from ..vlm.graph_step import GRAPH_LABEL_SLOTS, GraphedStep
 
         graphed = GraphedStep(model, label_slots=GRAPH_LABEL_SLOTS)
     run_step = graphed if graphed is not None else partial(eager_step, model)

@@ -39,7 +39,7 @@ def vlmspec_command() -> list[str]:
 @contextmanager
 def capture_datasets() -> Iterator[list]:
     """Every dataset `lance_io.open_dataset` hands out while inside (to read its I/O counters)."""
-    from .. import lance_io
+    from ... import lance_io
 
     opened: list = []
     original = lance_io.open_dataset
@@ -69,7 +69,7 @@ def _manifest_bytes(uri: str, version: int) -> int:
 def _setup(workdir: Path, label: str, rows: int, rows_per_fragment: int) -> dict[str, Any]:
     from vlmspec.compiler.load import load_spec
 
-    from ..apply import apply, prepare
+    from ...apply import apply, prepare
 
     uri = workdir / f"{label}.lance"
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def _setup(workdir: Path, label: str, rows: int, rows_per_fragment: int) -> dict
 
 def _prepare_job(res: Results, key: str, label: str, table: dict[str, Any]):
     """A callable timing one prepare() into figure `key` (after an untimed warm-up)."""
-    from ..apply import prepare
+    from ...apply import prepare
 
     loaded = table["loaded"]
     prepare(loaded)  # warm-up: imports, first manifest read
@@ -114,7 +114,7 @@ def _rounds(jobs: list, repeats: int) -> None:
 
 
 def _io_stats(table: dict[str, Any]) -> dict[str, Any]:
-    from ..apply import prepare
+    from ...apply import prepare
 
     with capture_datasets() as opened:
         prepare(table["loaded"])

@@ -1,6 +1,6 @@
 """Pretrains the shipped tiny Qwen2.5-VL (`vlmspec:tiny-qwen2.5-vl`) on a synthetic reading mix.
 
-`python -m vlmspec.runtime.vlm.pretrain OUT_DIR [--steps N] [--device cpu|cuda] [--seed S]`
+`python -m vlmspec.runtime.tools.pretrain OUT_DIR [--steps N] [--device cpu|cuda] [--seed S]`
 builds the tiny model with `tiny.build` (same tokenizer recipe, its corpus drawn with the
 pretraining seed), trains the WHOLE model (vision tower, merger and language model) and saves it
 with `save_pretrained` beside the tokenizer and processor files, so every loader reads it as is.
@@ -108,7 +108,7 @@ class PretrainBatches:
 
     def __init__(self, processor, seed: int, image_px: int, rows_per_batch: int, mix: dict[str, dict[str, Any]],
                  start: int = 0, length: int = 10**9, merge: int = 2, patch: int = 14):
-        from . import prompt
+        from ..vlm import prompt
 
         self.p, self.processor, self.tok = prompt, processor, processor.tokenizer
         self.seed, self.image_px, self.rows_per_batch, self.mix = seed, image_px, rows_per_batch, mix
@@ -173,7 +173,7 @@ def loss_fn(model, b: dict[str, Any], device: str):
     M-RoPE path that LoRA training uses (tests check it equals the stock forward); it runs the
     vocab-wide lm_head only where a label is set.
     """
-    from .cached import cached_forward
+    from ..vlm.cached import cached_forward
 
     vis = model.model.visual(b["pixel_values"].to(device), grid_thw=b["image_grid_thw"].to(device))
     n = b["input_ids"].shape[0]
@@ -196,8 +196,8 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, decay_steps: int, floor
 
 def quickstart_accuracy(model, processor, rows: list[dict[str, Any]], image_px: int, device: str) -> dict[str, float]:
     """Greedy answers with the QUICKSTART prompt (the eval path) -> TextVQA accuracy per family."""
-    from vlmspec.runtime.evaluate import generate_answers
-    from vlmspec.runtime.metrics import vqa_accuracy
+    from vlmspec.runtime.eval.evaluate import generate_answers
+    from vlmspec.runtime.eval.metrics import vqa_accuracy
 
     gen = SimpleNamespace(max_new_tokens=12, do_sample=False, temperature=None)
     preds = generate_answers(model, processor, rows, image_px, 32, gen, device)
@@ -227,7 +227,7 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from . import tiny
-    from .processor import load_processor
+    from ..vlm.processor import load_processor
 
     if seed == 0:
         raise ValueError("seed 0 is the quickstart's; pretraining data must come from a disjoint seed")
@@ -319,7 +319,7 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
     meta.update({
         "weights": "pretrained",
         "pretrain": {
-            "command": f"python -m vlmspec.runtime.vlm.pretrain OUT --steps {step} --decay-steps {decay} "
+            "command": f"python -m vlmspec.runtime.tools.pretrain OUT --steps {step} --decay-steps {decay} "
                        f"--device {device} --seed {seed} --batch-size {batch_size} --lr {lr} --image-px {image_px} "
                        f"--warmup {warmup}",
             "steps": step, "decay_steps": decay, "batch_rows": batch_size, "rows_seen": seen, "lr": lr,
@@ -330,7 +330,7 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
                      "train_rows": f"{0}..{step * batch_size - 1}", "val_rows": f"{VAL_START}..{VAL_START + val_rows - 1}",
                      "mix": mix, "prompt_suffix": "quickstart (prompt.PROMPT_SUFFIX)" if PRETRAIN_SUFFIX is None
                      else PRETRAIN_SUFFIX,
-                     "families": "vlmspec.runtime.vlm.pretrain.question_family (color / yesno / read)"},
+                     "families": "vlmspec.runtime.tools.pretrain.question_family (color / yesno / read)"},
             "final_train_loss": history[-1]["loss"] if history else None,
             "val_loss_start": round(val0, 4), "val_loss_end": round(val1, 4),
             "val_accuracy_quickstart_prompt": acc,
@@ -354,7 +354,7 @@ def evaluate_saved(out_dir: str | Path, device: str = "cpu", threads: int = 2, l
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .processor import load_processor
+    from ..vlm.processor import load_processor
 
     torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -374,7 +374,7 @@ def evaluate_saved(out_dir: str | Path, device: str = "cpu", threads: int = 2, l
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.vlm.pretrain",
+    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.pretrain",
                                      description="Pretrain the shipped tiny Qwen2.5-VL on the synthetic reading mix.")
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (the maximum with --budget-s)")

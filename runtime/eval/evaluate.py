@@ -16,7 +16,7 @@ import numpy as np
 
 from vlmspec.compiler.errors import ApplyError, Problem
 
-from . import lance_io
+from .. import lance_io
 from .metrics import paired_bootstrap, vqa_accuracy
 
 __all__ = ["vqa_accuracy", "evaluate_from_spec", "generate_answers", "eval_rows"]
@@ -26,7 +26,7 @@ def eval_rows(spec, limit: int | None, seed: int) -> tuple[list[dict[str, Any]],
     """The held-out questions (a seeded sample of `limit`), read at the slice's pinned version."""
     import lance
 
-    from .curate import read_slice
+    from ..curate import read_slice
 
     side = lance_io.read_sidecar(spec.source.table).get("steps", {})
     rec = side.get("split")
@@ -55,7 +55,7 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
     """Greedy (or sampled) short answers, batched, left-padded, with the training prompt."""
     import torch
 
-    from .vlm.prompt import image_processor_kwargs, prompt_text, resize_image
+    from ..vlm.prompt import image_processor_kwargs, prompt_text, resize_image
 
     tok = processor.tokenizer
     tok.padding_side = "left"  # generation appends on the right; prompts must end aligned
@@ -82,7 +82,7 @@ def evaluate_from_spec(prep, device: str | None = None, reporter=None) -> dict[s
     import torch
 
     from .report import write_report
-    from .vlm.models import load_full_model, load_model_processor
+    from ..vlm.models import load_full_model, load_model_processor
 
     spec = prep.loaded.spec
     ev = spec.eval

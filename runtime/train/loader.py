@@ -197,7 +197,7 @@ def pinned_clone(uri: str, version: int) -> str:
 
     import lance
 
-    from .lance_io import sidecar_dir
+    from ..lance_io import sidecar_dir
 
     pins = sidecar_dir(uri) / "pins"
     target = pins / f"v{version}.lance"
@@ -217,7 +217,7 @@ def drop_pins(uri: str) -> None:
     `apply` calls it when training ends, under the table lock, so no loader is reading them."""
     import shutil
 
-    from .lance_io import sidecar_dir
+    from ..lance_io import sidecar_dir
 
     shutil.rmtree(sidecar_dir(uri) / "pins", ignore_errors=True)
 
@@ -277,7 +277,7 @@ class CachedCollate:
         batch = CachedBatch(hidden, field("input_ids", np.int32), field("attention_mask", np.int8),
                             field("labels", np.int32))
         if self.image_token_id is not None and self.llm_grid is not None:
-            from .vlm.cached import step_inputs
+            from ..vlm.cached import step_inputs
 
             batch.step = step_inputs(batch.input_ids, batch.attention_mask, batch.labels, self.image_token_id,
                                      self.image_tokens, self.llm_grid, self.label_slots)

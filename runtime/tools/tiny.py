@@ -1,6 +1,6 @@
 """Reproducible builder of the shipped tiny Qwen2.5-VL (`vlmspec:tiny-qwen2.5-vl`) for CPU tests.
 
-`python -m vlmspec.runtime.vlm.tiny build OUT_DIR` trains a small byte-level BPE tokenizer on
+`python -m vlmspec.runtime.tools.tiny build OUT_DIR` trains a small byte-level BPE tokenizer on
 synthetic TextVQA-style text, writes a Qwen-style chat template and image processor, and saves a
 randomly initialised CPU-sized Qwen2.5-VL. Same code + same seed -> same files. Never downloads.
 """
@@ -96,7 +96,7 @@ def _synthetic_rows(rows: int, seed: int) -> Iterator[tuple[str, str, list[str]]
 
 def corpus(rows: int = 4000, seed: int = 0, source: str = "auto") -> tuple[list[str], str]:
     """Training text for the tokenizer and which generator made it (`synthetic` or `builtin`)."""
-    from .prompt import PROMPT_SUFFIX
+    from ..vlm.prompt import PROMPT_SUFFIX
 
     it, used = None, "builtin"
     if source in ("auto", "synthetic"):
@@ -173,7 +173,7 @@ def build(out_dir: str | Path, seed: int = 0, vocab_size: int = 1536, corpus_sou
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .processor import QwenVLImageOnlyProcessor
+    from ..vlm.processor import QwenVLImageOnlyProcessor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def _portable_processor_files(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.vlm.tiny")
+    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.tiny")
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the tiny model directory")
     b.add_argument("out_dir")

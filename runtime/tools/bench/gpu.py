@@ -974,8 +974,8 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         # (3) end to end through the engine: both tier-3 columns computed and written to Lance
         from vlmspec.compiler.load import load_spec
 
-        from ..apply import prepare
-        from ..backfill import backfill_column
+        from ...apply import prepare
+        from ...backfill import backfill_column
 
         spec_file = work / "tier3.yaml"
         spec_file.write_text(
@@ -1138,7 +1138,7 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m vlmspec.runtime.bench.gpu", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.bench.gpu", description=__doc__.split("\n")[0])
     ap.add_argument("--phases", default="equivalence,tower,trainstep")
     ap.add_argument("--shape", default="3b", choices=sorted(SHAPES))
     ap.add_argument("--device", default=None)

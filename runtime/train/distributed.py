@@ -75,8 +75,8 @@ def _worker(rank: int, n: int, port: int, text: str, file: str, device: str | No
     try:
         from vlmspec.compiler.load import load_spec_text
 
-        from .apply import prepare
-        from .train import run_training
+        from ..apply import prepare
+        from .loop import run_training
 
         prep = prepare(load_spec_text(text, file=file), allow_destructive=True)
         out = run_training(prep, f"cuda:{rank}" if cuda else "cpu", stop_after)

@@ -66,7 +66,7 @@ train:
 executor: {{workers: 1}}
 """
 
-CHILD = "from vlmspec.runtime.bench.chaos import child_main; child_main()"
+CHILD = "from vlmspec.runtime.tools.bench.chaos import child_main; child_main()"
 
 
 # --- the child: `vlmspec apply`, instrumented ------------------------------------------------------
@@ -192,7 +192,7 @@ def _kill_at(trial: Trial, target: int, delay: float, timeout: float = 600) -> d
 
 def _state_at_kill(trial: Trial) -> dict[str, Any]:
     """What survived the kill: committed rows, filled fragments per column, the last checkpoint."""
-    from .. import lance_io
+    from ... import lance_io
 
     ds = lance_io.open_dataset(trial.table)
     state: dict[str, Any] = {"rows": ds.count_rows() if ds is not None else 0, "fragments": {}, "complete": []}
@@ -229,8 +229,8 @@ def _compare(trial: Trial, ref: Trial) -> dict[str, Any]:
 
     from vlmspec.compiler.load import load_spec
 
-    from .. import lance_io
-    from ..apply import prepare
+    from ... import lance_io
+    from ...apply import prepare
 
     a = lance.dataset(trial.table).to_table().sort_by("id")
     b = lance.dataset(ref.table).to_table().sort_by("id")

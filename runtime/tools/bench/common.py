@@ -140,7 +140,7 @@ class Results:
                              "how": how}
 
     def to_dict(self) -> dict[str, Any]:
-        from ..history import library_versions
+        from ...history import library_versions
 
         machine = machine_info()
         return {

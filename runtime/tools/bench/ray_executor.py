@@ -103,7 +103,7 @@ def _local_pools() -> Iterator[Callable[[int], None]]:
     column of an apply (`backfill.shared_pool`), started at the first such column. The bench keeps
     one pool per worker count up across its rounds (as the Ray cluster stays up) and makes the one
     for `w` the shared pool before a run; `_run_parallel` then finds it, exactly as in an apply."""
-    from .. import backfill as bf
+    from ... import backfill as bf
 
     pools: dict[int, Any] = {}
 
@@ -186,9 +186,9 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
 
     from vlmspec.compiler.load import load_spec
 
-    from ..apply import apply, prepare
-    from ..backfill import backfill_column
-    from ..executors.ray_exec import RayExecutor
+    from ...apply import apply, prepare
+    from ...backfill import backfill_column
+    from ...executors.ray_exec import RayExecutor
 
     workers_list = sorted(set(workers_list))
     top, w1 = workers_list[-1], workers_list[0]

@@ -95,13 +95,13 @@ def _synthetic_spec(table: Path, rows: int, image_px: int, rows_per_fragment: in
 
 
 def _nodes(loaded) -> dict[str, Any]:
-    from ..apply import prepare
+    from ...apply import prepare
 
     return {c.name: c for c in prepare(loaded, allow_destructive=True).compiled.columns}
 
 
 def _tier1(res: Results, uri: str, nodes: dict[str, Any], rows: int, repeats: int, where: str, label: str) -> None:
-    from ..backfill import backfill_column, load_udf
+    from ...backfill import backfill_column, load_udf
 
     for col, (udf, inp) in TIER1.items():
         node = nodes[col]
@@ -128,8 +128,8 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         workdir: Path | None = None) -> Results:
     from vlmspec.compiler.load import load_spec
 
-    from ..apply import apply
-    from ..backfill import backfill_column
+    from ...apply import apply
+    from ...backfill import backfill_column
 
     noop_rows = sorted(set(noop_rows or [100_000]), reverse=True)
     noop_repeats = noop_repeats or repeats
@@ -216,7 +216,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                     paired.setdefault(f"scaling_w{w}", []).append(took[("v", 1)] / took[("v", w)])
                     paired.setdefault(f"bare_scaling_w{w}", []).append(took[("b", 1)] / took[("p", w)])
         # Warm: the engine's steady state inside `shared_pool()` (the pool is started by an untimed run).
-        from ..backfill import shared_pool
+        from ...backfill import shared_pool
 
         for w in multi:
             fig = res.figure(f"dhash_vlmspec_w{w}_warm", f"image.dhash via backfill_column, workers={w} "

@@ -12,7 +12,7 @@
 base (str | None), tuned (str | None), base_score, tuned_score.
 
 Header numbers are read from ``results`` (top level, or a nested ``"bootstrap"`` /
-``"stats"`` dict, e.g. the output of :func:`vlmspec.runtime.metrics.paired_bootstrap`):
+``"stats"`` dict, e.g. the output of :func:`vlmspec.runtime.eval.metrics.paired_bootstrap`):
 ``metric``, ``n``, ``base``/``base_accuracy``, ``tuned``/``tuned_accuracy``, ``lift``,
 ``ci_low``, ``ci_high``, ``confidence``. Missing accuracies are computed from ``rows``.
 """

@@ -214,7 +214,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
 
         # -- our loader ------------------------------------------------------------------------
         if loader:
-            from vlmspec.runtime.loader import make_loader
+            from vlmspec.runtime.train.loader import make_loader
 
             version = ds.version
             addrs = ds.to_table(columns=[], with_row_address=True).column("_rowaddr").to_numpy()
@@ -307,7 +307,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m vlmspec.runtime.bench.reads` (the GPU machine runs it without the typer CLI)."""
+    """`python -m vlmspec.runtime.tools.bench.reads` (the GPU machine runs it without the typer CLI)."""
     import argparse
 
     from .common import DEFAULT_OUT

@@ -1,0 +1,1 @@
+"""Tools around the product, never on its path: benchmarks (`vlmspec bench`) and tiny-model builders."""
