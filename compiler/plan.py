@@ -1,49 +1,164 @@
-"""Diff a compiled spec against the table's state and produce a frozen `Plan`.
+"""Diff a compiled spec against the table's state and produce a frozen `Plan` of typed steps.
 
-The plan is a list of inert steps that the renderer prints and the runtime executes: ingest,
-one step per declared column (new / recompute / resume / up to date), drops of columns the spec
-no longer declares (destructive: blocked unless allowed), then curate, split, train and eval.
+The plan is a list of inert steps, one class per action, in the order `apply` runs them:
+`Ingest`, `Drop` (a column the spec no longer declares: destructive, blocked unless allowed),
+`Backfill` (one per declared column: new / recompute / resume / up to date), `BuildSlice`
+(curation, and the held-out `Split` computed in the same pass), `Train`, `Evaluate`. Each step
+names the steps it comes after, so `select` can cut the plan to what `--target` / `--until` need,
+and carries everything the runtime must obey (the column's node, its action, its placement): the
+runtime executes steps, it never re-decides them. The renderer walks the same steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal, Mapping, Union
 
-from .compile import Compiled, ColumnNode, StageNode
-from .errors import CompileError, Problem
+from .compile import ColumnNode, Compiled, StageNode
+from .errors import CompileError, Problem, did_you_mean
 from .state import RECIPE, ColumnState, TableState
 from .types import TypeSyntaxError, parse_type
 
 Kind = Literal["new", "recompute", "resume", "up_to_date", "drop", "run", "append"]
 SYMBOL = {"new": "+", "recompute": "~", "resume": ">", "up_to_date": "=", "drop": "-", "run": "~", "append": ">"}
+UNTIL = ("ingest", "features", "curate", "train", "eval")
+"""The stages `--until` can stop after, in run order; every step belongs to one."""
 
 
 @dataclass(frozen=True)
-class ColumnStep:
+class Placement:
+    """Where a column's chunks run: data the executor obeys and the plan prints."""
+
+    where: Literal["in-process", "processes", "cpu tasks", "cpu actor", "gpu actors"]
+    workers: int | None = None
+    """How many run at once (None: as many as the executor finds)."""
+    gpus_each: float = 0
+
+    def __str__(self) -> str:
+        n = f" x{self.workers}" if self.workers else ""
+        if self.where == "gpu actors":
+            return f"gpu actors{n} ({self.gpus_each:g} GPU each)"
+        if self.where == "cpu actor":
+            return "cpu actor x1"
+        return "in-process" if self.where == "in-process" else f"{self.where}{n}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every step has. `kind` is what the plan shows and the runtime does (`up_to_date`: skip)."""
+
     name: str
-    tier: str
     kind: Kind
     reason: str
     rows: int = 0
-    """Rows this step computes."""
+    """Rows this step computes (or reads, for curate/split/train/eval)."""
+    fingerprint: str = ""
+    after: tuple[str, ...] = ()
+    """Names of the steps whose outputs this one reads: `select` keeps them with it."""
+    stage: ClassVar[str] = ""
+
+    @property
+    def todo(self) -> bool:
+        return self.kind != "up_to_date"
+
+
+@dataclass(frozen=True)
+class Ingest(Step):
+    """Create the table from the source, or append the source rows with a new `source.key`."""
+
+    label: str = ""
+    """The source kind (`synthetic`, `huggingface`, ...)."""
+    stage: ClassVar[str] = "ingest"
+
+
+@dataclass(frozen=True)
+class Backfill(Step):
+    """Fill one derived column: `kind` new (add it), recompute (its fingerprint moved), resume (rows
+    missing) or up_to_date."""
+
+    tier: str = ""
     type: str = ""
     bytes: int = 0
     """Bytes the computed rows will occupy (from the type; variable types are estimated)."""
     est_seconds: float | None = None
     """From a throughput an earlier run measured; None when unknown."""
-    fingerprint: str = ""
     udf: str = ""
     gpus: float = 0
     shape: str = ""
     destructive: bool = False
     blocked: bool = False
-    placement: str = ""
-    """Where the step's chunks run: `in-process`, `processes x4`, `cpu tasks x8`, `gpu actors x2 (1 GPU each)`."""
+    place: Placement | None = None
+    """Set for steps that run; None for up-to-date ones."""
+    node: ColumnNode | None = field(default=None, repr=False, compare=False)
+    """The compiled column: what the runtime computes (not rendered)."""
+    stage: ClassVar[str] = "features"
+
+    @property
+    def placement(self) -> str:
+        return str(self.place) if self.place is not None else ""
 
 
 @dataclass(frozen=True)
-class StageStep:
+class Drop(Step):
+    """Drop a derived column the spec no longer declares (metadata-only, but destructive)."""
+
+    tier: str = ""
+    type: str = ""
+    destructive: bool = True
+    blocked: bool = False
+    placement: str = ""
+    stage: ClassVar[str] = "features"
+
+
+@dataclass(frozen=True)
+class Split(Step):
+    """The held-out side of the slice. It is not an action of its own: `BuildSlice` computes both
+    sides in one pass over the table; this records the split's own state for the plan."""
+
+    label: str = ""
+    stage: ClassVar[str] = "curate"
+
+
+@dataclass(frozen=True)
+class BuildSlice(Step):
+    """Curate the training slice (predicate, dedup, limit) and, when the spec has a split, hold out
+    the eval groups in the same pass. Runs when either side is stale."""
+
+    label: str = ""
+    """The curation's name (`all rows` without a curation section)."""
+    curate_kind: Kind = "run"
+    """The curation's own state, shown on its line (the step runs if the split's is stale too)."""
+    curate_reason: str = ""
+    split: Split | None = None
+    node: StageNode | None = field(default=None, repr=False, compare=False)
+    stage: ClassVar[str] = "curate"
+
+
+@dataclass(frozen=True)
+class Train(Step):
+    """LoRA/QLoRA training from the cached columns on the slice."""
+
+    node: StageNode | None = field(default=None, repr=False, compare=False)
+    stage: ClassVar[str] = "train"
+
+
+@dataclass(frozen=True)
+class Evaluate(Step):
+    """Base vs tuned on raw held-out images."""
+
+    node: StageNode | None = field(default=None, repr=False, compare=False)
+    stage: ClassVar[str] = "eval"
+
+
+AnyStep = Union[Ingest, Drop, Backfill, BuildSlice, Train, Evaluate]
+"""Every executable step; `apply` matches on them exhaustively."""
+
+
+@dataclass(frozen=True)
+class StageLine:
+    """One downstream line of the plan (curate, split, train, eval), as tests and the renderer read it."""
+
     name: str
     kind: Kind
     reason: str
@@ -61,23 +176,43 @@ class Plan:
     version: int | None
     rows: int
     expected_rows: int
-    ingest: StageStep | None
-    columns: tuple[ColumnStep, ...]
-    stages: tuple[StageStep, ...]
+    steps: tuple[AnyStep, ...]
+    """In run order: ingest, drops, columns in dependency order, slice, train, eval."""
     warnings: tuple[str, ...] = ()
     executor: Mapping[str, Any] = field(default_factory=dict)
+    selection: tuple[str, ...] = ()
+    """How `select` cut it (`--target x`, `--until train`); empty for the whole plan."""
+
+    @property
+    def ingest(self) -> Ingest | None:
+        return next((s for s in self.steps if isinstance(s, Ingest)), None)
+
+    @property
+    def columns(self) -> tuple[Backfill | Drop, ...]:
+        """Declared columns in dependency order, then drops (the plan's display order)."""
+        return tuple(s for s in self.steps if isinstance(s, Backfill)) + \
+            tuple(s for s in self.steps if isinstance(s, Drop))
+
+    @property
+    def stages(self) -> tuple[StageLine, ...]:
+        out: list[StageLine] = []
+        for s in self.steps:
+            if isinstance(s, BuildSlice):
+                out.append(StageLine("curate", s.curate_kind, s.curate_reason, s.rows, s.fingerprint, s.label))
+                if s.split is not None:
+                    sp = s.split
+                    out.append(StageLine(sp.name, sp.kind, sp.reason, sp.rows, sp.fingerprint, sp.label))
+            elif isinstance(s, (Train, Evaluate)):
+                out.append(StageLine(s.name, s.kind, s.reason, s.rows, s.fingerprint))
+        return tuple(out)
 
     @property
     def is_empty(self) -> bool:
         """True when applying would do nothing."""
-        todo = [s for s in self.columns if s.kind != "up_to_date"]
-        todo += [s for s in self.stages if s.kind != "up_to_date"]
-        if self.ingest is not None and self.ingest.kind != "up_to_date":
-            todo.append(self.ingest)
-        return not todo
+        return not any(s.todo for s in self.steps)
 
     @property
-    def blocked(self) -> tuple[ColumnStep, ...]:
+    def blocked(self) -> tuple[Backfill | Drop, ...]:
         return tuple(s for s in self.columns if s.blocked)
 
     def counts(self) -> dict[str, int]:
@@ -87,8 +222,17 @@ class Plan:
         out["downstream"] = sum(1 for s in self.stages if s.kind != "up_to_date")
         return out
 
+    def step(self, name: str) -> AnyStep | None:
+        """The step called `name`; `split` is the slice step that computes it."""
+        for s in self.steps:
+            if s.name == name or (isinstance(s, BuildSlice) and s.split is not None and s.split.name == name):
+                return s
+        return None
 
-def _recipe_reason(old: Mapping[str, Any] | None, new: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+
+# --- diff ----------------------------------------------------------------------------------
+
+def _recipe_reason(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
     """Why a fingerprint moved, from the stored and the compiled recipe."""
     if not old:
         return "fingerprint changed"
@@ -119,8 +263,6 @@ def _recipe_reason(old: Mapping[str, Any] | None, new: Mapping[str, Any], upstre
 
 
 def _stored_recipe(col: ColumnState) -> Mapping[str, Any] | None:
-    import json
-
     raw = col.metadata.get(RECIPE)
     try:
         return json.loads(raw) if raw else None
@@ -135,24 +277,26 @@ def _row_bytes(type_str: str) -> int:
         return 8
 
 
-def _column_step(node: ColumnNode, col: ColumnState | None, expected: int, state: TableState,
-                 changed: Mapping[str, str]) -> ColumnStep:
-    def step(kind: Kind, reason: str, rows: int) -> ColumnStep:
+def diff_column(node: ColumnNode, col: ColumnState | None, expected: int, state: TableState,
+                after: tuple[str, ...] = ()) -> Backfill:
+    """One declared column against what the table holds: the one place that decides new, recompute,
+    resume or up to date."""
+    def step(kind: Kind, reason: str, rows: int, destructive: bool = False) -> Backfill:
         tput = state.throughput.get(node.udf)
         est = rows / tput if tput and rows else None
-        return ColumnStep(node.name, node.tier, kind, reason, rows, node.output, rows * _row_bytes(node.output),
-                          est, node.fingerprint, node.udf, node.gpus, node.shape)
+        return Backfill(node.name, kind, reason, rows, node.fingerprint, after, node.tier, node.output,
+                        rows * _row_bytes(node.output), est, node.udf, node.gpus, node.shape,
+                        destructive=destructive, node=node)
 
     if col is None:
         return step("new", "new", expected)
     if not col.is_derived:
-        s = step("recompute", "column exists but was not made by vlmspec", expected)
-        return ColumnStep(**{**s.__dict__, "destructive": True})
+        return step("recompute", "column exists but was not made by vlmspec", expected, destructive=True)
     current = col.fingerprint or col.target
     if current != node.fingerprint:
         # A derived column is reproducible from its recipe, so a new type (e.g. image_px changed the
         # hidden-state size) is an ordinary recompute, not a destructive change.
-        return step("recompute", _recipe_reason(_stored_recipe(col), node.recipe, changed), expected)
+        return step("recompute", _recipe_reason(_stored_recipe(col), node.recipe), expected)
     missing = max(expected - col.filled_rows, 0)
     if col.fingerprint is None or missing:
         why = "interrupted run" if col.fingerprint is None else "rows appended"
@@ -160,45 +304,49 @@ def _column_step(node: ColumnNode, col: ColumnState | None, expected: int, state
     return step("up_to_date", "up to date", 0)
 
 
-def _stage_step(node: StageNode, state: TableState, expected: int) -> StageStep:
+_STAGE_REASONS = {"inputs": "inputs changed", "rows": "table rows changed", "curate": "slice changed",
+                  "split": "split changed", "train": "adapter changed", "model": "model changed"}
+
+
+def _stage_state(node: StageNode, state: TableState) -> tuple[Kind, str]:
+    """(kind, reason) of a downstream stage against its last recorded run."""
     rec = state.steps.get(node.name)
     if rec is None:
-        return StageStep(node.name, "run", "never run", expected, node.fingerprint)
+        return "run", "never run"
     if rec.fingerprint == node.fingerprint:
-        return StageStep(node.name, "up_to_date", "up to date", 0, node.fingerprint)
+        return "up_to_date", "up to date"
     old = (rec.detail or {}).get("recipe") or {}
     new = node.recipe
     moved = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    names = {"inputs": "inputs changed", "rows": "table rows changed", "curate": "slice changed",
-             "split": "split changed", "train": "adapter changed", "model": "model changed"}
-    reasons = [names.get(k, f"`{k}` changed") for k in moved] or ["fingerprint changed"]
-    return StageStep(node.name, "run", ", ".join(dict.fromkeys(reasons)), expected, node.fingerprint)
+    reasons = [_STAGE_REASONS.get(k, f"`{k}` changed") for k in moved] or ["fingerprint changed"]
+    return "run", ", ".join(dict.fromkeys(reasons))
 
 
-def _ingest_step(compiled: Compiled, state: TableState) -> tuple[StageStep | None, int]:
+def _ingest_step(compiled: Compiled, state: TableState) -> tuple[Ingest | None, int]:
+    """The ingest step (None without `source.ingest`) and the rows the table will hold after it."""
     spec = compiled.spec
     node = compiled.stage("ingest")
     src = state.source_rows
-    if not state.exists:
-        if node is None:
-            return None, 0
-        rows = src or 0
-        return StageStep("ingest", "new", "new table", rows, node.fingerprint, spec.source.ingest.kind), rows
     if node is None:
-        return None, state.rows
+        return None, state.rows if state.exists else 0
+    label = spec.source.ingest.kind
+    if not state.exists:
+        rows = src or 0
+        return Ingest("ingest", "new", "new table", rows, node.fingerprint, label=label), rows
     if src is not None and src > state.rows:
-        return (StageStep("ingest", "append", f"append {src - state.rows:,} new source rows", src - state.rows,
-                          node.fingerprint, spec.source.ingest.kind), src)
+        return (Ingest("ingest", "append", f"append {src - state.rows:,} new source rows", src - state.rows,
+                       node.fingerprint, label=label), src)
     rec = state.steps.get("ingest")
     if rec is not None and rec.fingerprint != node.fingerprint:
-        return (StageStep("ingest", "run", f"source changed; rows with a new `{spec.source.key}` are appended",
-                          0, node.fingerprint, spec.source.ingest.kind), state.rows)
-    return StageStep("ingest", "up_to_date", "up to date", 0, node.fingerprint, spec.source.ingest.kind), state.rows
+        return (Ingest("ingest", "run", f"source changed; rows with a new `{spec.source.key}` are appended",
+                       0, node.fingerprint, label=label), state.rows)
+    return Ingest("ingest", "up_to_date", "up to date", 0, node.fingerprint, label=label), state.rows
 
 
 def _executor(compiled: Compiled, facts: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The spec's executor plus what the runtime found out (`cpus`, `gpus`: cluster or machine totals),
-    passed in as data. Without facts (goldens, unit tests) the plan says only what the spec says."""
+    """The spec's executor plus what the runtime found out (`cpus`, `gpus`: cluster or machine totals;
+    `workers` from `--workers`), passed in as data. Without facts (goldens, unit tests) the plan says
+    only what the spec says."""
     spec = compiled.spec.executor
     ex = {"kind": spec.kind, "address": spec.address, "workers": spec.workers, **(facts or {})}
     if ex["kind"] == "ray":
@@ -206,24 +354,24 @@ def _executor(compiled: Compiled, facts: Mapping[str, Any] | None) -> dict[str, 
     return ex
 
 
-def _placement(node: ColumnNode, ex: Mapping[str, Any]) -> str:
-    """Where a column's chunks run under the executor (the runtime's rules, ray_exec.RayExecutor and
-    backfill.backfill_column)."""
+def placement(node: ColumnNode, ex: Mapping[str, Any]) -> Placement:
+    """Where a column's chunks run under the executor: the one statement of the rule (the runtime
+    obeys the result)."""
     workers, cpus, gpus = ex.get("workers"), ex.get("cpus"), ex.get("gpus")
     if ex["kind"] == "ray":
         if node.gpus:
             n = max(int(gpus // node.gpus), 1) if gpus else None
             n = min(n, workers) if n and workers else n
-            return f"gpu actors{f' x{n}' if n else ''} ({node.gpus:g} GPU each)"
+            return Placement("gpu actors", n, node.gpus)
         if node.uses_model:
-            return "cpu actor x1"
+            return Placement("cpu actor", 1)
         n = max(int(cpus // node.cpus), 1) if cpus else None
         n = min(n, workers) if n and workers else (n or workers)
-        return f"cpu tasks{f' x{n}' if n else ''}"
+        return Placement("cpu tasks", n)
     n = workers or cpus
     if node.parallel and not node.uses_model and n != 1:
-        return f"processes{f' x{n}' if n else ''}"
-    return "in-process"
+        return Placement("processes", n)
+    return Placement("in-process")
 
 
 def _gpu_check(node: ColumnNode, ex: Mapping[str, Any], problems: list[Problem], warnings: list[str]) -> None:
@@ -243,6 +391,42 @@ def _gpu_check(node: ColumnNode, ex: Mapping[str, Any], problems: list[Problem],
         warnings.append(f"`{node.name}` asks for {need} but no CUDA device is visible: it runs on the CPU (slow)")
 
 
+def _derived(names: tuple[str, ...], compiled: Compiled) -> tuple[str, ...]:
+    """The columns among `names` that are steps of this plan (raw columns are not)."""
+    return tuple(n for n in names if compiled.column(n) is not None)
+
+
+def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tuple[str, ...]) -> list[AnyStep]:
+    """BuildSlice (with its Split), Train and Evaluate, each after what it reads."""
+    out: list[AnyStep] = []
+    cur, sp = compiled.stage("curate"), compiled.stage("split")
+    if cur is not None or sp is not None:
+        label = compiled.spec.curation.name if compiled.spec.curation else "all rows"
+        ckind, creason = _stage_state(cur, state) if cur is not None else ("up_to_date", "")
+        split = None
+        reads = (cur.reads if cur else ()) + (sp.reads if sp else ())
+        if sp is not None:
+            skind, sreason = _stage_state(sp, state)
+            split = Split("split", skind, sreason, expected if skind != "up_to_date" else 0, sp.fingerprint)
+        kind: Kind = "run" if ckind != "up_to_date" or (split is not None and split.todo) else "up_to_date"
+        after = ingest + _derived(tuple(dict.fromkeys(reads)), compiled)
+        out.append(BuildSlice("curate", kind, creason, expected if ckind != "up_to_date" else 0,
+                              cur.fingerprint if cur else "", after, label=label, curate_kind=ckind,
+                              curate_reason=creason, split=split, node=cur))
+    slice_step = ("curate",) if out else ()
+    tr = compiled.stage("train")
+    if tr is not None:
+        kind, reason = _stage_state(tr, state)
+        out.append(Train("train", kind, reason, expected if kind != "up_to_date" else 0, tr.fingerprint,
+                         ingest + slice_step + _derived(tr.reads, compiled), node=tr))
+    ev = compiled.stage("eval")
+    if ev is not None:
+        kind, reason = _stage_state(ev, state)
+        out.append(Evaluate("eval", kind, reason, expected if kind != "up_to_date" else 0, ev.fingerprint,
+                            ingest + slice_step + (("train",) if tr is not None else ()), node=ev))
+    return out
+
+
 def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool = False,
                executor: Mapping[str, Any] | None = None) -> Plan:
     """Diff compiled vs stored; every declared column, drop and step appears, in run order.
@@ -250,34 +434,57 @@ def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool
     `executor` holds runtime facts about where it would run (see `_executor`); a GPU column the Ray
     cluster cannot place is refused here, before anything runs."""
     ingest, expected = _ingest_step(compiled, state)
+    first = ("ingest",) if ingest is not None else ()
     ex = _executor(compiled, executor)
-    steps: list[ColumnStep] = []
-    changed: dict[str, str] = {}
+    backfills: list[Backfill] = []
     problems: list[Problem] = []
     warnings = list(compiled.warnings)
     for node in compiled.columns:
-        s = _column_step(node, state.column(node.name) if state.exists else None, expected, state, changed)
+        col = state.column(node.name) if state.exists else None
+        s = diff_column(node, col, expected, state, first + _derived(node.inputs, compiled))
         if s.destructive and not allow_destructive:
-            s = ColumnStep(**{**s.__dict__, "blocked": True})
-        if s.kind in ("new", "recompute"):
-            changed[node.name] = s.kind
-        if s.kind != "up_to_date":
-            s = ColumnStep(**{**s.__dict__, "placement": _placement(node, ex)})
+            s = replace(s, blocked=True)
+        if s.todo:
+            s = replace(s, place=placement(node, ex))
             _gpu_check(node, ex, problems, warnings)
-        steps.append(s)
+        backfills.append(s)
     if problems:
         raise CompileError(problems)
     declared = {c.name for c in compiled.columns}
-    for col in state.columns if state.exists else ():
-        if col.is_derived and col.name not in declared:
-            steps.append(ColumnStep(col.name, "", "drop", "no longer declared", 0, col.type,
-                                    destructive=True, blocked=not allow_destructive))
-    stages = []
-    labels = {"curate": compiled.spec.curation.name if compiled.spec.curation else "all rows"}
-    for node in compiled.stages:
-        if node.name == "ingest":
-            continue
-        s = _stage_step(node, state, expected)
-        stages.append(StageStep(**{**s.__dict__, "label": labels.get(node.name, "")}))
+    drops = [Drop(col.name, "drop", "no longer declared", 0, after=first, type=col.type,
+                  blocked=not allow_destructive)
+             for col in (state.columns if state.exists else ()) if col.is_derived and col.name not in declared]
+    steps = ([ingest] if ingest is not None else []) + drops + backfills + _downstream(compiled, state, expected, first)
     return Plan(compiled.file, compiled.spec_hash, compiled.spec.source.table, state.exists, state.version,
-                state.rows, expected, ingest, tuple(steps), tuple(stages), tuple(warnings), ex)
+                state.rows, expected, tuple(steps), tuple(warnings), ex)
+
+
+# --- selection -----------------------------------------------------------------------------
+
+def select(plan: Plan, targets: list[str] | tuple[str, ...] = (), until: str | None = None) -> Plan:
+    """The part of `plan` that `apply --target ... --until ...` runs: each target with every step it
+    comes after (ingest always, drops never: they are not anyone's input), cut after the `until`
+    stage. `vlmspec plan` shows the same cut, so a plan previews exactly what apply will do."""
+    if until is not None and until not in UNTIL:
+        raise CompileError(Problem(f"`--until` must be one of {', '.join(UNTIL)}, got `{until}`", "--until"))
+    steps = list(plan.steps)
+    if targets:
+        names = [s.name for s in steps] + [s.split.name for s in steps if isinstance(s, BuildSlice) and s.split]
+        unknown = [t for t in targets if plan.step(t) is None]
+        if unknown:
+            raise CompileError([Problem(f"unknown target `{t}`", "--target",
+                                        fix=did_you_mean(t, names) or f"Targets: {', '.join(names)}")
+                                for t in unknown])
+        keep: set[str] = {"ingest"}
+        todo = [plan.step(t).name for t in targets]
+        while todo:
+            name = todo.pop()
+            if name not in keep:
+                keep.add(name)
+                todo += list(plan.step(name).after) if plan.step(name) is not None else []
+        steps = [s for s in steps if s.name in keep and not isinstance(s, Drop)]
+    if until is not None:
+        last = UNTIL.index(until)
+        steps = [s for s in steps if UNTIL.index(s.stage) <= last]
+    selection = tuple(f"--target {t}" for t in targets) + ((f"--until {until}",) if until else ())
+    return replace(plan, steps=tuple(steps), selection=selection)

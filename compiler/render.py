@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .plan import SYMBOL, ColumnStep, Plan
+from .plan import SYMBOL, Backfill, Drop, Plan, Step
 
 STAGE_TITLES = {"curate": "curate", "split": "split", "train": "train", "eval": "eval"}
 
@@ -28,7 +28,7 @@ def human_seconds(s: float) -> str:
     return f"~{s / 3600:.1f} h"
 
 
-def _column_detail(s: ColumnStep) -> str:
+def _column_detail(s: Backfill | Drop) -> str:
     if s.kind == "drop":
         return "dropped: no longer declared" + ("  BLOCKED: needs --allow-destructive" if s.blocked else "")
     parts = [s.reason]
@@ -62,6 +62,8 @@ def render_plan(plan: Plan) -> str:
         head += f" (version {plan.version}, {plan.rows:,} rows)"
     else:
         head += " (new table)"
+    if plan.selection:  # cut by `select`: say so, or the missing steps would read as up to date
+        head += "  [" + " ".join(plan.selection) + "]"
     lines = [head, executor_line(plan)]
     rows: list[tuple[str, str, str, str, str, str]] = []
     if plan.ingest is not None:
@@ -127,8 +129,23 @@ def summary(plan: Plan) -> str:
     return text
 
 
+def _step_dict(s: Step) -> dict:
+    """A step's fields as plain values: its compiled node stays out (the plan's JSON says what runs
+    and why, not the whole recipe), its placement is written as the plan prints it."""
+    d = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in ("node", "place")}
+    d = json.loads(json.dumps(d, default=lambda o: dataclasses.asdict(o)))
+    if isinstance(s, (Backfill, Drop)):
+        d["placement"] = s.placement
+    return {"step": type(s).__name__, **d}
+
+
 def plan_to_dict(plan: Plan) -> dict:
-    d = dataclasses.asdict(plan)
+    d = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name != "steps"}
+    d["executor"] = dict(plan.executor)
+    d["ingest"] = _step_dict(plan.ingest) if plan.ingest is not None else None
+    d["columns"] = [_step_dict(s) for s in plan.columns]
+    d["stages"] = [dataclasses.asdict(s) for s in plan.stages]
+    d["steps"] = [_step_dict(s) for s in plan.steps]
     d["empty"] = plan.is_empty
     d["summary"] = summary(plan)
     d["blocked"] = [s.name for s in plan.blocked]

@@ -14,20 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from typing_extensions import assert_never
+
 from vlmspec.compiler.compile import Compiled, compile_spec
 from vlmspec.compiler.errors import ApplyError, PlanBlocked, Problem, VlmspecError
 from vlmspec.compiler.load import LoadedSpec
-from vlmspec.compiler.plan import Plan, build_plan
+from vlmspec.compiler.plan import UNTIL, Backfill, BuildSlice, Drop, Evaluate, Ingest, Plan, Train, build_plan, select
 from vlmspec.compiler.state import TableState
 
 from . import history, lance_io
-from .backfill import shared_pool, backfill_column
+from .backfill import backfill_column
 from .progress import NullReporter, Reporter
 from .executors import open_executor
 from .guards import check_saved_plan, storage_errno, storage_error
 from .sources.ingest import ingest, source_info
 
-UNTIL = ("ingest", "features", "curate", "train", "eval")
 
 
 @dataclass
@@ -62,7 +63,7 @@ def model_facts(spec):
     return ModelFacts(spec.model.id, spec.model.revision, spec.model.hidden_size)
 
 
-def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False) -> Prepared:
+def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int | None = None) -> Prepared:
     """Read the table's state (metadata only), compile, diff: everything `plan` shows."""
     spec = loaded.spec
     rows, schema = source_info(spec.source)
@@ -73,7 +74,8 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False) -> Prepared:
 
     # Where the plan would run, as data (the compiler imports no Ray): totals of the Ray cluster, or
     # this machine's cores (and CUDA devices when a column asks for GPUs).
-    executor = {"kind": spec.executor.kind, "address": spec.executor.address, "workers": spec.executor.workers,
+    executor = {"kind": spec.executor.kind, "address": spec.executor.address,
+                "workers": workers or spec.executor.workers,
                 "cpus": os.cpu_count() or 1,
                 **executor_facts(spec.executor, needs_gpus=any(c.gpus for c in compiled.columns))}
     plan = build_plan(compiled, state, allow_destructive=allow_destructive, executor=executor)
@@ -115,48 +117,6 @@ def table_lock(table: str) -> Iterator[None]:
         f.close()
 
 
-def needed(compiled: Compiled, targets: list[str], until: str | None) -> tuple[set[str], set[str]]:
-    """Columns and stages to run for --target / --until (their ancestors included)."""
-    cols = {c.name: c for c in compiled.columns}
-    stage_names = [s.name for s in compiled.stages]
-    if until is not None:
-        keep = UNTIL[: UNTIL.index(until) + 1]
-        stages = {s for s in stage_names if s == "ingest" or
-                  (s in ("curate", "split") and "curate" in keep) or (s == "train" and "train" in keep) or
-                  (s == "eval" and "eval" in keep)}
-        columns = set(cols) if "features" in keep else set()
-    else:
-        stages, columns = set(stage_names), set(cols)
-    if not targets:
-        return columns, stages
-    unknown = [t for t in targets if t not in cols and t not in stage_names]
-    if unknown:
-        from vlmspec.compiler.errors import did_you_mean
-
-        raise ApplyError([Problem(f"unknown target `{t}`", "--target",
-                                  fix=did_you_mean(t, list(cols) + stage_names) or
-                                  f"Targets: {', '.join(list(cols) + stage_names)}") for t in unknown])
-    want_cols, want_stages = set(), {"ingest"} & set(stage_names)
-    order = {"curate": [], "split": ["curate"], "train": ["curate", "split"], "eval": ["train", "split", "curate"]}
-
-    def add_col(name: str) -> None:
-        if name in cols and name not in want_cols:
-            want_cols.add(name)
-            for i in cols[name].inputs:
-                add_col(i)
-
-    for t in targets:
-        if t in cols:
-            add_col(t)
-        else:
-            for s in [t] + order.get(t, []):
-                if s in stage_names:
-                    want_stages.add(s)
-                    for c in compiled.stage(s).reads:
-                        add_col(c)
-    return want_cols & columns if until else want_cols, want_stages & stages if until else want_stages
-
-
 @dataclass
 class ApplyResult:
     record: history.RunRecord
@@ -175,7 +135,7 @@ def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[
     spec = loaded.spec
     table = spec.source.table
     with table_lock(table):
-        prep = prepare(loaded, allow_destructive=allow_destructive)
+        prep = prepare(loaded, allow_destructive=allow_destructive, workers=workers)
         if saved_plan is not None:  # checked under the lock: nothing else can move the table now
             check_saved_plan(saved_plan, prep.plan)
         if prep.plan.blocked:
@@ -210,74 +170,74 @@ def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[
                 record.save()
             except OSError:  # the disk that just failed may refuse the record too; the error says why
                 pass
-        result.plan_after = prepare(loaded, allow_destructive=allow_destructive).plan
+        result.plan_after = prepare(loaded, allow_destructive=allow_destructive, workers=workers).plan
         return result
 
 
 def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | None,
          reporter: Reporter, workers: int | None, device: str | None) -> None:
-    loaded, spec = prep.loaded, prep.loaded.spec
-    table, record = spec.source.table, result.record
-    want_cols, want_stages = needed(prep.compiled, targets, until)
-
-    # 1. ingest
-    if prep.plan.ingest is not None and prep.plan.ingest.kind != "up_to_date":
-        result.current = "ingest"
-        run = ingest(spec.source, reporter, total=prep.plan.expected_rows)
-        node = prep.compiled.stage("ingest")
-        ds = lance_io.open_dataset(table)
-        history.record_step(table, "ingest", node.fingerprint, ds.version, ds.count_rows(), {"recipe": node.recipe})
-        record.add_step("ingest", "ingest", run.rows, run.seconds, skipped=run.skipped)
-        result.summary.append(f"ingest: {run.rows:,} rows in {run.seconds:.1f} s")
-        prep = prepare(loaded, allow_destructive=True)  # re-diff against what is really there now
-
-    # 2. drops (only reached when allowed)
-    drops = [s.name for s in prep.plan.columns if s.kind == "drop"]
-    if drops and not targets:
-        ds = lance_io.open_dataset(table)
-        ds.drop_columns(drops)
-        record.add_step("drop", "drop", 0, 0.0, columns=drops)
-        result.summary.append("dropped: " + ", ".join(f"`{d}`" for d in drops))
-
-    # 3. columns, in dependency order
-    steps = {s.name: s for s in prep.plan.columns}
-    errors_log = lance_io.sidecar_dir(table) / "errors.jsonl"
-    todo = [n for n in prep.compiled.columns if n.name in want_cols and steps[n.name].kind != "up_to_date"]
+    """Walk the selected plan's steps in order. The table changes under the plan only at ingest
+    (rows appear): the plan is rebuilt from the table then, and the walk goes on with it."""
+    plan = select(prep.plan, targets, until)
+    ingest_step = plan.ingest
+    if ingest_step is not None and ingest_step.todo:
+        _run_ingest(prep, result, reporter)
+        prep = prepare(prep.loaded, allow_destructive=True, workers=workers)  # re-diff against what is there now
+        plan = select(prep.plan, targets, until)
+    steps = [s for s in plan.steps if s.todo and not isinstance(s, Ingest)]
+    errors_log = lance_io.sidecar_dir(prep.loaded.spec.source.table) / "errors.jsonl"
     with ExitStack() as stack:
-        # The Ray executor (started or joined once per apply, and only when there is work) places the
-        # chunks on a cluster; None is the local executor. Commits happen here either way.
-        ex = stack.enter_context(open_executor(spec.executor, workers, device)) if todo else None
-        if ex is None:
-            stack.enter_context(shared_pool())  # one local worker pool for every column of this apply
-        nworkers = workers or spec.executor.workers or (None if ex is not None else os.cpu_count() or 1)
-        for node in todo:
-            _backfill_one(prep, result, node, steps[node.name], ex, nworkers, device, reporter, errors_log)
-
-    # 4. downstream steps, each only when stale
-    prep = prepare(loaded, allow_destructive=True)
-    stale = {s.name for s in prep.plan.stages if s.kind != "up_to_date"}
-    for name in ("curate", "split", "train", "eval"):
-        if name not in want_stages or name not in stale:
-            continue
-        if name == "curate" and "split" in want_stages:
-            continue  # curate and split are built together (the slice holds both sides)
-        result.current = name
-        if name == "split" or (name == "curate" and spec.split is None):
-            _run_slice(prep, result)
-        elif name == "train":
-            _run_train(prep, result, device)
-        elif name == "eval":
-            _run_eval(prep, result, device)
+        # One executor (a local spawn pool, or a Ray cluster joined once) for every column of this
+        # apply, and only when a column has work: ingest, train and eval never need one.
+        ex = None
+        if any(isinstance(s, Backfill) for s in steps):
+            ex = stack.enter_context(open_executor(prep.loaded.spec.executor, workers, device))
+        for step in steps:
+            result.current = step.name
+            match step:
+                case Drop():
+                    _run_drop(prep, result, step)
+                case Backfill():
+                    _backfill_one(prep, result, step, ex, workers, device, reporter, errors_log)
+                case BuildSlice():
+                    _run_slice(prep, result)
+                case Train():
+                    _run_train(prep, result, device)
+                case Evaluate():
+                    _run_eval(prep, result, device, reporter)
+                case Ingest():  # ran above, before the re-plan
+                    raise AssertionError("ingest after the re-plan")
+                case _:
+                    assert_never(step)
 
 
-def _backfill_one(prep: Prepared, result: ApplyResult, node, step, ex, nworkers: int | None, device: str | None,
-                  reporter: Reporter, errors_log: Path) -> None:
+def _run_ingest(prep: Prepared, result: ApplyResult, reporter: Reporter) -> None:
+    spec, table = prep.loaded.spec, prep.loaded.spec.source.table
+    result.current = "ingest"
+    run = ingest(spec.source, reporter, total=prep.plan.expected_rows)
+    node = prep.compiled.stage("ingest")
+    ds = lance_io.open_dataset(table)
+    history.record_step(table, "ingest", node.fingerprint, ds.version, ds.count_rows(), {"recipe": node.recipe})
+    result.record.add_step("ingest", "ingest", run.rows, run.seconds, skipped=run.skipped)
+    result.summary.append(f"ingest: {run.rows:,} rows in {run.seconds:.1f} s")
+
+
+def _run_drop(prep: Prepared, result: ApplyResult, step: Drop) -> None:
+    # Reached only when allowed: `apply` refuses a plan with blocked steps before walking it.
+    lance_io.open_dataset(prep.loaded.spec.source.table).drop_columns([step.name])
+    result.record.add_step(step.name, "drop", 0, 0.0)
+    result.summary.append(f"dropped: `{step.name}`")
+
+
+def _backfill_one(prep: Prepared, result: ApplyResult, step: Backfill, ex, workers: int | None,
+                  device: str | None, reporter: Reporter, errors_log: Path) -> None:
     spec, table, record = prep.loaded.spec, prep.loaded.spec.source.table, result.record
-    result.current = node.name
+    node = step.node
     # Under Ray, an actor picks its own device (the driver may have no GPU) unless --device says.
-    dev = device or (None if ex is not None else _default_device(node))
-    run = backfill_column(table, node, model_spec=spec.model, device=dev, workers=nworkers,
-                          reporter=reporter, errors_log=errors_log, key=spec.source.key, executor=ex)
+    dev = device or (None if getattr(ex, "remote", False) else _default_device(node))
+    run = backfill_column(table, node, action=step.kind, place=step.place, model_spec=spec.model, device=dev,
+                          workers=workers, reporter=reporter, errors_log=errors_log, key=spec.source.key,
+                          executor=ex)
     record.add_step(node.name, step.kind, run.rows, run.seconds, fingerprint=node.fingerprint,
                     udf=node.udf, errors=run.errors, fragments=run.fragments)
     if run.rows_per_s:
@@ -348,11 +308,11 @@ def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
     result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {out['adapter']}")
 
 
-def _run_eval(prep: Prepared, result: ApplyResult, device: str | None) -> None:
+def _run_eval(prep: Prepared, result: ApplyResult, device: str | None, reporter: Reporter) -> None:
     from .eval.evaluate import evaluate_from_spec
 
     t0 = time.perf_counter()
-    out = evaluate_from_spec(prep, device=device)
+    out = evaluate_from_spec(prep, device=device, reporter=reporter)
     node = prep.compiled.stage("eval")
     table = prep.loaded.spec.source.table
     history.record_step(table, "eval", node.fingerprint, out["table_version"], out["n"],

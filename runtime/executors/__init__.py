@@ -1,9 +1,13 @@
-"""Where backfill chunks run. `runtime/backfill.py` owns the protocol (prepare the column, compute
-chunks, commit each completed fragment, mark complete); an executor only places the chunks.
+"""Where backfill chunks run. `runtime/backfill.py` owns the protocol (prepare the column, commit
+each completed fragment, mark complete); an executor only places the chunks, as the plan's
+`Placement` says, through one method:
 
-- `local` (no executor object): this process, plus a spawn process pool for parallel CPU UDFs.
+    backfill(uri, ds, node, sink, *, model_spec, device, workers, place) -> field metadata
+
+- `local` (`local.LocalExecutor`): this process, plus a spawn process pool for CPU UDFs.
 - `ray` (`ray_exec.RayExecutor`): CPU UDFs as Ray tasks, model/GPU UDFs on Ray actors. Ray is an
   optional extra (`pip install 'vlmspec[ray]'`) and is imported only when a spec asks for it.
+`chunks.py` is what they share: the unit of work and how one is computed.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from typing import Any, Iterator
 
 @contextmanager
 def open_executor(spec: Any, workers: int | None = None, device: str | None = None) -> Iterator[Any]:
-    """The executor object for `spec.executor` (None for local) for the duration of one apply."""
+    """The executor for `spec.executor`, for the duration of one apply."""
     if spec is None or spec.kind == "local":
-        yield None
+        from .local import local_session
+
+        with local_session(workers or (spec.workers if spec is not None else None), device) as ex:
+            yield ex
         return
     from .ray_exec import ray_session
 

@@ -7,7 +7,7 @@ What runs where:
   the column is complete. Row errors are logged (`on_error: null`) or stop the column (`fail`) there.
 - CPU UDFs run as Ray tasks, one per fragment (`num_cpus` = the column's `resources.cpus`). A task
   reads its fragment from the pinned version, computes it with the very code the local executor
-  uses (`backfill._run_chunk`), writes the fragment's data file itself and returns the `DataFile`
+  uses (`chunks.run_chunk`), writes the fragment's data file itself and returns the `DataFile`
   (a few hundred bytes through the object store, whatever the column's size). When there are
   fewer pending fragments than twice the parallelism, fragments are split into chunks of
   4 x batch_size rows that return their Arrow values, and the driver writes the file.
@@ -38,7 +38,9 @@ import lance
 from vlmspec.compiler.errors import ApplyError, Problem
 
 from .. import lance_io
-from ..backfill import Chunk, FragmentSink, WorkerNode, _compute_chunk, _instantiate, _run_chunk, pending_chunks
+from ..backfill import FragmentSink
+from ..invoke import instantiate
+from .chunks import Chunk, WorkerNode, compute_chunk, pending_chunks, run_chunk
 
 INSTALL = "pip install 'vlmspec[ray]'"
 TASK_RETRIES = 3
@@ -127,7 +129,7 @@ def _chunk_task(uri: str, version: int, node: WorkerNode, chunk: Chunk, batch_si
                 storage: str | None) -> tuple:
     """One Ray task: compute a chunk with the local executor's own code (its UDF and dataset caches
     live on in the reused worker process)."""
-    return _finish_remote(uri, node.name, _run_chunk(uri, version, node, chunk, batch_size), storage)
+    return _finish_remote(uri, node.name, run_chunk(uri, version, node, chunk, batch_size), storage)
 
 
 class UdfActor:
@@ -139,7 +141,7 @@ class UdfActor:
 
             device = "cuda" if node.gpus and local_gpus() else "cpu"
         self.node = node
-        self.fn, self.meta = _instantiate(node, model_spec, device)
+        self.fn, self.meta = instantiate(node, model_spec, device)
         self.ds = None
 
     def field_metadata(self) -> dict[str, str]:
@@ -151,7 +153,7 @@ class UdfActor:
     def run(self, uri: str, version: int, chunk: Chunk, storage: str | None) -> tuple:
         if self.ds is None or self.ds.version != version:
             self.ds = lance.dataset(uri, version=version)
-        result = _compute_chunk(self.ds, self.fn, self.node, chunk, self.node.batch_size)
+        result = compute_chunk(self.ds, self.fn, self.node, chunk, self.node.batch_size)
         return _finish_remote(uri, self.node.name, result, storage)
 
 
@@ -159,6 +161,9 @@ class UdfActor:
 
 class RayExecutor:
     """Places one column's chunks on the cluster; `backfill.backfill_column` does everything else."""
+
+    remote = True
+    """Its workers pick their own device: the driver may have no GPU."""
 
     def __init__(self, workers: int | None = None, *, device: str | None = None):
         self.ray = import_ray()
@@ -181,9 +186,11 @@ class RayExecutor:
         return max(1, min(cap, int(self.cpus // node.cpus) or 1))
 
     def backfill(self, uri: str, ds: lance.LanceDataset, node: Any, sink: FragmentSink, *, model_spec: Any = None,
-                 device: str | None = None, workers: int | None = None) -> dict[str, str]:
+                 device: str | None = None, workers: int | None = None, place: Any = None) -> dict[str, str]:
         uri = _abs(uri)
-        n = self.parallelism(node, workers)
+        # The plan's placement says how many run at once; without one (a caller with no plan), the
+        # same rule applied to the cluster this executor sees.
+        n = place.workers if place is not None and place.workers else self.parallelism(node, workers)
         chunks = pending_chunks(ds, node.name, max([*sink.frag_rows.values(), 1]))  # whole fragments
         if n > 1 and len(chunks) < 2 * n:
             chunks = pending_chunks(ds, node.name, node.batch_size * 4)

@@ -24,7 +24,7 @@ from vlmspec.compiler.load import load_spec
 from vlmspec.compiler.state import FINGERPRINT
 from vlmspec.runtime import history, lance_io
 from vlmspec.runtime.apply import apply, prepare
-from vlmspec.runtime.backfill import _RowError, compute
+from vlmspec.runtime.invoke import RowError, compute
 from vlmspec.runtime.cli import app
 
 from helpers import table_of
@@ -351,7 +351,7 @@ def test_cuda_oom_halves_the_batch_down_to_single_rows():
     values, failures = compute(_oom_above(0), [ids.slice(0, 5)], {}, pa.int64(), True, "null")
     assert values.null_count == 5 and [f.offset for f in failures] == [0, 1, 2, 3, 4]
     assert "OutOfMemoryError" in failures[0].error
-    with pytest.raises(_RowError) as exc:
+    with pytest.raises(RowError) as exc:
         compute(_oom_above(0), [ids.slice(0, 5)], {}, pa.int64(), True, "fail")
     assert exc.value.offset == 0
 
@@ -359,7 +359,7 @@ def test_cuda_oom_halves_the_batch_down_to_single_rows():
     values, failures = compute(_oom_above(3, bad={13}), [ids], {}, pa.int64(), True, "null")
     assert values.to_pylist() == [i if i != 13 else None for i in range(16)]
     assert [f.offset for f in failures] == [13] and "bad row 13" in failures[0].error
-    with pytest.raises(_RowError) as exc:
+    with pytest.raises(RowError) as exc:
         compute(_oom_above(3, bad={13}), [ids], {}, pa.int64(), True, "fail")
     assert exc.value.offset == 13
 

@@ -1,4 +1,4 @@
-"""The local engine streams a whole fragment's parts to its writer thread (`backfill._PartStream`):
+"""The local engine streams a whole fragment's parts to its writer thread (`executors.local._PartStream`):
 each part is written while later parts compute, the result equals a buffered write, and a failure
 mid-fragment (the UDF, a `fail` row, or an earlier fragment's commit) commits nothing of it.
 """
@@ -17,6 +17,7 @@ import yaml
 from vlmspec.compiler.errors import ApplyError
 from vlmspec.compiler.load import load_spec
 from vlmspec.runtime import backfill, lance_io
+from vlmspec.runtime.executors import local
 from vlmspec.runtime.apply import prepare
 
 UDFS = '''\
@@ -89,7 +90,7 @@ def _values(uri: str, name: str) -> list:
 
 def test_each_part_is_written_while_the_fragment_still_computes(tmp_path, monkeypatch):
     uri, node = _node(tmp_path, "tripled", "triple")
-    real = backfill._compute_chunk
+    real = local.compute_chunk
     streamed = []
 
     def gated(ds, fn, node, chunk, batch_size, emit=None, **kw):
@@ -107,7 +108,7 @@ def test_each_part_is_written_while_the_fragment_still_computes(tmp_path, monkey
             streamed.append(chunk.frag_id)
         return real(ds, fn, node, chunk, batch_size, emit=emit_then_wait, **kw)
 
-    monkeypatch.setattr(backfill, "_compute_chunk", gated)
+    monkeypatch.setattr(local, "compute_chunk", gated)
     run = backfill.backfill_column(uri, node)
     assert streamed == [0] * 4 + [1] * 4 + [2] * 4
     assert run.rows == ROWS and run.fragments == 3

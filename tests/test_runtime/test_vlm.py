@@ -277,7 +277,7 @@ def test_vision_tower_prefetch_decodes_the_next_batch_with_the_same_results(towe
 
 
 def test_engine_prefetches_each_next_batch(tmp_path):
-    from vlmspec.runtime.backfill import Chunk, _compute_chunk
+    from vlmspec.runtime.executors.chunks import Chunk, compute_chunk
 
     uri = str(tmp_path / "t.lance")
     import lance
@@ -296,7 +296,7 @@ def test_engine_prefetches_each_next_batch(tmp_path):
     class Node:
         inputs, params, output, batch, on_error = ["x"], {}, "int64", True, "fail"
 
-    _, values, _ = _compute_chunk(ds, Udf(), Node(), Chunk(0, 0, 10), 4)
+    _, values, _ = compute_chunk(ds, Udf(), Node(), Chunk(0, 0, 10), 4)
     assert values.to_pylist() == list(range(10))
     assert seen == [("prefetch", [4, 5, 6, 7]), ("call", [0, 1, 2, 3]), ("prefetch", [8, 9]),
                     ("call", [4, 5, 6, 7]), ("call", [8, 9])]

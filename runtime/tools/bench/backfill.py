@@ -101,7 +101,8 @@ def _nodes(loaded) -> dict[str, Any]:
 
 
 def _tier1(res: Results, uri: str, nodes: dict[str, Any], rows: int, repeats: int, where: str, label: str) -> None:
-    from ...backfill import backfill_column, load_udf
+    from ...backfill import backfill_column
+    from ...invoke import load_udf
 
     for col, (udf, inp) in TIER1.items():
         node = nodes[col]
@@ -215,18 +216,19 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 for w in multi:
                     paired.setdefault(f"scaling_w{w}", []).append(took[("v", 1)] / took[("v", w)])
                     paired.setdefault(f"bare_scaling_w{w}", []).append(took[("b", 1)] / took[("p", w)])
-        # Warm: the engine's steady state inside `shared_pool()` (the pool is started by an untimed run).
-        from ...backfill import shared_pool
+        # Warm: the engine's steady state with the pool of one `LocalExecutor` up, as in an apply
+        # (the pool is started by an untimed run).
+        from ...executors.local import local_session
 
         for w in multi:
             fig = res.figure(f"dhash_vlmspec_w{w}_warm", f"image.dhash via backfill_column, workers={w} "
-                             "(warm pool, inside shared_pool())", "images/s", higher_is_better=True, seconds=[])
-            with shared_pool():
+                             "(warm pool, one LocalExecutor)", "images/s", higher_is_better=True, seconds=[])
+            with local_session(w) as ex:
                 _drop(uri, "dhash")
-                backfill_column(uri, dnode, workers=w)
+                backfill_column(uri, dnode, workers=w, executor=ex)
                 for _ in range(repeats):
                     _drop(uri, "dhash")
-                    s, _, lb, la = timed(lambda: backfill_column(uri, dnode, workers=w))
+                    s, _, lb, la = timed(lambda: backfill_column(uri, dnode, workers=w, executor=ex))
                     fig.add(rows / s, lb, la)
                     fig.extra["seconds"].append(s)
             hashes[f"vlmspec_w{w}_warm"] = _column(uri, "dhash").to_pylist()

@@ -92,7 +92,9 @@ def child_main() -> None:
             note("ingest", batch.num_rows)  # generated; committed once ingest has a unit's worth
             yield batch
 
-    compute_chunk = backfill._compute_chunk
+    from vlmspec.runtime.executors import local as local_executor
+
+    compute_chunk = local_executor.compute_chunk
 
     def logged_chunk(ds, fn, node, chunk, *args: Any, **kwargs: Any):
         out = compute_chunk(ds, fn, node, chunk, *args, **kwargs)
@@ -106,7 +108,7 @@ def child_main() -> None:
         return forward(*args, **kwargs)
 
     synthetic.generate = small_batches
-    backfill._compute_chunk = logged_chunk
+    local_executor.compute_chunk = logged_chunk
     graph_step.eager_step = logged_forward
     from vlmspec.runtime.cli import main
 

@@ -2,7 +2,7 @@
 
 (a) Scaling of a tier-2 backfill (image.dhash over synthetic images) from 1 to N workers, under the
     local executor as `vlmspec apply` runs it (workers=1: in this process; more: the shared spawn
-    pool of `backfill.shared_pool`, kept up across rounds) and under the Ray executor (tasks on a
+    pool of one `LocalExecutor`, kept up across rounds) and under the Ray executor (tasks on a
     local cluster of max(N) CPUs, already started). Both are the steady state of a warm pool /
     cluster; what the first column pays to start them is recorded apart.
 (b) Scaling of a tier-3 backfill (`vision_tower_hiddens`, udf `vlm.vision_tower`, the shipped tiny
@@ -98,27 +98,24 @@ def _digest(uri: str, name: str) -> str:
 
 
 @contextmanager
-def _local_pools() -> Iterator[Callable[[int], None]]:
-    """The local executor's pool as `vlmspec apply` uses it: one spawn pool shared by every parallel
-    column of an apply (`backfill.shared_pool`), started at the first such column. The bench keeps
-    one pool per worker count up across its rounds (as the Ray cluster stays up) and makes the one
-    for `w` the shared pool before a run; `_run_parallel` then finds it, exactly as in an apply."""
-    from ... import backfill as bf
+def _local_pools() -> Iterator[Callable[[int], Any]]:
+    """The local executor as `vlmspec apply` uses it: one `LocalExecutor` (one spawn pool) for every
+    parallel column of an apply. The bench keeps one per worker count up across its rounds (as the
+    Ray cluster stays up) and hands the one for `w` to each run, exactly as an apply does."""
+    from ...executors.local import LocalExecutor
 
-    pools: dict[int, Any] = {}
+    executors: dict[int, Any] = {}
 
-    def use(w: int) -> None:
-        if w not in pools:
-            pools[w] = bf._new_pool(w)
-        bf._SHARED["pool"], bf._SHARED["workers"] = pools[w], w
+    def use(w: int) -> Any:
+        if w not in executors:
+            executors[w] = LocalExecutor(w)
+        return executors[w]
 
-    with bf.shared_pool():
-        try:
-            yield use
-        finally:
-            bf._SHARED["pool"], bf._SHARED["workers"] = None, 0
-            for p in pools.values():
-                p.shutdown(wait=True, cancel_futures=True)
+    try:
+        yield use
+    finally:
+        for ex in executors.values():
+            ex.close()
 
 
 @contextmanager
@@ -262,16 +259,13 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                                higher_is_better=True, seconds=[]) for w in workers_list}
         with _local_pools() as use_pool:
             if top > 1:
-                use_pool(top)
                 _drop(uri, ["dhash"])
-                s, *_ = timed(lambda: backfill_column(uri, dnode, workers=top))
+                s, *_ = timed(lambda: backfill_column(uri, dnode, workers=top, executor=use_pool(top)))
                 res.details["local_first_column_s"] = round(s, 3)
 
             def one(kind: str, w: int) -> float:
                 _drop(uri, ["dhash"])
-                if kind == "local" and w > 1:
-                    use_pool(w)
-                ex = executors[w] if kind == "ray" else None
+                ex = executors[w] if kind == "ray" else (use_pool(w) if w > 1 else None)
                 s, _, lb, la = timed(lambda: backfill_column(uri, dnode, workers=w, executor=ex))
                 fig = (onray if kind == "ray" else local)[w]
                 fig.add(rows / s, lb, la)
@@ -446,7 +440,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         # --- notes --------------------------------------------------------------------------------
         res.notes.append(f"Tier 2: {rows:,} synthetic {image_px}px images in {frags} fragments, image.dhash. Local "
                          f"as `vlmspec apply` runs it: workers=1 in this process; more on the apply's shared spawn "
-                         f"pool (`backfill.shared_pool`), here kept up across rounds. Ray: one task per fragment "
+                         f"pool (one `LocalExecutor` per apply), here kept up across rounds. Ray: one task per fragment "
                          f"(each writes its fragment's data file), the driver commits each completed fragment; the "
                          f"cluster's worker processes are reused across columns and runs.")
         first = [f"Ray {res.details['ray_first_column_s']} s (worker processes starting and importing)"]
