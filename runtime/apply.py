@@ -145,7 +145,7 @@ def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[
         record = history.RunRecord(loaded.file, loaded.source_hash, loaded.text, table,
                                    version_before=prep.state.version,
                                    secrets=history.secret_values(spec.vars))  # `--var hf_token=...`
-        result = ApplyResult(record, prep.plan)
+        result = ApplyResult(record, select(prep.plan, targets or [], until))
         try:
             _run(prep, result, targets or [], until, reporter, workers, device)
             record.status = "ok"

@@ -73,8 +73,14 @@ def plan(spec: Path = typer.Argument(..., help="The spec file."),
          detailed_exitcode: bool = typer.Option(False, "--detailed-exitcode",
                                                 help="Exit 0 when nothing would change, 2 when it would."),
          allow_destructive: bool = typer.Option(False, "--allow-destructive",
-                                                help="Show destructive steps as allowed.")) -> None:
+                                                help="Show destructive steps as allowed."),
+         target: Optional[list[str]] = typer.Option(None, "--target",
+                                                    help="Only what this column or step needs (repeatable), as apply --target."),
+         until: Optional[str] = typer.Option(None, "--until", help="Stop after a stage, as apply --until: "
+                                             "ingest|features|curate|train|eval."),
+         workers: Optional[int] = typer.Option(None, "--workers", help="As apply --workers (placement).")) -> None:
     """Dry run: what `apply` would do, read from table metadata only."""
+    from vlmspec.compiler.plan import select
     from vlmspec.compiler.render import render_json, render_plan
 
     from .apply import prepare
@@ -82,7 +88,7 @@ def plan(spec: Path = typer.Argument(..., help="The spec file."),
 
     try:
         loaded = _load(spec, var)
-        p = prepare(loaded, allow_destructive=allow_destructive).plan
+        p = select(prepare(loaded, allow_destructive=allow_destructive, workers=workers).plan, target or [], until)
     except VlmspecError as e:
         _fail(e)
     secrets = secret_values(loaded.spec.vars, os.environ)  # a token in a --var never reaches a plan
@@ -148,7 +154,9 @@ def apply(spec: Optional[Path] = typer.Argument(None, help="The spec file (defau
     """Do what the plan says: only what is missing or stale, resumably."""
     from vlmspec.compiler.render import render_plan
 
-    from .apply import UNTIL, apply as run_apply
+    from vlmspec.compiler.plan import UNTIL
+
+    from .apply import apply as run_apply
 
     if until is not None and until not in UNTIL:
         _fail(VlmspecError(f"--until must be one of {', '.join(UNTIL)}, got `{until}`"))

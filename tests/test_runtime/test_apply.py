@@ -582,6 +582,26 @@ def test_target_and_until(tmp_path, monkeypatch):
     assert calls(tmp_path) == {} and res.plan_after.is_empty
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--target", "long_answer"], ["--until", "features"], ["--target", "curate"],
+                                  ["--target", "dhash", "--until", "ingest"]])
+def test_plan_with_target_previews_exactly_what_apply_does(tmp_path, monkeypatch, args):
+    from typer.testing import CliRunner
+
+    from vlmspec.runtime.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    spec = str(write_spec(tmp_path, rows=100))
+    r = CliRunner().invoke(app, ["plan", spec, "--json", *args])
+    assert r.exit_code == 0, r.output
+    planned = [s["name"] for s in json.loads(r.stdout)["steps"] if s["kind"] != "up_to_date"]
+    r = CliRunner().invoke(app, ["apply", spec, *args])
+    assert r.exit_code == 0, r.output
+    record = history.list_runs(table_of(tmp_path))[-1]
+    assert [s["name"] for s in record["steps"]] == planned
+    assert planned[0] == "ingest" and len(planned) >= 1
+
+
 # --- 8. one apply per table -------------------------------------------------------------------------
 
 @pytest.mark.slow
