@@ -202,9 +202,9 @@ def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | N
                 case BuildSlice():
                     _run_slice(prep, result)
                 case Train():
-                    _run_train(prep, result, device)
+                    _run_train(prep, result, step, device, reporter)
                 case Evaluate():
-                    _run_eval(prep, result, device, reporter)
+                    _run_eval(prep, result, step, device, reporter)
                 case Ingest():  # ran above, before the re-plan
                     raise AssertionError("ingest after the re-plan")
                 case _:
@@ -290,32 +290,33 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
     result.summary.append(text)
 
 
-def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
+def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | None, reporter: Reporter) -> None:
+    from .train.job import TrainJob
     from .train.loader import drop_pins
-    from .train.loop import train_from_spec
+    from .train.loop import train
 
     t0 = time.perf_counter()
     table = prep.loaded.spec.source.table
+    job = TrainJob.from_prepared(prep)  # read now: the slice it trains on was recorded by this walk
     try:
-        out = train_from_spec(prep, device=device)
+        out = train(job, device=device, reporter=reporter)
     finally:  # clones the loader pinned its version with: the next run pins its own
         drop_pins(table)
-    node = prep.compiled.stage("train")
-    history.record_step(table, "train", node.fingerprint, out["table_version"], out["rows"],
-                        {"recipe": node.recipe, **out})
+    history.record_step(table, "train", step.fingerprint, out["table_version"], out["rows"],
+                        {"recipe": step.node.recipe, **out})
     result.record.add_step("train", "run", out["rows"], time.perf_counter() - t0,
                            **{k: v for k, v in out.items() if k not in ("rows", "seconds")})
     result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {out['adapter']}")
 
 
-def _run_eval(prep: Prepared, result: ApplyResult, device: str | None, reporter: Reporter) -> None:
-    from .eval.evaluate import evaluate_from_spec
+def _run_eval(prep: Prepared, result: ApplyResult, step: Evaluate, device: str | None, reporter: Reporter) -> None:
+    from .eval.evaluate import evaluate
+    from .eval.job import EvalJob
 
     t0 = time.perf_counter()
-    out = evaluate_from_spec(prep, device=device, reporter=reporter)
-    node = prep.compiled.stage("eval")
+    out = evaluate(EvalJob.from_prepared(prep), device=device, reporter=reporter)
     table = prep.loaded.spec.source.table
-    history.record_step(table, "eval", node.fingerprint, out["table_version"], out["n"],
-                        {"recipe": node.recipe, **{k: v for k, v in out.items() if k != "rows"}})
+    history.record_step(table, "eval", step.fingerprint, out["table_version"], out["n"],
+                        {"recipe": step.node.recipe, **{k: v for k, v in out.items() if k != "rows"}})
     result.record.add_step("eval", "run", out["n"], time.perf_counter() - t0, results=out)
     result.summary.append(out["summary"])

@@ -16,37 +16,32 @@ import numpy as np
 
 from vlmspec.compiler.errors import ApplyError, Problem
 
-from .. import lance_io
+from .job import EvalJob
 from .metrics import paired_bootstrap, vqa_accuracy
 
-__all__ = ["vqa_accuracy", "evaluate_from_spec", "generate_answers", "eval_rows"]
+__all__ = ["eval_rows", "evaluate", "evaluate_from_spec", "generate_answers", "vqa_accuracy"]
 
 
-def eval_rows(spec, limit: int | None, seed: int) -> tuple[list[dict[str, Any]], int, str]:
-    """The held-out questions (a seeded sample of `limit`), read at the slice's pinned version."""
+def eval_rows(job: EvalJob) -> tuple[list[dict[str, Any]], int, str]:
+    """The held-out questions (a seeded sample of `eval.limit`), read at the slice's pinned version."""
     import lance
 
     from ..curate import read_slice
 
-    side = lance_io.read_sidecar(spec.source.table).get("steps", {})
-    rec = side.get("split")
-    if rec is None:
-        raise ApplyError(Problem("no held-out split recorded", "eval", fix="Add a `split:` section and apply"))
-    sl = rec["detail"]["slice"]
-    uri = sl.get("eval_uri") or spec.source.table
-    version = int(sl.get("eval_version") or sl["table_version"])
-    addrs = read_slice(sl["path"], "eval")
-    if limit is not None and len(addrs) > limit:
-        pick = np.sort(np.random.default_rng(seed).choice(len(addrs), size=limit, replace=False))
+    sl, ev = job.slice, job.eval
+    uri = sl.eval_uri or job.table
+    version = int(sl.eval_version or sl.table_version)
+    addrs = read_slice(sl.path, "eval")
+    if ev.limit is not None and len(addrs) > ev.limit:
+        pick = np.sort(np.random.default_rng(ev.seed).choice(len(addrs), size=ev.limit, replace=False))
         addrs = addrs[pick]
     ds = lance.dataset(uri, version=version)
-    key = spec.source.key
-    cols = [c for c in dict.fromkeys([key, "image", "question", "answers"]) if c in ds.schema.names]
+    cols = [c for c in dict.fromkeys([job.key, "image", "question", "answers"]) if c in ds.schema.names]
     # `take` wants offsets; `_take_rows` takes row addresses (what slices store) and keeps their order.
     table = ds._take_rows(addrs.tolist(), columns=cols)
     rows = table.to_pylist()
     for r in rows:
-        r.setdefault("question_id", r.get(key))
+        r.setdefault("question_id", r.get(job.key))
     return rows, version, uri
 
 
@@ -78,38 +73,40 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
 
 
 def evaluate_from_spec(prep, device: str | None = None, reporter=None) -> dict[str, Any]:
-    """Run `spec.eval`: answers per compared model, accuracy, lift with CI, JSON + report."""
+    """`evaluate` for a prepared spec (notebooks, tests): the job `apply` would build."""
+    return evaluate(EvalJob.from_prepared(prep), device, reporter)
+
+
+def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str, Any]:
+    """Run the eval section: answers per compared model, accuracy, lift with CI, JSON + report."""
     import torch
 
-    from .report import write_report
     from ..vlm.models import load_full_model, load_model_processor
+    from .report import write_report
 
-    spec = prep.loaded.spec
-    ev = spec.eval
+    ev, model_spec = job.eval, job.model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(ev.seed)
-    rows, version, uri = eval_rows(spec, ev.limit, ev.seed)
+    rows, version, uri = eval_rows(job)
     if not rows:
         raise ApplyError(Problem("the held-out split is empty", "split", fix="Raise `split.fraction`"))
-    train_out = Path(spec.train.output_dir or f"runs/{spec.name}") if spec.train else None
-    out_dir = Path(ev.output_dir) if ev.output_dir else (train_out or Path(f"runs/{spec.name}")) / "eval"
-    processor = load_model_processor(spec.model)
-    quant = spec.train.quant if spec.train is not None and spec.train.quant.bits in (4, 8) else None
+    out_dir = job.out
+    processor = load_model_processor(model_spec)
     preds: dict[str, list[str]] = {}
     timing: dict[str, float] = {}
     for name in ev.compare:
         adapter = None
         if name == "tuned":
-            adapter = train_out / "adapter"
-            if not (adapter / "adapter_config.json").exists():
+            adapter = Path(job.adapter) if job.adapter else None
+            if adapter is None or not (adapter / "adapter_config.json").exists():
                 raise ApplyError(Problem(f"no trained adapter at `{adapter}`", "eval.compare",
                                          fix="Run the train step first (`vlmspec apply`)"))
         t0 = time.perf_counter()
-        model = load_full_model(spec.model, device=device, adapter_dir=str(adapter) if adapter else None,
-                                quant=quant)
+        model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
+                                quant=job.quant)
         if reporter:
             reporter.start(f"eval {name}", len(rows))
-        preds[name] = generate_answers(model, processor, rows, spec.model.image_px, ev.batch_size,
+        preds[name] = generate_answers(model, processor, rows, model_spec.image_px, ev.batch_size,
                                        ev.generation, device,
                                        progress=(lambda n, t=f"eval {name}": reporter.advance(t, n)) if reporter else None)
         if reporter:
@@ -119,9 +116,9 @@ def evaluate_from_spec(prep, device: str | None = None, reporter=None) -> dict[s
     scores = {m: [vqa_accuracy(p, r["answers"]) for p, r in zip(preds[m], rows)] for m in preds}
     results: dict[str, Any] = {
         "metric": ev.metric, "n": len(rows), "table": uri, "table_version": version,
-        "model": {"id": spec.model.id, "revision": spec.model.revision, "image_px": spec.model.image_px},
+        "model": {"id": model_spec.id, "revision": model_spec.revision, "image_px": model_spec.image_px},
         "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
-        "spec_hash": prep.loaded.source_hash,
+        "spec_hash": job.spec_hash,
     }
     if "base" in scores and "tuned" in scores:
         boot = paired_bootstrap(scores["base"], scores["tuned"], resamples=ev.bootstrap, seed=ev.seed)

@@ -1,4 +1,5 @@
-"""Data-parallel training: launch N processes, shard the slice, and sum gradients across them.
+"""Data-parallel comms: who this rank is, and the sums every rank takes part in (`launch.py` starts
+the ranks).
 
 Each rank reads its own shard of every global batch (`loader.epoch_order`), computes the
 token-weighted loss against the global token count, and gradients are summed with one
@@ -9,10 +10,6 @@ model's language side, past DDP's forward hooks.
 """
 
 from __future__ import annotations
-
-import os
-import socket
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,49 +52,3 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, n: int, port: int, text: str, file: str, device: str | None,
-            stop_after: int | None, results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=n)
-    try:
-        from vlmspec.compiler.load import load_spec_text
-
-        from ..apply import prepare
-        from .loop import run_training
-
-        prep = prepare(load_spec_text(text, file=file), allow_destructive=True)
-        out = run_training(prep, f"cuda:{rank}" if cuda else "cpu", stop_after)
-        if rank == 0:
-            results.put(out)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(prep, devices: int, device: str | None, stop_after: int | None) -> dict[str, Any]:
-    """Run training on `devices` spawned processes; returns rank 0's result."""
-    import torch.multiprocessing as mp
-
-    if torch.cuda.is_available() and (device is None or device.startswith("cuda")) \
-            and torch.cuda.device_count() < devices:
-        from vlmspec.compiler.errors import ApplyError, Problem
-
-        raise ApplyError(Problem(f"`train.devices: {devices}` but this machine has {torch.cuda.device_count()} GPU(s)",
-                                 "train.devices", fix="Lower `train.devices`"))
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(devices, _free_port(), prep.loaded.text, prep.loaded.file, device,
-                                      stop_after, results), nprocs=devices, join=True, start_method="spawn")
-    return results.get()

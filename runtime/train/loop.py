@@ -1,25 +1,22 @@
 """LoRA/QLoRA training from cached Lance columns: the vision tower is never loaded.
 
-One readable loop in named phases: setup -> load -> fit -> save. The language model reads cached
-vision hiddens scattered into the `<|image_pad|>` slots with 3D M-RoPE positions (so the forward
-equals the full model's), logits are computed only where labels are set, and every
+One readable loop in named phases, each a function: setup -> load -> fit -> save. The language
+model reads cached vision hiddens scattered into the `<|image_pad|>` slots with 3D M-RoPE positions
+(so the forward equals the full model's), logits are computed only where labels are set, and every
 `checkpoint_every` steps the adapter, optimizer, scheduler, RNG and loader position are saved
-atomically, so a killed run resumes where it stopped.
+atomically, so a killed run resumes where it stopped. Everything the run reads is its `TrainJob`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,15 +24,13 @@ import torch
 from vlmspec.compiler.errors import ApplyError, Problem
 
 from .. import history, lance_io
+from ..progress import NullReporter, Reporter
+from .checkpoint import finished_run, load_checkpoint, save_checkpoint, seed_all, set_rng_state
+from .job import SliceRecord, TrainJob
 from .loader import iterate_epochs, make_loader
+from .model import build_model, compile_layers, lora_target_regex
 
-LM_PREFIX = r".*language_model\..*"  # LoRA never touches the vision tower or merger
-
-
-def lora_target_regex(targets: list[str]) -> str:
-    """Anchor module names to the language model, so eval (full model) adapts the same modules."""
-    names = "|".join(t if not t.isidentifier() else re.escape(t) for t in targets)
-    return rf"{LM_PREFIX}\.({names})"
+__all__ = ["Slice", "lora_target_regex", "pinned_slice", "plot_loss", "run_training", "train", "train_from_spec"]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -57,167 +52,136 @@ class Slice:
     train: np.ndarray
 
 
-def pinned_slice(spec) -> Slice:
-    """The train side of the slice recorded by the last curate/split, at its pinned version."""
+def pinned_slice(spec_or_job: Any) -> Slice:
+    """The train side of the recorded slice, at the table version training pins (the latest)."""
     from ..curate import read_slice
 
-    side = lance_io.read_sidecar(spec.source.table).get("steps", {})
-    rec = side.get("split") or side.get("curate")
-    if rec is None:
-        raise ApplyError(Problem("no training slice recorded", "train",
-                                 fix="Run `vlmspec apply` without --until/--target so curate and split run first"))
-    sl = rec["detail"]["slice"]
+    table = spec_or_job.table if isinstance(spec_or_job, TrainJob) else spec_or_job.source.table
+    sl = spec_or_job.slice if isinstance(spec_or_job, TrainJob) else SliceRecord.recorded(table)
     # The slice's row addresses were chosen at its version; cached columns may have been added
     # since (adding columns never moves rows), so training pins the table version it starts on.
-    version = lance_io.open_dataset(spec.source.table).version
-    if version < int(sl["table_version"]):
+    version = lance_io.open_dataset(table).version
+    if version < sl.table_version:
         raise ApplyError(Problem("the table is older than the recorded slice", "train",
                                  fix="Run `vlmspec apply` to rebuild the slice"))
-    return Slice(spec.source.table, version, sl["path"], read_slice(sl["path"], "train"))
+    return Slice(table, version, sl.path, read_slice(sl.path, "train"))
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def train_from_spec(prep, device: str | None = None, stop_after: int | None = None,
+                    reporter: Reporter | None = None) -> dict[str, Any]:
+    """`train` for a prepared spec (notebooks, tests): the job `apply` would build."""
+    return train(TrainJob.from_prepared(prep), device, stop_after, reporter)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def train(job: TrainJob, device: str | None = None, stop_after: int | None = None,
+          reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train per `job`; resumes from `<output_dir>/checkpoint` when its fingerprint matches.
 
+    With `train.devices > 1` (and not already launched as ranks, e.g. by torchrun) it spawns that many
+    data-parallel processes (`launch.py`), each handed the same job."""
+    from .distributed import world
 
-def _set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def build_model(spec, device: str):
-    """Language model only (4-bit NF4 for QLoRA), wrapped with LoRA per the spec."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from ..vlm.models import load_language_model
-
-    tr = spec.train
-    quant = tr.quant if tr.quant.bits in (4, 8) else None
-    dtype = {16: "bfloat16" if device.startswith("cuda") else "float32", 32: "float32"}.get(tr.quant.bits, "auto")
-    model = load_language_model(spec.model, quant=quant, device=device, dtype=dtype)
-    gc_kwargs = {"use_reentrant": False}
-    if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tr.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif tr.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    config = LoraConfig(r=tr.lora.r, lora_alpha=tr.lora.alpha, lora_dropout=tr.lora.dropout, bias="none",
-                        target_modules=lora_target_regex(tr.lora.targets),
-                        modules_to_save=list(tr.lora.modules_to_save) or None, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    model.train()
-    return model
-
-
-def compile_layers(model) -> None:
-    """`torch.compile` each decoder layer of the language model ("regional" compilation): the
-    layers share one compiled graph (weights are graph inputs), so compiling costs one layer, and
-    the step loses most of its per-kernel launch overhead (measured in `vlmspec bench gpu`)."""
-    from ..vlm.cached import unwrap
-
-    for layer in unwrap(model).model.language_model.layers:
-        layer.compile(dynamic=False)
-
-
-def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict[str, Any]) -> None:
-    from peft import get_peft_model_state_dict
-
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(), **state}, tmp / "state.pt")
-    old = ckpt.with_name(ckpt.name + ".old")
-    if ckpt.exists():
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)  # the checkpoint appears whole or not at all
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(ckpt: Path, fingerprint: str) -> dict[str, Any] | None:
-    f = ckpt / "state.pt"
-    if not f.exists():
-        return None
-    state = torch.load(f, map_location="cpu", weights_only=False)
-    return state if state.get("fingerprint") == fingerprint else None
-
-
-def train_from_spec(prep, device: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Train per `spec.train`; resumes from `<output_dir>/checkpoint` when its fingerprint matches.
-
-    With `train.devices > 1` it spawns that many data-parallel processes (runtime/distributed.py).
-    """
-    spec = prep.loaded.spec
-    done = _finished_run(Path(spec.train.output_dir or f"runs/{spec.name}"), prep.compiled.stage("train").fingerprint)
+    done = finished_run(job.out, job.fingerprint)
     if done is not None:
         # The adapter for this exact fingerprint is already saved (e.g. killed after saving, before
         # apply recorded the step): record it instead of training again.
         return done
-    devices = spec.train.devices
-    if devices > 1:
-        from .distributed import launch
+    if job.train.devices > 1 and world()[1] == 1:
+        from .launch import launch
 
-        return launch(prep, devices, device, stop_after)
-    return run_training(prep, device, stop_after)
-
-
-def _finished_run(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    if m.get("train_fingerprint") != fingerprint or not (out / "adapter" / "adapter_config.json").exists():
-        return None
-    return {"table_version": m["table_version"], "rows": m["rows"], "steps": m["steps"],
-            "final_loss": m["final_loss"], "adapter": str(out / "adapter"), "seconds": m["seconds"],
-            "devices": m.get("devices", 1)}
+        return launch(job, job.train.devices, device, stop_after)
+    return run_training(job, device, stop_after, reporter)
 
 
-def run_training(prep, device: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+def run_training(job: TrainJob, device: str | None = None, stop_after: int | None = None,
+                 reporter: Reporter | None = None) -> dict[str, Any]:
     """The loop itself, in this process (one rank when distributed)."""
-    from peft import set_peft_model_state_dict
+    run = _setup(job, device)
+    model = _load(run)
+    if not _fit(run, model, stop_after, reporter or NullReporter()):
+        return {"stopped_at": model.step}
+    return _save(run, model)
 
-    from .distributed import all_sum, barrier, sum_gradients, world
 
-    from ..vlm.cached import unwrap
-    from ..vlm.graph_step import CaptureError, eager_step
+# -- setup ----------------------------------------------------------------------------------
 
-    # -- setup ------------------------------------------------------------------------------
-    spec = prep.loaded.spec
-    tr, opt_spec = spec.train, spec.train.optim
-    node = prep.compiled.stage("train")
+@dataclass
+class _Run:
+    """What setup decided: where the run writes, what it reads, and its step geometry."""
+
+    job: TrainJob
+    device: str
+    out: Path
+    sl: Slice
+    rank: int
+    nranks: int
+    total: int
+    """Optimizer steps to run."""
+    per_step: int
+    """Samples per optimizer step (all micro-batches, all ranks)."""
+    grid: tuple[int, int, int]
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0  # only rank 0 writes logs, checkpoints and the adapter
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "train_log.jsonl"
+
+
+def _setup(job: TrainJob, device: str | None) -> _Run:
+    from .distributed import world
+
+    tr, opt = job.train, job.train.optim
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(tr.output_dir or f"runs/{spec.name}")
+    out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint"
-    sl = pinned_slice(spec)
+    sl = pinned_slice(job)
     rank, nranks = world()
-    main = rank == 0  # only rank 0 writes logs, checkpoints and the adapter
-    if opt_spec.batch_size % nranks:
-        raise ApplyError(Problem(f"batch_size {opt_spec.batch_size} does not split over {nranks} devices",
+    if opt.batch_size % nranks:
+        raise ApplyError(Problem(f"batch_size {opt.batch_size} does not split over {nranks} devices",
                                  "train.optim.batch_size", fix="Use a multiple of `train.devices`"))
-    grid = (1, spec.model.image_px // 14, spec.model.image_px // 14)  # patches; merged tokens are 2x2 of them
-    per_step = opt_spec.batch_size * opt_spec.grad_accum
-    total = opt_spec.steps or max(1, math.ceil(opt_spec.epochs * len(sl.train) / per_step))
-    if len(sl.train) < opt_spec.batch_size:
+    grid = (1, job.model.image_px // 14, job.model.image_px // 14)  # patches; merged tokens are 2x2 of them
+    per_step = opt.batch_size * opt.grad_accum
+    total = opt.steps or max(1, math.ceil(opt.epochs * len(sl.train) / per_step))
+    if len(sl.train) < opt.batch_size:
         raise ApplyError(Problem(f"the training slice has {len(sl.train)} rows, fewer than one batch",
                                  "train.optim.batch_size", fix="Lower batch_size or loosen the curation"))
-    _seed_all(opt_spec.seed)
+    seed_all(opt.seed)
+    return _Run(job, device, out, sl, rank, nranks, total, per_step, grid)
 
-    # -- load -------------------------------------------------------------------------------
-    model = build_model(spec, device)
+
+# -- load -----------------------------------------------------------------------------------
+
+@dataclass
+class _Model:
+    """The model, its optimizer and schedule, how a micro-batch runs, and where the loop stands."""
+
+    model: Any
+    params: list
+    opt: Any
+    sched: Any
+    run_step: Callable
+    graphed: Any
+    image_token_id: int
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    elapsed: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _load(run: _Run) -> _Model:
+    from peft import set_peft_model_state_dict
+
+    from ..vlm.cached import unwrap
+    from ..vlm.graph_step import eager_step
+
+    tr, opt_spec = run.job.train, run.job.train.optim
+    model = build_model(run.job.model, tr, run.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.startswith("cuda")
+    cuda = run.device.startswith("cuda")
     # fused: one kernel for all adapter tensors instead of a few per tensor (same update rule).
     opt = torch.optim.AdamW(params, lr=opt_spec.lr, weight_decay=opt_spec.weight_decay,
                             fused=cuda and all(p.is_cuda and p.is_floating_point() for p in params))
@@ -229,43 +193,56 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
 
         graphed = GraphedStep(model, label_slots=GRAPH_LABEL_SLOTS)
     run_step = graphed if graphed is not None else partial(eager_step, model)
-    image_token_id = int(unwrap(model).config.image_token_id)
-    warmup = int(opt_spec.warmup * total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, total))
-    step, epoch, batch_idx, elapsed = 0, 0, 0, 0.0
-    state = _load_checkpoint(ckpt, node.fingerprint)
+    warmup = int(opt_spec.warmup * run.total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, run.total))
+    m = _Model(model, params, opt, sched, run_step, graphed, int(unwrap(model).config.image_token_id))
+    state = load_checkpoint(run.out / "checkpoint", run.job.fingerprint)
     if state is not None:
         set_peft_model_state_dict(model, state["adapter"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, epoch, batch_idx, elapsed = state["step"], state["epoch"], state["batch"], state["elapsed"]
-    log_path = out / "train_log.jsonl"
-    if main and state is None and log_path.exists():
-        log_path.unlink()  # a fresh run (new fingerprint) starts a fresh log
-    elif main and state is not None and log_path.exists():
+        set_rng_state(state["rng"])
+        m.step, m.epoch, m.batch, m.elapsed = state["step"], state["epoch"], state["batch"], state["elapsed"]
+    if run.main and state is None and run.log_path.exists():
+        run.log_path.unlink()  # a fresh run (new fingerprint) starts a fresh log
+    elif run.main and state is not None and run.log_path.exists():
         # Steps after the checkpoint are redone: drop their records so no step is logged twice.
-        kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in run.log_path.read_text().splitlines() if json.loads(ln)["step"] <= m.step]
+        run.log_path.write_text("".join(ln + "\n" for ln in kept))
+    return m
+
+
+def _batches(run: _Run, m: _Model):
+    """(epoch, batch index, batch) from where the loop stands, epoch after epoch."""
+    job, tr, opt = run.job, run.job.train, run.job.train.optim
 
     def make(ep: int):
-        return make_loader(sl.uri, sl.version, sl.train, hiddens=tr.hiddens, tokens=tr.tokens,
-                           image_tokens=spec.model.image_tokens, batch_size=opt_spec.batch_size // nranks,
-                           seed=opt_spec.seed, epoch=ep, num_workers=tr.num_workers, rank=rank, world=nranks,
-                           image_token_id=image_token_id, llm_grid=(grid[1] // 2, grid[2] // 2),
-                           label_slots=graphed.label_slots if graphed is not None else 8,
+        return make_loader(run.sl.uri, run.sl.version, run.sl.train, hiddens=tr.hiddens, tokens=tr.tokens,
+                           image_tokens=job.model.image_tokens, batch_size=opt.batch_size // run.nranks,
+                           seed=opt.seed, epoch=ep, num_workers=tr.num_workers, rank=run.rank, world=run.nranks,
+                           image_token_id=m.image_token_id, llm_grid=(run.grid[1] // 2, run.grid[2] // 2),
+                           label_slots=m.graphed.label_slots if m.graphed is not None else 8,
                            threads=tr.loader_threads)
 
-    batches = iterate_epochs(make, epoch, batch_idx)
-    per_epoch = len(sl.train) // opt_spec.batch_size
+    return iterate_epochs(make, m.epoch, m.batch)
 
-    # -- fit --------------------------------------------------------------------------------
-    t0 = time.perf_counter() - elapsed
+
+# -- fit ------------------------------------------------------------------------------------
+
+def _fit(run: _Run, m: _Model, stop_after: int | None, reporter: Reporter) -> bool:
+    """Optimizer steps until `run.total`; False when `stop_after` stopped it early (tests)."""
+    from ..vlm.graph_step import CaptureError
+    from .distributed import all_sum, barrier, sum_gradients
+
+    tr, opt_spec, device = run.job.train, run.job.train.optim, run.device
+    batches = _batches(run, m)
+    per_epoch = len(run.sl.train) // opt_spec.batch_size
+    t0 = time.perf_counter() - m.elapsed
     window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, time.perf_counter()
     last_loss = float("nan")
-    while step < total:
+    while m.step < run.total:
         micro = [next(batches) for _ in range(opt_spec.grad_accum)]
-        epoch, batch_idx = micro[-1][0], micro[-1][1] + 1
+        m.epoch, m.batch = micro[-1][0], micro[-1][1] + 1
         # Label tokens of the whole global step (all micro-batches, all ranks): every rank scales its
         # loss by it, so summed gradients equal one process's token-weighted mean.
         n_tokens = int(all_sum(sum(b.step.n_labels for _, _, b in micro)))
@@ -280,63 +257,72 @@ def run_training(prep, device: str | None = None, stop_after: int | None = None)
             k = b.step.n_labels
             # Loss scaled by k / n_tokens: token-weighted over the whole accumulated step.
             try:  # with `compile: graph`, forward + backward replayed as one CUDA graph
-                loss = run_step(b.input_ids, b.attention_mask, b.vision_hiddens, b.step, k / n_tokens)
+                loss = m.run_step(b.input_ids, b.attention_mask, b.vision_hiddens, b.step, k / n_tokens)
             except CaptureError as e:
                 raise ApplyError(Problem(f"the training step could not be captured as a CUDA graph: {e}",
                                          "train.compile", fix="Use `compile: layers` or `compile: none`")) from e
             step_loss += loss.detach() * k
-        sum_gradients(params)
-        step_loss = all_sum(float(step_loss)) if nranks > 1 else step_loss
+        sum_gradients(m.params)
+        step_loss = all_sum(float(step_loss)) if run.nranks > 1 else step_loss
         if opt_spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, opt_spec.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=graphed is None)  # a captured backward writes into these grads
-        step += 1
+            torch.nn.utils.clip_grad_norm_(m.params, opt_spec.max_grad_norm)
+        m.opt.step()
+        m.sched.step()
+        m.opt.zero_grad(set_to_none=m.graphed is None)  # a captured backward writes into these grads
+        m.step += 1
         last_loss = step_loss / n_tokens  # a device tensor on one device: read at the end, not per step
         window_loss += step_loss
         window_tokens += n_tokens
-        window_samples += per_step
-        if main and (step % tr.log_every == 0 or step == total):
+        window_samples += run.per_step
+        if run.main and (m.step % tr.log_every == 0 or m.step == run.total):
             now = time.perf_counter()
-            rec = {"step": step, "epoch": round(epoch + batch_idx / max(per_epoch, 1), 4),
-                   "loss": round(float(window_loss) / window_tokens, 5), "lr": sched.get_last_lr()[0],
+            rec = {"step": m.step, "epoch": round(m.epoch + m.batch / max(per_epoch, 1), 4),
+                   "loss": round(float(window_loss) / window_tokens, 5), "lr": m.sched.get_last_lr()[0],
                    "samples_per_s": round(window_samples / max(now - tw, 1e-9), 3),
                    "elapsed_s": round(now - t0, 2)}
-            with log_path.open("a") as f:
+            with run.log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, now
-        if main and step % tr.checkpoint_every == 0 and step < total:
-            _save_checkpoint(ckpt, model, opt, sched, {"fingerprint": node.fingerprint, "step": step,
-                                                        "epoch": epoch, "batch": batch_idx,
-                                                        "elapsed": time.perf_counter() - t0})
-        if stop_after is not None and step >= stop_after:  # tests: simulate an interrupted run
+        if run.main and m.step % tr.checkpoint_every == 0 and m.step < run.total:
+            save_checkpoint(run.out / "checkpoint", m.model, m.opt, m.sched,
+                            {"fingerprint": run.job.fingerprint, "step": m.step, "epoch": m.epoch,
+                             "batch": m.batch, "elapsed": time.perf_counter() - t0})
+        if stop_after is not None and m.step >= stop_after:  # tests: simulate an interrupted run
             barrier()
-            return {"stopped_at": step}
+            return False
+    m.elapsed = time.perf_counter() - t0
+    m.extra["final_loss"] = float(last_loss)
+    return True
 
-    # -- save -------------------------------------------------------------------------------
-    adapter = out / "adapter"
-    last_loss = float(last_loss)
-    result = {"table_version": sl.version, "rows": int(len(sl.train)), "steps": step, "final_loss": last_loss,
-              "adapter": str(adapter), "seconds": round(time.perf_counter() - t0, 2), "devices": nranks}
-    if graphed is not None:
-        result["cuda_graph"] = {"replays": graphed.replays, "eager_micro_batches": graphed.eager_steps}
-    if not main:
+
+# -- save -----------------------------------------------------------------------------------
+
+def _save(run: _Run, m: _Model) -> dict[str, Any]:
+    from .distributed import barrier
+
+    job, tr = run.job, run.job.train
+    adapter = run.out / "adapter"
+    result = {"table_version": run.sl.version, "rows": int(len(run.sl.train)), "steps": m.step,
+              "final_loss": m.extra["final_loss"], "adapter": str(adapter), "seconds": round(m.elapsed, 2),
+              "devices": run.nranks}
+    if m.graphed is not None:
+        result["cuda_graph"] = {"replays": m.graphed.replays, "eager_micro_batches": m.graphed.eager_steps}
+    if not run.main:
         barrier()
         return result
-    model.save_pretrained(str(adapter))
-    plot_loss(log_path, out / "loss.png")
+    m.model.save_pretrained(str(adapter))
+    plot_loss(run.log_path, run.out / "loss.png")
     manifest = {
-        "spec_file": prep.loaded.file, "spec_hash": prep.loaded.source_hash, "train_fingerprint": node.fingerprint,
-        "table": sl.uri, "table_version": sl.version, "slice": sl.path, "rows": int(len(sl.train)),
-        "columns": {c: prep.compiled.column(c).fingerprint for c in (tr.hiddens, tr.tokens)},
-        "model": {"id": spec.model.id, "revision": spec.model.revision, "image_px": spec.model.image_px},
-        "lora": tr.lora.model_dump(), "quant": tr.quant.model_dump(), "optim": opt_spec.model_dump(),
-        "steps": step, "final_loss": last_loss, "seconds": round(time.perf_counter() - t0, 2),
-        "device": device, "devices": nranks, "libraries": history.library_versions(),
+        "spec_file": job.spec_file, "spec_hash": job.spec_hash, "train_fingerprint": job.fingerprint,
+        "table": run.sl.uri, "table_version": run.sl.version, "slice": run.sl.path, "rows": int(len(run.sl.train)),
+        "columns": dict(job.columns),
+        "model": {"id": job.model.id, "revision": job.model.revision, "image_px": job.model.image_px},
+        "lora": tr.lora.model_dump(), "quant": tr.quant.model_dump(), "optim": tr.optim.model_dump(),
+        "steps": m.step, "final_loss": m.extra["final_loss"], "seconds": round(m.elapsed, 2),
+        "device": run.device, "devices": run.nranks, "libraries": history.library_versions(),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    shutil.rmtree(ckpt, ignore_errors=True)
+    (run.out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    shutil.rmtree(run.out / "checkpoint", ignore_errors=True)
     barrier()
     return result
 

@@ -1,0 +1,46 @@
+"""What an evaluation is told, as one value `apply` builds from the plan's `Evaluate` step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmspec.compiler.model import EvalSpec, ModelSpec, QuantSpec
+
+from ..train.job import SliceRecord, output_dir
+
+__all__ = ["EvalJob"]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """The held-out slice, the model (and the adapter `tuned` loads), the eval section, and where
+    results go."""
+
+    spec_hash: str
+    table: str
+    key: str
+    """`source.key`: names each question in predictions and the report."""
+    slice: SliceRecord
+    model: ModelSpec
+    eval: EvalSpec
+    quant: QuantSpec | None
+    """The training quantisation (4/8-bit), so `tuned` runs on the weights it was trained against."""
+    adapter: str | None
+    """The trained adapter directory (None without a train section)."""
+    out: Path
+    fingerprint: str = ""
+
+    @classmethod
+    def from_prepared(cls, prep: Any) -> "EvalJob":
+        spec = prep.loaded.spec
+        ev, tr = spec.eval, spec.train
+        train_out = output_dir(spec.name, tr) if tr is not None else None
+        out = Path(ev.output_dir) if ev.output_dir else (train_out or Path(f"runs/{spec.name}")) / "eval"
+        quant = tr.quant if tr is not None and tr.quant.bits in (4, 8) else None
+        node = prep.compiled.stage("eval")
+        return cls(prep.loaded.source_hash, spec.source.table, spec.source.key,
+                   SliceRecord.recorded(spec.source.table, need="eval"), spec.model, ev, quant,
+                   str(train_out / "adapter") if train_out is not None else None, out,
+                   node.fingerprint if node is not None else "")
