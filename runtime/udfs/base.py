@@ -38,6 +38,11 @@ class UdfContext:
     batch_size: int = 16
 
 
+def as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One contiguous array (the engine may hand a chunked one)."""
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
 @contextmanager
 def image_guard() -> Iterator[None]:
     """Inside: Pillow refuses images over MAX_IMAGE_PIXELS with an exception, not a warning."""

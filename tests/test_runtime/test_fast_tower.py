@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmspec.compiler.model import ModelSpec
 from vlmspec.runtime.udfs.base import UdfContext
-from vlmspec.runtime.udfs.vlm import VisionTower
+from vlmspec.runtime.udfs.vision import VisionTower
 from vlmspec.runtime.vlm import models
 from vlmspec.runtime.vlm.fast_tower import FastTower, equal_chunks
 

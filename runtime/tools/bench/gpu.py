@@ -840,7 +840,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
     import lance
 
     from vlmspec.runtime.udfs.base import UdfContext
-    from vlmspec.runtime.udfs.vlm import VisionTower
+    from vlmspec.runtime.udfs.vision import VisionTower
     from vlmspec.runtime.vlm import models
     from vlmspec.runtime.vlm.fast_tower import FastTower
 
