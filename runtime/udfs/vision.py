@@ -16,16 +16,29 @@ import pyarrow as pa
 
 from vlmspec.compiler.udf import udf
 
-from .base import UdfContext, as_array, open_image
+from .base import UdfContext, as_array, open_image, tuning_of
 
 __all__ = ["VisionTower"]
 
 
 # 256 rows a call: the UDF runs them as sub-batches of 16 so decode overlaps the tower, and fewer
-# calls mean fewer pipeline drains (tier-3 bench: 94 rows/s at 64, 100 at 256).
+# calls mean fewer pipeline drains (tier-3 bench: 94 rows/s at 64, 100 at 256). A `None` knob
+# default means the class picks by device (`_setup_fast_path`).
 @udf(name="vlm.vision_tower", inputs=["image"], accepts=["binary"],
      output="fixed_size_list<item: halffloat>[{image_tokens*hidden_size}]", shape="fp16[{image_tokens}x{hidden_size}]",
-     batch_size=256, model=True, gpu=True, version="c7499cacfd8da77d")
+     batch_size=256, model=True, gpu=True, version="c7499cacfd8da77d",
+     tuning={"sub_batch": {"type": "int", "default": None, "min": 0, "max": 65536,
+                           "doc": "rows per tower forward inside a call, 0 for the whole call; default 16 on CUDA "
+                                  "(decode overlaps the tower), 0 on CPU"},
+             "decode_threads": {"type": "int", "default": None, "min": 1, "max": 256,
+                                "doc": "threads decoding and resizing images; default min(4, cores)"},
+             "compile": {"type": "bool", "default": True,
+                         "doc": "torch.compile the tower on CUDA: 2.3x, equal to HF's up to bf16 rounding; "
+                                "false gives HF's bits"},
+             "graph": {"type": "bool", "default": True,
+                       "doc": "replay the compiled tower as one CUDA graph per sub-batch: one launch instead of ~600"},
+             "fast": {"type": "bool", "default": True,
+                      "doc": "FastTower's batched window attention; false runs HF's tower as it is"}})
 class VisionTower:
     """Merged vision-tower hidden states of `model.image_px`-square images, fp16 [tokens x hidden].
 
@@ -70,28 +83,29 @@ class VisionTower:
     def _setup_fast_path(self) -> None:
         import os
 
-        from vlmspec.runtime.vlm.fast_tower import FastTower, fast_tower_enabled
+        from vlmspec.runtime.vlm.fast_tower import FastTower
         from vlmspec.runtime.vlm.patchify import Patchifier
 
+        knobs = tuning_of(self.ctx, VisionTower)  # the column's `tuning:` over the declared defaults
         cuda = str(self.device).startswith("cuda")
         default_sub = 16 if cuda else 0  # 0: the whole batch at once (CPU gains nothing from overlap)
-        self.sub_batch = int(os.environ.get("VLMSPEC_TOWER_SUBBATCH", default_sub) or 0)
+        self.sub_batch = int(default_sub if knobs["sub_batch"] is None else knobs["sub_batch"])
         # Compiled by default on CUDA: 2.3x the eager FastTower at the 3B shape (`vlmspec bench gpu
         # --phases tower`) for ~5 s of compiling once per process.
-        compile_ = cuda and os.environ.get("VLMSPEC_TOWER_COMPILE", "1").lower() in ("1", "true", "yes", "on")
+        compile_ = cuda and bool(knobs["compile"])
         # The compiled tower is also replayed as one CUDA graph per sub-batch: its ~600 kernel
         # launches each needed the GIL, which the decode threads hold in short stretches, and
         # the GPU waited on those launches (a profile of the UDF: 88 % kernel-busy, the gaps inside
-        # the compiled blocks). `VLMSPEC_TOWER_GRAPH=0` keeps it uncaptured.
-        graph = compile_ and os.environ.get("VLMSPEC_TOWER_GRAPH", "1").lower() in ("1", "true", "yes", "on")
+        # the compiled blocks). `tuning: {graph: false}` keeps it uncaptured.
+        graph = compile_ and bool(knobs["graph"])
         self.fast = None
-        if fast_tower_enabled():
+        if knobs["fast"]:
             sizes = {self.sub_batch or int(getattr(self.ctx, "batch_size", 16))}
             self.fast = FastTower(self.tower, compile=compile_, compile_sizes=sizes, graph=graph)
         # 4 decode threads keep up with the tower (~190 rows/s at 560 px on an H200); more only
         # contend for the GIL with the thread launching the tower's kernels (UDF alone, 16 threads:
         # 161.5 rows/s, GPU 84 % busy; 4 threads: 171.3 rows/s, 88 %; `gpu_tier3.json`).
-        threads = int(os.environ.get("VLMSPEC_TOWER_THREADS", 0) or min(4, os.cpu_count() or 1))
+        threads = int(knobs["decode_threads"] or min(4, os.cpu_count() or 1))
         self._pool = None
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +137,7 @@ class VisionTower:
             if not compiled:
                 raise
             warnings.warn(f"vision tower: torch.compile failed ({type(e).__name__}: {e}); running it "
-                          "uncompiled (set VLMSPEC_TOWER_COMPILE=0 to skip trying)")
+                          "uncompiled (set the column's `tuning: {compile: false}` to skip trying)")
             self.fast = FastTower(self.tower, compile=False)
             self._tower(zeros)
         self._torch.cuda.synchronize()
