@@ -225,6 +225,10 @@ class _Compiler:
             self.problem(f"{path}.udf", str(e), "Put the module next to the spec or install it")
             return None
         decl = src.declared
+        builtin_only = [k for k in ("name", "shape", "model", "gpu") if decl.get(k)]
+        if builtin_only:  # said, not silently dropped: a user UDF is named by `module:function`
+            self.warnings.append(f"`{path}`: `@udf({', '.join(f'{k}=' for k in builtin_only)})` on `{col.udf}` "
+                                 "only applies to builtins and is ignored")
         output = col.output or decl.get("output")
         if output is None:
             self.problem(f"{path}.output", f"`{col.udf}` declares no output type",

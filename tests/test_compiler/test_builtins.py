@@ -191,6 +191,15 @@ def test_user_udf_version_replaces_its_code_hash(tmp_path):
     assert compiled(_user(tmp_path, version=', version="1"'), tmp_path).column("a").recipe["code"] == "1"
 
 
+def test_builtin_only_arguments_on_a_user_udf_are_warned_about(tmp_path):
+    (tmp_path / "udfs.py").write_text('from vlmspec.compiler.udf import udf\n\n'
+                                      '@udf(output="int32", inputs=["question"], name="text.mine", gpu=True)\n'
+                                      'def typed(question):\n    return 0\n')
+    only_a = "".join(USER_SPEC.splitlines(True)[:5]).replace("PARAMS", "{}")  # without column `b`
+    c = compiled(only_a, tmp_path)
+    assert any("`@udf(name=, gpu=)` on `udfs:typed` only applies to builtins" in w for w in c.warnings), c.warnings
+
+
 # --- the version lock and the fingerprints of the shipped specs ---------------------------------
 
 def _builtins_text() -> str:
