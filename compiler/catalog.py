@@ -1,13 +1,26 @@
-"""Signatures of the builtin UDFs: inputs, parameters and output types, known without importing them.
+"""What the compiler knows about builtin UDFs and sources without importing the runtime.
 
-The implementations live in `vlmspec.runtime.udfs.*`; the compiler only reads their source (to
-fingerprint it), never imports it, so planning needs no torch, PIL or pyarrow.
+`BUILTINS` is derived, not written here: every builtin declares itself beside its body with the
+same `@udf(name="image.dhash", ...)` a user UDF uses, and the compiler finds the modules of
+`vlmspec.runtime.udfs` (located, never imported) and reads those declarations from their source,
+once per process. Adding a builtin touches one file. Also here: the model facts a plan needs and
+the schemas of sources known before ingest.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .fingerprint import code_hash
+from .params import Param, defaults, parse_decls, render_template
+from .udf import UdfLookupError, UdfSource, positional_names, read_declarations
+
+BUILTIN_PACKAGE = "vlmspec.runtime.udfs"
 
 
 @dataclass(frozen=True)
@@ -35,14 +48,26 @@ class Slot:
 
 @dataclass(frozen=True)
 class UdfSignature:
+    """A builtin as its `@udf(...)` declares it."""
+
     name: str
     impl: str
-    """`module:function` of the implementation (hashed from source for the fingerprint)."""
+    """`module:attr` of the implementation, imported at apply time."""
+    file: str
+    """Its source file (read, never imported, by the compiler)."""
     slots: tuple[Slot, ...]
-    output: str | Callable[[dict[str, Any], Any], str]
-    """Canonical output type, or a function of (params, spec.model + facts) giving it."""
-    params: dict[str, Any] = field(default_factory=dict)
-    """Allowed parameters and their defaults."""
+    output: str
+    """Output type, a template over params and model facts (`params.render_template`)."""
+    version: str
+    """What the fingerprint hashes for the code: bumped by hand when outputs change."""
+    code: str
+    """Hash of the body as it is now (`fingerprint.code_hash`, the declaration left out); the lock
+    test compares it with tests/golden/builtins.txt so a body edit cannot slip past `version`."""
+    shape: str = ""
+    """Plan shape template, e.g. `fp16[{image_tokens}x{hidden_size}]` (empty: derive from the type)."""
+    params: Mapping[str, Param] = field(default_factory=dict)
+    tuning: Mapping[str, Param] = field(default_factory=dict)
+    """Speed knobs a column may set under `tuning:` (not fingerprinted)."""
     batch_size: int = 1024
     uses_model: bool = False
     gpu: bool = False
@@ -50,24 +75,14 @@ class UdfSignature:
     """Worth spreading over worker processes (pixel work); vectorised Arrow UDFs are not."""
     doc: str = ""
 
-    def output_type(self, params: dict[str, Any], model: Any) -> str:
-        return self.output(params, model) if callable(self.output) else self.output
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Declared parameter defaults (they join the column's params and its fingerprint)."""
+        return defaults(self.params)
 
-
-def _vision_output(params: dict[str, Any], model: Any) -> str:
-    spec, facts = model
-    return f"fixed_size_list<item: halffloat>[{spec.image_tokens * facts.hidden_size}]"
-
-
-def _sft_output(params: dict[str, Any], model: Any) -> str:
-    n = params.get("max_tokens", 512)
-    if isinstance(n, str) and n.strip().isdigit():  # `max_tokens: "{{ n }}"` renders as text
-        n = int(n)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
-        raise ValueError(f"`max_tokens` must be a whole number from 1 to 1,000,000, got {n!r}")
-    return (f"struct<input_ids: fixed_size_list<item: int32>[{n}], "
-            f"attention_mask: fixed_size_list<item: int8>[{n}], "
-            f"labels: fixed_size_list<item: int32>[{n}]>")
+    def output_type(self, names: Mapping[str, Any]) -> str:
+        """The output type for these params and model facts (raises ValueError on a bad template)."""
+        return render_template(self.output, names)
 
 
 # Columns of the embedded synthetic source (runtime/sources/synthetic.py asserts it matches):
@@ -94,35 +109,66 @@ KNOWN_SOURCES: dict[str, dict[str, str]] = {
     },
 }
 
-_R = "vlmspec.runtime.udfs"
-BUILTINS: dict[str, UdfSignature] = {
-    s.name: s
-    for s in [
-        UdfSignature("text.length", f"{_R}.text:length", (Slot("text", "string", "question"),), "int32",
-                     batch_size=8192, doc="Characters in a string (0 for null/empty)."),
-        UdfSignature("text.words", f"{_R}.text:words", (Slot("text", "string", "question"),), "int32",
-                     batch_size=8192, doc="Whitespace-separated words in a string."),
-        UdfSignature("text.question_type", f"{_R}.text:question_type", (Slot("text", "string", "question"),),
-                     "string", batch_size=8192, doc="Rule-based question type (how_many, what_time, ...)."),
-        UdfSignature("text.count", f"{_R}.text:count", (Slot("items", "list", "ocr_tokens"),), "int32",
-                     batch_size=8192, doc="Number of items in a list (e.g. OCR tokens)."),
-        UdfSignature("image.dhash", f"{_R}.image:dhash", (Slot("image", "binary", "image"),), "uint64",
-                     params={"hash_size": 8}, batch_size=256, parallel=True, doc="64-bit difference hash (imagehash)."),
-        UdfSignature("image.phash", f"{_R}.image:phash", (Slot("image", "binary", "image"),), "uint64",
-                     params={"hash_size": 8}, batch_size=256, parallel=True,
-                     doc="64-bit DCT perceptual hash (imagehash)."),
-        UdfSignature("image.size", f"{_R}.image:size", (Slot("image", "binary", "image"),),
-                     "struct<width: int32, height: int32>", batch_size=1024,
-                     doc="Width and height in pixels, read from the header (no full decode)."),
-        # 256 rows a call: the UDF runs them as sub-batches of 16 so decode overlaps the tower, and
-        # fewer calls mean fewer pipeline drains (tier-3 bench: 94 rows/s at 64, 100 at 256).
-        UdfSignature("vlm.vision_tower", f"{_R}.vlm:VisionTower", (Slot("image", "binary", "image"),),
-                     _vision_output, batch_size=256, uses_model=True, gpu=True,
-                     doc="Merged vision-tower hidden states, fp16 [tokens x hidden], image resized "
-                         "to model.image_px square."),
-        UdfSignature("vlm.sft_tokens", f"{_R}.vlm:SftTokens",
-                     (Slot("question", "string", "question"), Slot("answer", "string", "answer")),
-                     _sft_output, params={"max_tokens": 512}, batch_size=256, uses_model=True,
-                     doc="Chat-template prompt with the image pads, answer+EOS labels, prompt masked."),
-    ]
-}
+
+def signature_of(src: UdfSource, impl: str) -> UdfSignature:
+    """A builtin's signature from its `@udf(...)` declaration; raises UdfLookupError if it is incomplete."""
+    d, where = src.declared, f"{src.file}:{src.node.lineno} `{src.node.name}`"
+    missing = [k for k in ("name", "output", "version") if not isinstance(d.get(k), str) or not d.get(k)]
+    if missing:
+        raise UdfLookupError(f"builtin {where}: `@udf(...)` must declare {', '.join(missing)} (as text)")
+    inputs, accepts = list(d.get("inputs") or ()), list(d.get("accepts") or ())
+    if not inputs or len(inputs) != len(accepts):
+        raise UdfLookupError(f"builtin {where}: `inputs` and `accepts` must list the same inputs, in order")
+    # A slot is named after the positional parameter it fills (messages say `takes 1 input (images)`).
+    names = positional_names(src.node)
+    slots = tuple(Slot(names[i] if i < len(names) else f"input{i}", a, c) for i, (c, a) in enumerate(zip(inputs, accepts)))
+    try:
+        params, tuning = parse_decls(d.get("params") or {}, "params"), parse_decls(d.get("tuning") or {}, "tuning")
+    except ValueError as e:
+        raise UdfLookupError(f"builtin {where}: {e}") from None
+    if any(not p.has_default for p in params.values()):
+        raise UdfLookupError(f"builtin {where}: every param needs a `default`")
+    batch = bool(d.get("batch", True))
+    return UdfSignature(
+        name=d["name"], impl=impl, file=str(src.file), slots=slots, output=d["output"], version=d["version"],
+        code=code_hash(src.module, src.node, with_decorators=False), shape=d.get("shape") or "",
+        params=params, tuning=tuning, batch_size=int(d.get("batch_size") or 1024), uses_model=bool(d.get("model")),
+        gpu=bool(d.get("gpu")), parallel=bool(d["parallel"] if d.get("parallel") is not None else not batch),
+        doc=(ast.get_docstring(src.node) or "").split("\n")[0])
+
+
+@functools.cache
+def builtin_signatures() -> dict[str, UdfSignature]:
+    """Every builtin, read from the source of `vlmspec.runtime.udfs` (cached for the process)."""
+    try:  # finds the package's folder; imports only the parents, whose __init__ is a docstring
+        spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UdfLookupError(f"cannot find the builtin UDFs (`{BUILTIN_PACKAGE}`): is vlmspec installed?")
+    out: dict[str, UdfSignature] = {}
+    for folder in spec.submodule_search_locations:
+        for path in sorted(Path(folder).glob("*.py")):
+            for src in read_declarations(path):
+                sig = signature_of(src, f"{BUILTIN_PACKAGE}.{path.stem}:{src.node.name}")
+                if sig.name in out:
+                    raise UdfLookupError(f"builtin `{sig.name}` is declared twice ({out[sig.name].impl}, {sig.impl})")
+                out[sig.name] = sig
+    return dict(sorted(out.items()))
+
+
+class _Builtins(Mapping[str, UdfSignature]):
+    """`BUILTINS`, read on first use: importing the compiler reads no runtime source. A broken
+    install raises UdfLookupError from the first lookup (the compiler reports it)."""
+
+    def __getitem__(self, name: str) -> UdfSignature:
+        return builtin_signatures()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(builtin_signatures())
+
+    def __len__(self) -> int:
+        return len(builtin_signatures())
+
+
+BUILTINS: Mapping[str, UdfSignature] = _Builtins()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import graphlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +22,8 @@ from .fingerprint import ENGINE_VERSION, code_hash, digest
 from .model import ColumnSpec, Spec
 from .state import TableState
 from .types import TypeSyntaxError, accepts, parse_type
-from .udf import UdfLookupError, find_module_file, read_udf
+from .params import Param, check_values, defaults, parse_decls, render_template
+from .udf import UdfLookupError, read_udf
 
 STAGES = ("ingest", "curate", "split", "train", "eval")
 # Modules of the vision tower and merger: training them would make cached hiddens stale.
@@ -56,6 +57,8 @@ class ColumnNode:
     path: str
     shape: str = ""
     """Human shape for plans, e.g. `fp16[400x2048]` (empty: derive from the type)."""
+    tuning: Mapping[str, Any] = field(default_factory=dict)
+    """The UDF's declared speed knobs, the column's `tuning:` over their defaults; not fingerprinted."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,11 @@ class _Compiler:
             return None
         if ":" in col.udf:
             return self.resolve_user(path, col)
-        sig = BUILTINS.get(col.udf)
+        try:
+            sig = BUILTINS.get(col.udf)
+        except UdfLookupError as e:  # a broken install, not a user mistake, but say it plainly
+            self.problem(f"{path}.udf", str(e))
+            return None
         if sig is None:
             self.problem(f"{path}.udf", f"unknown builtin UDF `{col.udf}`",
                          did_you_mean(col.udf, BUILTINS) or f"Builtins: {', '.join(sorted(BUILTINS))}; "
@@ -159,18 +166,31 @@ class _Compiler:
             return None
         return self.resolve_builtin(path, col, sig)
 
+    def check_declared(self, path: str, udf: str, decls: Mapping[str, Param], given: Mapping[str, Any],
+                       section: str) -> dict[str, Any] | None:
+        """`given` (a column's `params` or `tuning`) checked against what the UDF declares; None on a
+        bad value (each problem is located at its key)."""
+        kind = "parameter" if section == "params" else "tuning knob"
+        values, problems = check_values(decls, given, udf, kind)
+        for key, what, fix in problems:
+            self.problem(f"{path}.{section}.{key}", what, fix)
+        return None if any(k in decls for k, _, _ in problems) else values
+
     def resolve_builtin(self, path: str, col: ColumnSpec, sig: UdfSignature) -> dict[str, Any] | None:
-        unknown = sorted(set(col.params) - set(sig.params))
-        for p in unknown:
-            self.problem(f"{path}.params.{p}", f"`{sig.name}` has no parameter `{p}`",
-                         did_you_mean(p, sig.params) or f"Parameters: {', '.join(sig.params) or 'none'}")
+        checked = self.check_declared(path, sig.name, sig.params, col.params, "params")
+        tuning = self.check_declared(path, sig.name, sig.tuning, col.tuning, "tuning")
         inputs = tuple(col.inputs) if col.inputs is not None else tuple(s.default for s in sig.slots)
         if len(inputs) != len(sig.slots):
             self.problem(f"{path}.inputs", f"`{sig.name}` takes {len(sig.slots)} input(s) "
                          f"({', '.join(s.name for s in sig.slots)}), got {len(inputs)}")
             return None
-        params = {**sig.params, **col.params}
-        output = None
+        if checked is None or tuning is None:
+            return None
+        # The recipe keeps the values as written (a rendered `"512"` stays text, as it always was:
+        # fingerprints must not move); templates see them coerced.
+        params = {**sig.defaults, **col.params}
+        names: dict[str, Any] = {**sig.defaults, **checked}
+        recipe_model = None
         if sig.uses_model:
             if self.spec.model is None:
                 self.problem(f"{path}.udf", f"`{sig.name}` needs a `model` section")
@@ -179,31 +199,23 @@ class _Compiler:
                 self.problem("model.id", f"cannot read the config of model `{self.spec.model.id}`",
                              "Set `model.hidden_size`, or make the model available locally")
                 return None
+            m, f = self.spec.model, self.facts
+            names.update(image_px=m.image_px, image_tokens=m.image_tokens, hidden_size=f.hidden_size,
+                         patch_size=f.patch_size, merge_size=f.merge_size)
+            recipe_model = {"id": m.id, "revision": m.revision, "image_px": m.image_px,
+                            "processor": f.processor_hash, "hidden": f.hidden_size}
         if col.output and not sig.uses_model:
             self.warnings.append(f"`{path}.output` is ignored: `{sig.name}` declares its output type")
         try:
-            output = sig.output_type(params, (self.spec.model, self.facts))
-        except (ValueError, TypeError, ArithmeticError) as e:
-            self.problem(f"{path}.params", f"bad parameters for `{sig.name}`: {e}")
+            output, shape = sig.output_type(names), render_template(sig.shape, names)
+        except ValueError as e:  # the builtin's declaration is broken: not the user's mistake
+            self.problem(f"{path}.udf", f"`{sig.name}` declares a bad output type or shape: {e}")
             return None
-        module, _, attr = sig.impl.partition(":")
-        try:
-            src_file = find_module_file(module, None)
-            source = read_udf_node(src_file, attr)
-        except UdfLookupError as e:  # a broken install, not a user mistake, but say it plainly
-            self.problem(f"{path}.udf", str(e))
-            return None
-        recipe_model, shape = None, ""
-        if sig.name == "vlm.vision_tower":
-            shape = f"fp16[{self.spec.model.image_tokens}x{self.facts.hidden_size}]"
-        if sig.uses_model:
-            m = self.spec.model
-            recipe_model = {"id": m.id, "revision": m.revision, "image_px": m.image_px,
-                            "processor": self.facts.processor_hash, "hidden": self.facts.hidden_size}
-        return dict(udf=sig.name, impl=sig.impl, impl_file=str(src_file), inputs=inputs, params=params,
+        return dict(udf=sig.name, impl=sig.impl, impl_file=sig.file, inputs=inputs, params=params,
                     output=output, batch_size=col.batch_size or sig.batch_size, uses_model=sig.uses_model,
-                    gpu=sig.gpu, batch=True, parallel=sig.parallel, code=source, slots=[s.accepts for s in sig.slots],
-                    model=recipe_model, shape=shape)
+                    gpu=sig.gpu, batch=True, parallel=sig.parallel, code=sig.version,
+                    slots=[s.accepts for s in sig.slots], model=recipe_model, shape=shape,
+                    tuning={**defaults(sig.tuning), **tuning})
 
     def resolve_user(self, path: str, col: ColumnSpec) -> dict[str, Any] | None:
         module, _, func = col.udf.partition(":")
@@ -213,6 +225,10 @@ class _Compiler:
             self.problem(f"{path}.udf", str(e), "Put the module next to the spec or install it")
             return None
         decl = src.declared
+        builtin_only = [k for k in ("name", "shape", "model", "gpu") if decl.get(k)]
+        if builtin_only:  # said, not silently dropped: a user UDF is named by `module:function`
+            self.warnings.append(f"`{path}`: `@udf({', '.join(f'{k}=' for k in builtin_only)})` on `{col.udf}` "
+                                 "only applies to builtins and is ignored")
         output = col.output or decl.get("output")
         if output is None:
             self.problem(f"{path}.output", f"`{col.udf}` declares no output type",
@@ -227,11 +243,34 @@ class _Compiler:
         if not inputs:
             self.problem(f"{path}.inputs", f"`{col.udf}` declares no inputs", "List its input columns under `inputs:`")
             return None
-        return dict(udf=col.udf, impl=col.udf, impl_file=str(src.file), inputs=inputs, params=dict(col.params),
+        accepts = list(decl.get("accepts") or ["any"] * len(inputs))
+        if len(accepts) != len(inputs):
+            self.problem(f"{path}.inputs", f"`{col.udf}` takes {len(accepts)} input(s), got {len(inputs)}")
+            return None
+        try:
+            pdecl, tdecl = parse_decls(decl.get("params") or {}, "params"), parse_decls(decl.get("tuning") or {}, "tuning")
+        except ValueError as e:
+            self.problem(f"{path}.udf", f"`{col.udf}` has a bad `@udf` declaration: {e}")
+            return None
+        params = dict(col.params)
+        if decl.get("params") is not None:  # declared: checked, and declared defaults fill in
+            if self.check_declared(path, col.udf, pdecl, col.params, "params") is None:
+                return None
+            params = {**defaults(pdecl), **params}
+        tuning = self.check_declared(path, col.udf, tdecl, col.tuning, "tuning")
+        if tuning is None:
+            return None
+        version = decl.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int))):
+            self.problem(f"{path}.udf", f"`{col.udf}` declares `version={version!r}`", "Use a string such as \"2\"")
+            return None
+        # A declared version stands for the code (as a builtin's does); otherwise the source is hashed.
+        code = str(version) if version is not None else code_hash(src.module, src.node)
+        return dict(udf=col.udf, impl=col.udf, impl_file=str(src.file), inputs=inputs, params=params,
                     output=output, batch_size=col.batch_size or decl.get("batch_size") or 1024,
                     uses_model=False, gpu=False, batch=bool(decl.get("batch", True)),
                     parallel=bool(decl["parallel"] if decl.get("parallel") is not None else not decl.get("batch", True)),
-                    code=code_hash(src.module, src.node), slots=["any"] * len(inputs), model=None, shape="")
+                    code=code, slots=accepts, model=None, shape="", tuning={**defaults(tdecl), **tuning})
 
     # -- graph ------------------------------------------------------------------------------
     def columns(self, raw: dict[str, str] | None) -> tuple[ColumnNode, ...] | None:
@@ -285,7 +324,7 @@ class _Compiler:
                 params=r["params"], output=r["output"], batch_size=r["batch_size"], on_error=col.on_error,
                 gpus=col.resources.gpus, cpus=col.resources.cpus,
                 uses_model=r["uses_model"], batch=r["batch"], parallel=r["parallel"], fingerprint=fp, recipe=recipe,
-                path=f"features.{tier}.{n}", shape=r["shape"]))
+                path=f"features.{tier}.{n}", shape=r["shape"], tuning=r["tuning"]))
         return tuple(nodes)
 
     # -- stages -----------------------------------------------------------------------------
@@ -422,20 +461,6 @@ def _stable_order(graph: dict[str, set[str]], declared: list[str]) -> list[str]:
         ts.done(n)
         ready = sorted(set(ready) | set(ts.get_ready()), key=lambda n: rank.get(n, -1))
     return order
-
-
-def read_udf_node(path: Path, attr: str) -> str:
-    """Code hash of a builtin implementation, read from source (never imported)."""
-    import ast
-
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError) as e:
-        raise UdfLookupError(f"cannot read builtin source {path}: {e}") from None
-    node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == attr), None)
-    if node is None:
-        raise UdfLookupError(f"builtin implementation `{attr}` missing from {path}")
-    return code_hash(tree, node)
 
 
 def _accepts(pattern: str, actual: str) -> bool:

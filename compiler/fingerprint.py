@@ -1,13 +1,15 @@
 """Fingerprints: content hashes that say when a column or step must be recomputed.
 
 A column's fingerprint covers its UDF's identity and code (the AST of the function plus the
-module-level names it uses, so comment and docstring edits do not count), its params, output
-type, model identity for model UDFs, and its parents' fingerprints. Descriptions are not covered.
+module-level names it uses, so comment and docstring edits do not count; a declared `version`
+instead, which every builtin has), its params, output type, model identity for model UDFs, and its
+parents' fingerprints. Descriptions and tuning knobs are not covered.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import json
 from typing import Any
@@ -49,24 +51,30 @@ def _top_level_names(module: ast.Module) -> dict[str, ast.stmt]:
     return names
 
 
-def code_hash(module: ast.Module, node: ast.stmt) -> str:
+def code_hash(module: ast.Module, node: ast.stmt, *, with_decorators: bool = True) -> str:
     """Hash of `node` and every module-level definition it (transitively) refers to.
 
     Why the closure: a UDF that calls a helper or reads a regex table in its module must change
     fingerprint when they change, while unrelated edits elsewhere in the module must not.
+    `with_decorators=False` hashes the body alone: a builtin's `@udf(...)` declaration (its version
+    among it) is not part of the code its version stands for (`catalog.UdfSignature.code`).
     """
     defs = _top_level_names(module)
-    seen: dict[int, ast.stmt] = {}
+    root = node
+    if not with_decorators and getattr(node, "decorator_list", None):
+        root = copy.copy(node)  # shallow: only the decorator list differs, nothing is mutated
+        root.decorator_list = []
+    seen: set[int] = set()
     todo = [node]
     while todo:
         stmt = todo.pop()
         if id(stmt) in seen:
             continue
-        seen[id(stmt)] = stmt
-        for n in ast.walk(stmt):
+        seen.add(id(stmt))
+        for n in ast.walk(root if stmt is node else stmt):
             if isinstance(n, ast.Name) and n.id in defs and id(defs[n.id]) not in seen:
                 todo.append(defs[n.id])
-    ordered = [s for s in module.body if id(s) in seen]
+    ordered = [root if s is node else s for s in module.body if id(s) in seen]
     dumps = []
     for stmt in ordered:
         clone = ast.parse(ast.unparse(stmt)).body[0]  # a copy we can strip without touching the tree

@@ -165,6 +165,10 @@ class ColumnSpec(SpecModel):
     """`fail` stops at the first failing row; `null` stores null and records the row's error."""
     description: str = ""
     """Free text; not part of the fingerprint."""
+    tuning: dict[str, Any] = Field(default_factory=dict)
+    """Speed knobs the UDF declares (e.g. `vlm.vision_tower`'s `sub_batch`, `decode_threads`, `compile`),
+    checked against its declaration. Not part of the fingerprint: a knob changes how fast values are
+    computed, not which (at most floating-point rounding, as `compile` does), so no cache recomputes."""
 
     @field_validator("udf")
     @classmethod

@@ -131,7 +131,8 @@ def instantiate(node: ColumnNode, model_spec: Any, device: str) -> tuple[Callabl
     """A callable for the UDF, plus field metadata a class UDF wants stored (e.g. the vision grid)."""
     obj = load_udf(node)
     if isinstance(obj, type):
-        ctx = UdfContext(node.name, to_pyarrow(node.output), dict(node.params), model_spec, device, node.batch_size)
+        ctx = UdfContext(node.name, to_pyarrow(node.output), dict(node.params), model_spec, device, node.batch_size,
+                         dict(node.tuning))
         inst = obj(ctx)
         meta = dict(inst.field_metadata()) if hasattr(inst, "field_metadata") else {}
         # Params went to the constructor; the call takes arrays only.

@@ -3,8 +3,8 @@
 - A *function* UDF is called as `fn(*input_arrays, **params)` with one `pa.Array` per input
   column (a chunk of rows) and returns a `pa.Array` (or anything `pa.array(..., type=out)` takes)
   of the same length.
-- A *class* UDF (models: load once, call many times) is built as `cls(ctx)` and called as
-  `obj(*input_arrays)`; it may define `field_metadata() -> dict[str, str]` (stored on the column,
+- A *class* UDF (models: load once, call many times) is built as `cls(ctx)` (a `UdfContext`: its
+  params, model, device and declared tuning knobs) and called as `obj(*input_arrays)`; it may define `field_metadata() -> dict[str, str]` (stored on the column,
   e.g. the vision grid) and `close()`.
 A UDF may raise on a bad row; the engine then retries row by row to isolate it (on_error policy).
 UDFs that decode images use `open_image`: unreadable bytes and decompression bombs are row errors.
@@ -36,6 +36,21 @@ class UdfContext:
     """The spec's `ModelSpec` (id, revision, image_px, dtype, trust_remote_code) or None."""
     device: str = "cpu"
     batch_size: int = 16
+    tuning: dict[str, Any] = field(default_factory=dict)
+    """The column's speed knobs (`tuning:` in the spec, checked against the UDF's declaration);
+    never fingerprinted, so they must not change the values computed."""
+
+
+def tuning_of(ctx: UdfContext, cls: type) -> dict[str, Any]:
+    """`ctx.tuning` over the defaults `cls` declares in its `@udf(tuning=...)`, so a UDF built
+    directly (tests, benchmarks) sees the same defaults as one the compiler resolved."""
+    declared = (getattr(cls, "__vlmspec_udf__", None) or {}).get("tuning") or {}
+    return {**{k: d.get("default") for k, d in declared.items()}, **ctx.tuning}
+
+
+def as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One contiguous array (the engine may hand a chunked one)."""
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 @contextmanager

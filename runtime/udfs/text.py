@@ -5,6 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vlmspec.compiler.udf import udf
+
 # Question types, tried in order; first match wins (anchored, case-insensitive). Compatible with
 # the reference implementation's rule set so slices carry over:
 QUESTION_TYPES: tuple[tuple[str, str], ...] = (
@@ -23,11 +25,15 @@ QUESTION_TYPES: tuple[tuple[str, str], ...] = (
 )
 
 
+@udf(name="text.length", inputs=["question"], accepts=["string"], output="int32", batch_size=8192,
+     version="38759cabb53ff48d")
 def length(text: pa.Array) -> pa.Array:
     """Characters in each string; 0 for null."""
     return pc.fill_null(pc.utf8_length(text), 0).cast(pa.int32())
 
 
+@udf(name="text.words", inputs=["question"], accepts=["string"], output="int32", batch_size=8192,
+     version="11cd213f132f3cae")
 def words(text: pa.Array) -> pa.Array:
     """Whitespace-separated words in each string; 0 for null."""
     trimmed = pc.utf8_trim_whitespace(text)
@@ -37,6 +43,8 @@ def words(text: pa.Array) -> pa.Array:
     return pc.fill_null(n, 0).cast(pa.int32())
 
 
+@udf(name="text.question_type", inputs=["question"], accepts=["string"], output="string", batch_size=8192,
+     version="ebf83b6f2d1c9aee")
 def question_type(text: pa.Array) -> pa.Array:
     """The first matching rule of QUESTION_TYPES, else `other` (also for null/empty)."""
     text = pc.fill_null(text.cast(pa.string()), "")
@@ -48,6 +56,8 @@ def question_type(text: pa.Array) -> pa.Array:
     return out
 
 
+@udf(name="text.count", inputs=["ocr_tokens"], accepts=["list"], output="int32", batch_size=8192,
+     version="ec1f9c8809dbcaa7")
 def count(items: pa.Array) -> pa.Array:
     """Items in each list (e.g. OCR tokens); 0 for null."""
     return pc.fill_null(pc.list_value_length(items), 0).cast(pa.int32())

@@ -27,7 +27,6 @@ HF's whenever no batched layout is active.
 
 from __future__ import annotations
 
-import os
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -35,14 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastTower", "Layout", "compiled_block_runner", "equal_chunks", "fast_tower_enabled"]
+__all__ = ["FastTower", "Layout", "compiled_block_runner", "equal_chunks"]
 
 _ATTR = "_vlmspec_chunks"
-
-
-def fast_tower_enabled() -> bool:
-    """`VLMSPEC_FAST_TOWER=0` turns the batched path off (HF's tower everywhere)."""
-    return os.environ.get("VLMSPEC_FAST_TOWER", "1").lower() not in ("0", "false", "no", "off")
 
 
 def equal_chunks(cu_seqlens: torch.Tensor, total: int) -> int | None:
@@ -258,7 +252,7 @@ class FastTower:
                 last, merged = self._replay(static, *args)
         except Exception as e:  # noqa: BLE001 - the uncaptured compiled path computes the same
             warnings.warn(f"vision tower: CUDA graph capture failed ({type(e).__name__}: {e}); "
-                          "running it uncaptured (set VLMSPEC_TOWER_GRAPH=0 to skip trying)")
+                          "running it uncaptured (set the column's `tuning: {graph: false}` to skip trying)")
             self.graph = False
             return None
         return static, g, last, merged

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vlmspec.compiler.model import ModelSpec
 from vlmspec.runtime.udfs.base import UdfContext
-from vlmspec.runtime.udfs.vlm import VisionTower
+from vlmspec.runtime.udfs.vision import VisionTower
 from vlmspec.runtime.vlm import models
 from vlmspec.runtime.vlm.fast_tower import FastTower, equal_chunks
 
@@ -93,23 +93,25 @@ def _jpeg(seed: int, w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def _udf(px: int, monkeypatch, **env) -> VisionTower:
-    for k, v in env.items():
-        monkeypatch.setenv(k, str(v))
+def _udf(px: int, **tuning) -> VisionTower:
     spec = ModelSpec(id=TINY, image_px=px, dtype="float32")
     tokens = (px // 28) ** 2
     ctx = UdfContext(column="h", output_type=pa.list_(pa.float16(), tokens * 128), model=spec, device="cpu",
-                     batch_size=7)
+                     batch_size=7, tuning=tuning)
     return VisionTower(ctx)
 
 
-@pytest.mark.parametrize("env", [
-    {"VLMSPEC_TOWER_THREADS": 3, "VLMSPEC_TOWER_SUBBATCH": 3},   # 7 rows -> sub-batches 3 + 3 + 1
-    {"VLMSPEC_TOWER_THREADS": 1},                                  # one processor call, fast tower
-    {"VLMSPEC_FAST_TOWER": 0, "VLMSPEC_TOWER_THREADS": 2},         # HF tower, threaded decode
+@pytest.mark.parametrize("tuning", [
+    {"decode_threads": 3, "sub_batch": 3},   # 7 rows -> sub-batches 3 + 3 + 1
+    {"decode_threads": 1},                   # one processor call, fast tower
+    {"fast": False, "decode_threads": 2},    # HF tower, threaded decode
 ])
-def test_vision_tower_udf_paths_equal_reference(monkeypatch, env):
-    udf = _udf(224, monkeypatch, **env)
+def test_vision_tower_udf_paths_equal_reference(tuning):
+    udf = _udf(224, **tuning)
+    # the knobs arrive through UdfContext.tuning (CPU defaults: whole-batch calls, uncompiled)
+    assert udf.sub_batch == tuning.get("sub_batch", 0) and (udf.fast is None) == (tuning.get("fast") is False)
+    assert (udf._pool._max_workers if udf._pool else 1) == tuning["decode_threads"]
+    assert udf.fast is None or not udf.fast.compile
     images = pa.array([_jpeg(i, 200 + 17 * i, 150 + 9 * i) for i in range(7)], pa.binary())
     for _ in range(2):  # second round replays the captured layout
         with torch.no_grad():

@@ -22,7 +22,8 @@ from PIL import Image
 
 from vlmspec.compiler.model import ModelSpec
 from vlmspec.runtime.udfs.base import UdfContext
-from vlmspec.runtime.udfs.vlm import SftTokens, VisionTower
+from vlmspec.runtime.udfs.tokens import SftTokens
+from vlmspec.runtime.udfs.vision import VisionTower
 from vlmspec.runtime.vlm import cached, models, prompt
 from vlmspec.runtime.vlm.processor import is_vl_processor, load_processor
 

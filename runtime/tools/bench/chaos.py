@@ -53,7 +53,7 @@ features:
   tier2:
     dhash: {{udf: image.dhash}}
   tier3:
-    vision_tower_hiddens: {{udf: vlm.vision_tower, batch_size: 8}}
+    vision_tower_hiddens: {{udf: vlm.vision_tower, batch_size: 8, tuning: {{decode_threads: 1}}}}
     sft_tokens: {{udf: vlm.sft_tokens, params: {{max_tokens: 96}}, on_error: "null"}}
 split: {{by: image_id, fraction: 0.2, seed: 0}}
 train:
@@ -155,7 +155,7 @@ class Trial:
         log = self.root / f"progress-{self.runs}.jsonl"
         env = {**os.environ, "VLMSPEC_CHAOS_LOG": str(log), "VLMSPEC_CHAOS_UNIT": str(self.unit),
                "LANCE_LOG": "error", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "VLMSPEC_TOWER_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false"}
         env.pop("VLMSPEC_DEBUG", None)
         out = open(self.root / f"out-{self.runs}.txt", "wb")
         proc = subprocess.Popen([sys.executable, "-c", CHILD, "apply", str(self.spec)], cwd=self.root, env=env,

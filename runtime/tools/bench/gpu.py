@@ -840,7 +840,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
     import lance
 
     from vlmspec.runtime.udfs.base import UdfContext
-    from vlmspec.runtime.udfs.vlm import VisionTower
+    from vlmspec.runtime.udfs.vision import VisionTower
     from vlmspec.runtime.vlm import models
     from vlmspec.runtime.vlm.fast_tower import FastTower
 
@@ -849,8 +849,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
     px_size = s["image_px"]
     rows, batch, sub = ctx["rows"], ctx["tier3_batch"], ctx["sub_batch"]
     work = Path(ctx["workdir"])
-    os.environ["VLMSPEC_TOWER_SUBBATCH"] = str(sub)
-    os.environ["VLMSPEC_TOWER_COMPILE"] = "1" if ctx["compile"] else "0"
+    tuning = {"sub_batch": sub, "compile": bool(ctx["compile"])}  # every VisionTower below gets these knobs
     d = ph.res.details
     d.update(rows=rows, engine_batch_size=batch, sub_batch=sub, compile=ctx["compile"])
 
@@ -920,10 +919,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         d["tower_threads"] = threads
         udf_figs = {}
         def use_threads(th: int) -> None:  # read by VisionTower when it is built
-            if th:
-                os.environ["VLMSPEC_TOWER_THREADS"] = str(th)
-            else:
-                os.environ.pop("VLMSPEC_TOWER_THREADS", None)
+            tuning["decode_threads"] = th or None  # None: the UDF's default
 
         def engine_calls(udf, parts):  # as the engine calls it: the next batch starts decoding before each call
             def go():
@@ -935,7 +931,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
 
         for th in threads:
             use_threads(th)
-            udf = VisionTower(UdfContext("vision_tower_hiddens", out_type, {}, spec, device, batch))
+            udf = VisionTower(UdfContext("vision_tower_hiddens", out_type, {}, spec, device, batch, dict(tuning)))
             udf(slices[0])  # warm: pinned buffers
             udf_all = engine_calls(udf, slices)
             key = "tier3_udf" if th == threads[0] else f"tier3_udf_t{th}"
@@ -982,7 +978,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
             f"name: bench_tier3\nsource:\n  table: \"{uri}\"\n  rows_per_fragment: {frag_rows}\n"
             f"model:\n  id: \"{mdir}\"\n  image_px: {px_size}\n  dtype: {spec.dtype}\n"
             f"features:\n  tier3:\n"
-            f"    vision_tower_hiddens: {{udf: vlm.vision_tower, inputs: [image], batch_size: {batch}}}\n"
+            f"    vision_tower_hiddens: {{udf: vlm.vision_tower, inputs: [image], batch_size: {batch}, tuning: {json.dumps(tuning)}}}\n"
             f"    sft_tokens: {{udf: vlm.sft_tokens, inputs: [question, answer], params: {{max_tokens: {s['seq']}}},"
             f" on_error: \"null\"}}\n")
         loaded = load_spec(spec_file)
@@ -1033,7 +1029,7 @@ def phase_tier3(ph: Phase, ctx: dict[str, Any]) -> None:
         ds = lance.dataset(uri)
         col = ds.to_table(columns=["vision_tower_hiddens"], limit=4).column(0).combine_chunks()
         got = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(4, ntok, hidden).copy())
-        ref = VisionTower(UdfContext("h", out_type, {}, spec, device, batch))
+        ref = VisionTower(UdfContext("h", out_type, {}, spec, device, batch, dict(tuning)))
         with torch.inference_mode():
             want = ref.encode_reference(images.slice(0, 4)).to(torch.float16).float().cpu()
         # Patchifier (the vision column's on-device preprocessing) against this machine's image

@@ -35,6 +35,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -67,7 +68,8 @@ def _tower_spec(table: Path, rows: int, rows_per_fragment: int, executor: str, r
             f"  rows_per_fragment: {rows_per_fragment}\n"
             f"model: {{id: \"{TOWER_MODEL}\", image_px: {TOWER_PX}}}\n"
             f"features:\n  tier3:\n"
-            f"    {TOWER}: {{udf: vlm.vision_tower, inputs: [image], batch_size: {TOWER_BATCH}{res}}}\n"
+            f"    {TOWER}: {{udf: vlm.vision_tower, inputs: [image], batch_size: {TOWER_BATCH}{res}, "
+            f"tuning: {{decode_threads: 1}}}}\n"  # one per actor; local runs set their own (`threads_node`)
             f"executor: {executor}\n")
 
 
@@ -120,20 +122,15 @@ def _local_pools() -> Iterator[Callable[[int], Any]]:
 
 @contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    """This process's torch intra-op threads and the tower's decode threads, for one local run."""
+    """This process's torch intra-op threads, for one local run (decode threads: the node's tuning)."""
     import torch
 
-    before, env = torch.get_num_threads(), os.environ.get("VLMSPEC_TOWER_THREADS")
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
-    os.environ["VLMSPEC_TOWER_THREADS"] = str(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-        if env is None:
-            os.environ.pop("VLMSPEC_TOWER_THREADS", None)
-        else:
-            os.environ["VLMSPEC_TOWER_THREADS"] = env
 
 
 class _Clock:
@@ -168,7 +165,7 @@ def _probe_threads() -> dict[str, Any]:
     import torch
 
     return {"torch_threads": torch.get_num_threads(),
-            **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "VLMSPEC_TOWER_THREADS", "CUDA_VISIBLE_DEVICES")}}
+            **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}}
 
 
 class _Probe:
@@ -196,7 +193,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                    "tier3_image_px": TOWER_PX, "tier3_batch_size": TOWER_BATCH,
                    "tier3_threads_local": "w torch intra-op + w decode threads (one in-process UDF)",
                    "tier3_threads_ray": "per actor: 1 torch (OMP_NUM_THREADS=1 from num_cpus=1) + 1 decode "
-                                        "(VLMSPEC_TOWER_THREADS=1)",
+                                        "(tuning: {decode_threads: 1})",
                    "ray_cluster_cpus": top, "ray_cluster_logical_gpus": top if tier3_rows else 0, "cold": cold})
     tmp = Path(tempfile.mkdtemp(prefix="vlmspec-bench-ray-", dir=workdir))
     own_cluster = not ray.is_initialized()
@@ -225,7 +222,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 warnings.filterwarnings("ignore", message="lance is not fork-safe")
                 s, _, lb, la = timed(lambda: ray.init(
                     num_cpus=top, num_gpus=top if tier3_rows else None, include_dashboard=False,
-                    logging_level=logging.WARNING, runtime_env={"env_vars": {"VLMSPEC_TOWER_THREADS": "1"}}))
+                    logging_level=logging.WARNING))
             res.figure("ray_init", f"ray.init() of a local cluster ({top} CPUs)", "s").add(s, lb, la)
         cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         res.details["cluster"] = cluster
@@ -297,6 +294,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                                           "generate_and_ingest_s": round(time.perf_counter() - t0, 2)}
             model_spec = tloaded["local"].spec.model
             tnode = next(c for c in prepare(tloaded["local"]).compiled.columns if c.name == TOWER)
+            threads_node = lambda w: replace(tnode, tuning={**tnode.tuning, "decode_threads": w})  # noqa: E731
             gnode = next(c for c in prepare(tloaded["local_gpu"]).compiled.columns if c.name == TOWER)
             assert gnode.fingerprint == tnode.fingerprint and gnode.gpus == 1  # `resources`: where, not what
             # Where the Ray plan puts the column on this cluster (it reads the cluster's totals).
@@ -322,7 +320,8 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
             # Warm-up, untimed: the driver imports torch/transformers and reads the model once.
             with _torch_threads(w1):
                 _drop(turi, [TOWER])
-                s, *_ = timed(lambda: backfill_column(turi, tnode, model_spec=model_spec, device="cpu", workers=w1))
+                s, *_ = timed(lambda: backfill_column(turi, threads_node(w1), model_spec=model_spec, device="cpu",
+                                                      workers=w1))
             res.details["tier3_local_first_column_s"] = round(s, 3)
 
             def tfig(kind: str, w: int, steady: bool):
@@ -340,8 +339,8 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 clock = _Clock()
                 if kind == "local":
                     with _torch_threads(w):
-                        s, _, lb, la = timed(lambda: backfill_column(turi, tnode, model_spec=model_spec, device="cpu",
-                                                                     workers=w, reporter=clock))
+                        s, _, lb, la = timed(lambda: backfill_column(turi, threads_node(w), model_spec=model_spec,
+                                                                     device="cpu", workers=w, reporter=clock))
                     k = 1
                 else:
                     s, _, lb, la = timed(lambda: backfill_column(turi, gnode, model_spec=model_spec, device="cpu",
@@ -453,7 +452,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 f"Tier 3: {tier3_rows:,} synthetic {TOWER_PX}px images in {res.details['tier3_table']['fragments']} "
                 f"fragments, `{TOWER}` (vlm.vision_tower, {TOWER_MODEL}, batch {TOWER_BATCH}) on the CPU. Local: "
                 "the model UDF runs in this process whatever `workers` says; workers=w here means w torch intra-op "
-                "threads and w decode threads (VLMSPEC_TOWER_THREADS), so w cores; at w = cores that is what "
+                "threads and w decode threads (`tuning: {decode_threads: w}`), so w cores; at w = cores that is what "
                 "`vlmspec apply` does by default (torch's default thread count, decode threads min(16, cores)). "
                 "The first local tier-3 column (imports, model read) took "
                 f"{res.details['tier3_local_first_column_s']} s, untimed.")
@@ -465,7 +464,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                     f"{cluster.get('GPU', 0):g} logical GPU slots): {place}. The bench uses `gpus: 1, cpus: 1`: "
                     f"w actors computing on the CPU (device cpu), each seeing torch threads "
                     f"{th.get('torch_threads')}, OMP_NUM_THREADS={th.get('OMP_NUM_THREADS')}, "
-                    f"VLMSPEC_TOWER_THREADS={th.get('VLMSPEC_TOWER_THREADS')}. Actors are built per column (and "
+                    "1 decode thread (`tuning: {decode_threads: 1}`). Actors are built per column (and "
                     "killed after it), so every Ray run pays their start-up; first-chunk times are in the JSON. "
                     "Steady state = rows committed after the first w chunks (w actors; 1 in process, where the "
                     "model loads once) / the time after them.")

@@ -1,9 +1,9 @@
-"""Tier-3 model UDFs: cached vision-tower hiddens (`vlm.vision_tower`) and SFT tokens (`vlm.sft_tokens`).
+"""Tier-3 builtin `vlm.vision_tower`: cached vision-tower hiddens, fp16 [tokens x hidden] per row.
 
-Both build their inputs through `vlmspec.runtime.vlm.prompt`, the single definition shared with
-training and evaluation. torch and transformers are imported inside the classes, so importing
+Images are decoded and resized through `vlmspec.runtime.vlm.prompt`, the single definition shared
+with training and evaluation. torch and transformers are imported inside the class, so importing
 this module stays cheap. A bad row raises `ValueError` naming the row; the engine applies the
-column's `on_error` policy.
+column's `on_error` policy. The model itself lives in `runtime/vlm/` (`models`, `fast_tower`).
 """
 
 from __future__ import annotations
@@ -14,15 +14,31 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .base import UdfContext, open_image
+from vlmspec.compiler.udf import udf
 
-__all__ = ["SftTokens", "VisionTower"]
+from .base import UdfContext, as_array, open_image, tuning_of
 
-
-def _as_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+__all__ = ["VisionTower"]
 
 
+# 256 rows a call: the UDF runs them as sub-batches of 16 so decode overlaps the tower, and fewer
+# calls mean fewer pipeline drains (tier-3 bench: 94 rows/s at 64, 100 at 256). A `None` knob
+# default means the class picks by device (`_setup_fast_path`).
+@udf(name="vlm.vision_tower", inputs=["image"], accepts=["binary"],
+     output="fixed_size_list<item: halffloat>[{image_tokens*hidden_size}]", shape="fp16[{image_tokens}x{hidden_size}]",
+     batch_size=256, model=True, gpu=True, version="c7499cacfd8da77d",
+     tuning={"sub_batch": {"type": "int", "default": None, "min": 0, "max": 65536,
+                           "doc": "rows per tower forward inside a call, 0 for the whole call; default 16 on CUDA "
+                                  "(decode overlaps the tower), 0 on CPU"},
+             "decode_threads": {"type": "int", "default": None, "min": 1, "max": 256,
+                                "doc": "threads decoding and resizing images; default min(4, cores)"},
+             "compile": {"type": "bool", "default": True,
+                         "doc": "torch.compile the tower on CUDA: 2.3x, equal to HF's up to bf16 rounding; "
+                                "false gives HF's bits"},
+             "graph": {"type": "bool", "default": True,
+                       "doc": "replay the compiled tower as one CUDA graph per sub-batch: one launch instead of ~600"},
+             "fast": {"type": "bool", "default": True,
+                      "doc": "FastTower's batched window attention; false runs HF's tower as it is"}})
 class VisionTower:
     """Merged vision-tower hidden states of `model.image_px`-square images, fp16 [tokens x hidden].
 
@@ -67,28 +83,29 @@ class VisionTower:
     def _setup_fast_path(self) -> None:
         import os
 
-        from vlmspec.runtime.vlm.fast_tower import FastTower, fast_tower_enabled
+        from vlmspec.runtime.vlm.fast_tower import FastTower
         from vlmspec.runtime.vlm.patchify import Patchifier
 
+        knobs = tuning_of(self.ctx, VisionTower)  # the column's `tuning:` over the declared defaults
         cuda = str(self.device).startswith("cuda")
         default_sub = 16 if cuda else 0  # 0: the whole batch at once (CPU gains nothing from overlap)
-        self.sub_batch = int(os.environ.get("VLMSPEC_TOWER_SUBBATCH", default_sub) or 0)
+        self.sub_batch = int(default_sub if knobs["sub_batch"] is None else knobs["sub_batch"])
         # Compiled by default on CUDA: 2.3x the eager FastTower at the 3B shape (`vlmspec bench gpu
         # --phases tower`) for ~5 s of compiling once per process.
-        compile_ = cuda and os.environ.get("VLMSPEC_TOWER_COMPILE", "1").lower() in ("1", "true", "yes", "on")
+        compile_ = cuda and bool(knobs["compile"])
         # The compiled tower is also replayed as one CUDA graph per sub-batch: its ~600 kernel
         # launches each needed the GIL, which the decode threads hold in short stretches, and
         # the GPU waited on those launches (a profile of the UDF: 88 % kernel-busy, the gaps inside
-        # the compiled blocks). `VLMSPEC_TOWER_GRAPH=0` keeps it uncaptured.
-        graph = compile_ and os.environ.get("VLMSPEC_TOWER_GRAPH", "1").lower() in ("1", "true", "yes", "on")
+        # the compiled blocks). `tuning: {graph: false}` keeps it uncaptured.
+        graph = compile_ and bool(knobs["graph"])
         self.fast = None
-        if fast_tower_enabled():
+        if knobs["fast"]:
             sizes = {self.sub_batch or int(getattr(self.ctx, "batch_size", 16))}
             self.fast = FastTower(self.tower, compile=compile_, compile_sizes=sizes, graph=graph)
         # 4 decode threads keep up with the tower (~190 rows/s at 560 px on an H200); more only
         # contend for the GIL with the thread launching the tower's kernels (UDF alone, 16 threads:
         # 161.5 rows/s, GPU 84 % busy; 4 threads: 171.3 rows/s, 88 %; `gpu_tier3.json`).
-        threads = int(os.environ.get("VLMSPEC_TOWER_THREADS", 0) or min(4, os.cpu_count() or 1))
+        threads = int(knobs["decode_threads"] or min(4, os.cpu_count() or 1))
         self._pool = None
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +137,7 @@ class VisionTower:
             if not compiled:
                 raise
             warnings.warn(f"vision tower: torch.compile failed ({type(e).__name__}: {e}); running it "
-                          "uncompiled (set VLMSPEC_TOWER_COMPILE=0 to skip trying)")
+                          "uncompiled (set the column's `tuning: {compile: false}` to skip trying)")
             self.fast = FastTower(self.tower, compile=False)
             self._tower(zeros)
         self._torch.cuda.synchronize()
@@ -154,7 +171,7 @@ class VisionTower:
 
     def _start(self, images) -> "_Decoding":
         """Start decoding `images` into a free staging slot (on the thread pool when there is one)."""
-        values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
+        values = as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
         busy = {d.slot for d in self._ahead}
         slot = 0 if 0 not in busy else 1
         stage = self._stage(slot, len(values))
@@ -247,7 +264,7 @@ class VisionTower:
         from vlmspec.runtime.vlm.prompt import image_processor_kwargs
 
         torch = self._torch
-        values = _as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
+        values = as_array(images).to_pylist() if isinstance(images, (pa.Array, pa.ChunkedArray)) else list(images)
         pil = self._decode(values, 0, len(values))
         batch = self.image_processor(images=pil, return_tensors="pt", **image_processor_kwargs(self.image_px))
         grid = batch["image_grid_thw"]
@@ -332,89 +349,3 @@ class _Decoding:
             if not f.cancelled():
                 f.exception()
         self.futures = None
-
-
-class SftTokens:
-    """Chat-template prompt with the image pads, answer + end-of-turn as labels, prompt masked.
-
-    Rows are right-padded to `max_tokens` (pad id, mask 0, label -100). A row whose prompt plus
-    answer plus end token does not fit raises instead of being truncated: a cut answer would teach
-    the model to stop mid-answer (or never emit the end token), and a cut prompt would lose image
-    pads or leave every label masked.
-    """
-
-    def __init__(self, ctx: UdfContext):
-        from vlmspec.runtime.vlm import models, prompt
-
-        if ctx.model is None:
-            raise ValueError(f"`{ctx.column}`: vlm.sft_tokens needs a `model` section")
-        self.ctx = ctx
-        self.max_tokens = int(ctx.params.get("max_tokens", 512))
-        out = ctx.output_type
-        for name in ("input_ids", "attention_mask", "labels"):
-            t = out.field(name).type
-            if t.list_size != self.max_tokens:
-                raise ValueError(f"`{ctx.column}`: output field `{name}` has {t.list_size} slots, "
-                                 f"max_tokens is {self.max_tokens}")
-        self.processor = models.load_model_processor(ctx.model)
-        self.tokenizer = self.processor.tokenizer
-        self.image_tokens = int(ctx.model.image_tokens)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(prompt.IMAGE_PAD)
-        self.end_id = self.tokenizer.convert_tokens_to_ids(prompt.answer_end_token(self.tokenizer))
-        self._prompt = prompt
-
-    def _prompt_ids(self, questions: list[str]) -> list[list[int]]:
-        p, texts = self._prompt, []
-        for i, q in enumerate(questions):
-            try:
-                texts.append(p.expand_image_pads(p.prompt_text(self.processor, q), self.image_tokens))
-            except ValueError as e:  # e.g. the question itself contains `<|image_pad|>`
-                raise ValueError(f"row {i}: {e}") from e
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def __call__(self, questions: pa.Array, answers: pa.Array) -> pa.StructArray:
-        qs, ans = _as_array(questions).to_pylist(), _as_array(answers).to_pylist()
-        n, L = len(qs), self.max_tokens
-        for i, (q, a) in enumerate(zip(qs, ans)):
-            if q is None or not q.strip():
-                raise ValueError(f"row {i}: question is null or empty")
-            if a is None or not a.strip():
-                raise ValueError(f"row {i}: answer is null or empty (nothing to learn but the end token)")
-        ids = np.full((n, L), self.pad_id, dtype=np.int32)
-        mask = np.zeros((n, L), dtype=np.int8)
-        labels = np.full((n, L), -100, dtype=np.int32)
-        if n:
-            prompts = self._prompt_ids(qs)
-            answer_ids = self.tokenizer([a.strip() for a in ans], add_special_tokens=False)["input_ids"]
-        for i in range(n):
-            p, a = prompts[i], list(answer_ids[i]) + [self.end_id]
-            pads = sum(1 for t in p if t == self.image_pad_id)
-            if pads != self.image_tokens:
-                raise ValueError(f"row {i}: prompt has {pads} `<|image_pad|>` tokens, expected "
-                                 f"{self.image_tokens} (does the question contain special tokens?)")
-            if len(p) + len(a) > L:
-                raise ValueError(f"row {i}: prompt ({len(p)} tokens, {self.image_tokens} of them image pads) "
-                                 f"+ answer and end token ({len(a)}) = {len(p) + len(a)} > max_tokens {L}; "
-                                 "raise `max_tokens` or lower `model.image_px`")
-            ids[i, :len(p)] = p
-            ids[i, len(p):len(p) + len(a)] = a
-            labels[i, len(p):len(p) + len(a)] = a
-            mask[i, :len(p) + len(a)] = 1
-        data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        fields = list(self.ctx.output_type)
-        arrays = [pa.FixedSizeListArray.from_arrays(pa.array(data[f.name].reshape(-1), type=f.type.value_type),
-                                                    type=f.type) for f in fields]
-        return pa.StructArray.from_arrays(arrays, fields=fields)
-
-    def field_metadata(self) -> dict[str, str]:
-        return {
-            "vlmspec.max_tokens": str(self.max_tokens),
-            "vlmspec.image_tokens": str(self.image_tokens),
-            "vlmspec.pad_id": str(self.pad_id),
-            "vlmspec.image_pad_id": str(self.image_pad_id),
-            "vlmspec.end_id": str(self.end_id),
-            "vlmspec.padding": "right",
-        }
