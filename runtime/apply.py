@@ -293,7 +293,7 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
 def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | None, reporter: Reporter) -> None:
     from .train.job import TrainJob
     from .train.loader import drop_pins
-    from .train.loop import train
+    from .train.start import train
 
     t0 = time.perf_counter()
     table = prep.loaded.spec.source.table

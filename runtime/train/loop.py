@@ -25,12 +25,12 @@ from vlmspec.compiler.errors import ApplyError, Problem
 
 from .. import history, lance_io
 from ..progress import NullReporter, Reporter
-from .checkpoint import finished_run, load_checkpoint, save_checkpoint, seed_all, set_rng_state
+from .checkpoint import load_checkpoint, save_checkpoint, seed_all, set_rng_state
 from .job import SliceRecord, TrainJob
 from .loader import iterate_epochs, make_loader
 from .model import build_model, compile_layers, lora_target_regex
 
-__all__ = ["Slice", "lora_target_regex", "pinned_slice", "plot_loss", "run_training", "train", "train_from_spec"]
+__all__ = ["Slice", "lora_target_regex", "pinned_slice", "plot_loss", "run_training"]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -65,32 +65,6 @@ def pinned_slice(spec_or_job: Any) -> Slice:
         raise ApplyError(Problem("the table is older than the recorded slice", "train",
                                  fix="Run `vlmspec apply` to rebuild the slice"))
     return Slice(table, version, sl.path, read_slice(sl.path, "train"))
-
-
-def train_from_spec(prep, device: str | None = None, stop_after: int | None = None,
-                    reporter: Reporter | None = None) -> dict[str, Any]:
-    """`train` for a prepared spec (notebooks, tests): the job `apply` would build."""
-    return train(TrainJob.from_prepared(prep), device, stop_after, reporter)
-
-
-def train(job: TrainJob, device: str | None = None, stop_after: int | None = None,
-          reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train per `job`; resumes from `<output_dir>/checkpoint` when its fingerprint matches.
-
-    With `train.devices > 1` (and not already launched as ranks, e.g. by torchrun) it spawns that many
-    data-parallel processes (`launch.py`), each handed the same job."""
-    from .distributed import world
-
-    done = finished_run(job.out, job.fingerprint)
-    if done is not None:
-        # The adapter for this exact fingerprint is already saved (e.g. killed after saving, before
-        # apply recorded the step): record it instead of training again.
-        return done
-    if job.train.devices > 1 and world()[1] == 1:
-        from .launch import launch
-
-        return launch(job, job.train.devices, device, stop_after)
-    return run_training(job, device, stop_after, reporter)
 
 
 def run_training(job: TrainJob, device: str | None = None, stop_after: int | None = None,

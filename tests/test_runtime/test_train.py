@@ -12,7 +12,8 @@ from vlmspec.compiler.load import load_spec_text
 from vlmspec.runtime import lance_io
 from vlmspec.runtime.apply import apply, prepare
 from vlmspec.runtime.train.loader import epoch_order, make_loader
-from vlmspec.runtime.train.loop import lora_target_regex, pinned_slice, train_from_spec
+from vlmspec.runtime.train.loop import lora_target_regex, pinned_slice
+from vlmspec.runtime.train.start import train_from_spec
 
 pytestmark = pytest.mark.slow
 
