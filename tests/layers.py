@@ -86,3 +86,22 @@ def violations(root: Path) -> list[str]:
     except graphlib.CycleError as e:
         found.append("import cycle: " + " -> ".join(e.args[1]))
     return found
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 120
+
+
+def oversized(root: Path) -> list[str]:
+    """Product modules over 600 lines and functions over 120 (the tools are exempt: benchmarks)."""
+    found = []
+    for mod, f in modules(root).items():
+        if _under(mod, TOOLS):
+            continue
+        src = f.read_text(encoding="utf-8")
+        if len(src.splitlines()) > MAX_MODULE_LINES:
+            found.append(f"{mod}: {len(src.splitlines())} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                found.append(f"{mod}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    return found

@@ -41,3 +41,9 @@ def test_a_planted_violation_is_caught(copy, where, line, expected):
     _plant(copy / where, line)
     found = violations(copy)
     assert any(v.startswith(expected) for v in found), found
+
+
+def test_modules_and_functions_stay_readable():
+    from layers import oversized
+
+    assert oversized(ROOT) == []

@@ -21,125 +21,134 @@ def _scene_sign(r: random.Random) -> _Scene:
     n_fine = _density(r)
     bgc = _bg_color(sc.bg)
     pole = (120, 120, 125)
-    if sub == "stop":
-        sc.classes = ("sign", "stop sign", "street")
-        sc.rect((122, 150, 134, 256), pole)
-        cx, cy, rad = 128, 108, r.uniform(84, 96)
+    # One function per kind of sign, called in the same order of random draws as before.
+    kind = {"stop": _sign_stop, "warning": _sign_warning, "street": _sign_street}.get(sub, _sign_info)
+    return kind(sc, r, n_fine, bgc, pole)
 
-        def octo(rr):
-            return [(cx + rr * math.cos(math.radians(22.5 + 45 * k)),
-                     cy + rr * math.sin(math.radians(22.5 + 45 * k))) for k in range(8)]
 
-        sc.poly(octo(rad), "white")
-        sc.poly(octo(rad - 6), "red")
-        f = r.choice(("sans_b", "sans_b", "serif_b", "stix_b"))
-        word = "STOP" if r.random() < 0.85 else r.choice(("STOP", "ALTO", "HALT"))
-        sz = _fit(f, word, rad * 1.45, 64, 30)
-        sc.text(cx, cy, word, f, sz, "white", target=True)
-        sub_txt = None
-        if r.random() < 0.4:
-            sub_txt = r.choice(("ALL WAY", "4-WAY", "AHEAD", "HERE"))
-            sc.rect((72, 208, 184, 240), "white", "black", 2, 3)
-            sc.text(128, 224, sub_txt, "sans_b", _fit("sans_b", sub_txt, 100, 22, 12), "black")
-        if n_fine:
-            cc = _on(r, bgc, ("black", "white"), 3.0)
-            _fineprint(sc, r, (4, 4, 60, 60), n_fine // 2, cc)
-            _fineprint(sc, r, (190, 190, 252, 252), n_fine - n_fine // 2, cc)
-        w = word.lower()
-        sc.q(3, r.choice(("what does the sign say?", "what is written on the sign?",
-                          "what word is on the sign?")), w, shown=word, suffix="sign")
-        sc.q(1.2, "is this a stop sign?", "yes" if word == "STOP" else "no", "yesno")
-        sc.q(1.2, r.choice(("what color is the sign?", "what color is the stop sign?")),
-             "red", "color")
-        if sub_txt:
-            sc.q(1.0, "what is written below the stop sign?", sub_txt.lower(), shown=sub_txt,
-                 wrong=("stop",))
-        return sc
+def _sign_stop(sc: _Scene, r: random.Random, n_fine: int, bgc, pole) -> _Scene:
+    sc.classes = ("sign", "stop sign", "street")
+    sc.rect((122, 150, 134, 256), pole)
+    cx, cy, rad = 128, 108, r.uniform(84, 96)
 
-    if sub == "warning":
-        sc.classes = ("sign", "poster")
-        panel = r.choice(("yellow", "white", "white", "orange"))
-        sc.rect((16, 16, 240, 240), panel, "black", r.choice((0, 3, 5)), r.choice((0, 8)))
-        head = r.choice(_WARN_HEAD)
-        band = r.random() < 0.4
-        f = r.choice(_BOLD[:4])
-        if band:
-            bandc = r.choice(("red", "black", "blue", "orange"))
-            if bandc == panel:
-                bandc = "black"
-            sc.rect((24, 24, 232, 80), bandc)
-            hc = _on(r, bandc, ("white", "yellow"), 3.0)
-        else:
-            hc = _on(r, panel, ("red", "black", "blue"), 3.0)
-        sc.text(128, 52, head, f, _fit(f, head, 190, 46, 28), hc, target=True)
-        subw = r.choice(_WARN_SUB)
-        sc_col = "black" if _contrast("black", panel) > 4.5 else "white"
-        f2 = r.choice(("sans_b", "sans_b", "serif_b", "mono_b"))
-        parts = subw.split()
-        lines = [subw] if len(parts) < 3 else [" ".join(parts[:2]), " ".join(parts[2:])]
-        s2 = min(_fit(f2, ln, 190, 34, 20) for ln in lines)
-        y = 108 if len(lines) == 1 else 100
-        for ln in lines:
-            sc.text(128, y, ln, f2, s2, sc_col, target=True)
-            y += s2 * 1.15
-        sentence_words = _words("it is unlawful to enter this area without permission authorized "
-                                "personnel only violators will be prosecuted")
-        fine_y = y + 6
-        if n_fine:
-            k = min(len(sentence_words), max(3, n_fine // 2))
-            fn = r.choice(("sans", "serif"))
-            fs = r.choice((9.0, 10.0, 11.0))
-            lines2, cur = [], []
-            for w in sentence_words[:k]:
-                w = w.capitalize() if not cur and not lines2 else w
-                if _tlen(fn, " ".join(cur + [w]), fs) > 180:
-                    lines2.append(" ".join(cur))
-                    cur = []
-                cur.append(w)
-            lines2.append(" ".join(cur))
-            for ln in lines2:
-                if fine_y + fs > 232:
-                    break
-                sc.text(128, fine_y + fs / 2, ln, fn, fs, sc_col)
-                fine_y += fs * 1.3
-            _fineprint(sc, r, (30, fine_y + 2, 226, 232), n_fine - k, sc_col)
-        sc.q(2, r.choice(("what is the first word on the sign?", "what does the top of the "
-                          "sign say?", "what is written at the top of the sign?")),
-             head.lower(), shown=head)
-        sc.q(2, r.choice(("what does the sign warn about?", "what is written under "
-                          f"{head.lower()}?", "what does the sign say below the heading?")),
-             subw.lower(), shown=subw, wrong=(head.lower(),))
-        sc.q(0.7, "is this a stop sign?", "no", "yesno")
-        sc.q(0.8, "what color is the sign?", panel, "color")
-        return sc
+    def octo(rr):
+        return [(cx + rr * math.cos(math.radians(22.5 + 45 * k)),
+                 cy + rr * math.sin(math.radians(22.5 + 45 * k))) for k in range(8)]
 
-    if sub == "street":
-        sc.classes = ("sign", "street sign", "street")
-        sc.rect((123, 60, 133, 256), pole)
-        col = r.choice(("green", "green", "blue", "brown", "black"))
-        name = f"{r.choice(_STREETS)} {r.choice(_STREET_SUFFIX)}"
-        shown = name.upper() if r.random() < 0.55 else name
-        sc.rect((10, 66, 246, 146), col, "white", 3, 6)
-        f = r.choice(("sans_b", "sans_b", "sans", "serif_b"))
-        sc.text(128, 106, shown, f, _fit(f, shown, 206, 48, 24), "white", target=True)
-        other = None
-        if r.random() < 0.35:
-            other = r.choice(("ONE WAY", "NO PARKING", "DEAD END", "SLOW", "SCHOOL ZONE"))
-            sc.rect((50, 14, 206, 54), "white", "black", 2, 3)
-            sc.text(128, 34, other, "sans_b", _fit("sans_b", other, 140, 24, 12), "black")
-        if n_fine >= 3:
-            sc.rect((146, 160, 246, 248), (240, 238, 228), (60, 60, 60), 1)
-            _fineprint(sc, r, (150, 164, 242, 246), n_fine, "black", size=r.choice((7.5, 8.0)))
-        sc.q(3, r.choice(("what street is this?", "what is the name of the street?",
-                          "what street is shown on the sign?", "what is written on the "
-                          "street sign?")), name.lower(), shown=shown,
-             wrong=(other.lower(),) if other else (), suffix=None)
-        sc.q(1, "what color is the street sign?", col, "color")
-        sc.q(0.6, "is this a stop sign?", "no", "yesno")
-        sc.q(0.8, "what is the first word on the sign?", name.split()[0].lower(),
-             shown=shown.split()[0])
-        return sc
+    sc.poly(octo(rad), "white")
+    sc.poly(octo(rad - 6), "red")
+    f = r.choice(("sans_b", "sans_b", "serif_b", "stix_b"))
+    word = "STOP" if r.random() < 0.85 else r.choice(("STOP", "ALTO", "HALT"))
+    sz = _fit(f, word, rad * 1.45, 64, 30)
+    sc.text(cx, cy, word, f, sz, "white", target=True)
+    sub_txt = None
+    if r.random() < 0.4:
+        sub_txt = r.choice(("ALL WAY", "4-WAY", "AHEAD", "HERE"))
+        sc.rect((72, 208, 184, 240), "white", "black", 2, 3)
+        sc.text(128, 224, sub_txt, "sans_b", _fit("sans_b", sub_txt, 100, 22, 12), "black")
+    if n_fine:
+        cc = _on(r, bgc, ("black", "white"), 3.0)
+        _fineprint(sc, r, (4, 4, 60, 60), n_fine // 2, cc)
+        _fineprint(sc, r, (190, 190, 252, 252), n_fine - n_fine // 2, cc)
+    w = word.lower()
+    sc.q(3, r.choice(("what does the sign say?", "what is written on the sign?",
+                      "what word is on the sign?")), w, shown=word, suffix="sign")
+    sc.q(1.2, "is this a stop sign?", "yes" if word == "STOP" else "no", "yesno")
+    sc.q(1.2, r.choice(("what color is the sign?", "what color is the stop sign?")),
+         "red", "color")
+    if sub_txt:
+        sc.q(1.0, "what is written below the stop sign?", sub_txt.lower(), shown=sub_txt,
+             wrong=("stop",))
+    return sc
 
+
+def _sign_warning(sc: _Scene, r: random.Random, n_fine: int, bgc, pole) -> _Scene:
+    sc.classes = ("sign", "poster")
+    panel = r.choice(("yellow", "white", "white", "orange"))
+    sc.rect((16, 16, 240, 240), panel, "black", r.choice((0, 3, 5)), r.choice((0, 8)))
+    head = r.choice(_WARN_HEAD)
+    band = r.random() < 0.4
+    f = r.choice(_BOLD[:4])
+    if band:
+        bandc = r.choice(("red", "black", "blue", "orange"))
+        if bandc == panel:
+            bandc = "black"
+        sc.rect((24, 24, 232, 80), bandc)
+        hc = _on(r, bandc, ("white", "yellow"), 3.0)
+    else:
+        hc = _on(r, panel, ("red", "black", "blue"), 3.0)
+    sc.text(128, 52, head, f, _fit(f, head, 190, 46, 28), hc, target=True)
+    subw = r.choice(_WARN_SUB)
+    sc_col = "black" if _contrast("black", panel) > 4.5 else "white"
+    f2 = r.choice(("sans_b", "sans_b", "serif_b", "mono_b"))
+    parts = subw.split()
+    lines = [subw] if len(parts) < 3 else [" ".join(parts[:2]), " ".join(parts[2:])]
+    s2 = min(_fit(f2, ln, 190, 34, 20) for ln in lines)
+    y = 108 if len(lines) == 1 else 100
+    for ln in lines:
+        sc.text(128, y, ln, f2, s2, sc_col, target=True)
+        y += s2 * 1.15
+    sentence_words = _words("it is unlawful to enter this area without permission authorized "
+                            "personnel only violators will be prosecuted")
+    fine_y = y + 6
+    if n_fine:
+        k = min(len(sentence_words), max(3, n_fine // 2))
+        fn = r.choice(("sans", "serif"))
+        fs = r.choice((9.0, 10.0, 11.0))
+        lines2, cur = [], []
+        for w in sentence_words[:k]:
+            w = w.capitalize() if not cur and not lines2 else w
+            if _tlen(fn, " ".join(cur + [w]), fs) > 180:
+                lines2.append(" ".join(cur))
+                cur = []
+            cur.append(w)
+        lines2.append(" ".join(cur))
+        for ln in lines2:
+            if fine_y + fs > 232:
+                break
+            sc.text(128, fine_y + fs / 2, ln, fn, fs, sc_col)
+            fine_y += fs * 1.3
+        _fineprint(sc, r, (30, fine_y + 2, 226, 232), n_fine - k, sc_col)
+    sc.q(2, r.choice(("what is the first word on the sign?", "what does the top of the "
+                      "sign say?", "what is written at the top of the sign?")),
+         head.lower(), shown=head)
+    sc.q(2, r.choice(("what does the sign warn about?", "what is written under "
+                      f"{head.lower()}?", "what does the sign say below the heading?")),
+         subw.lower(), shown=subw, wrong=(head.lower(),))
+    sc.q(0.7, "is this a stop sign?", "no", "yesno")
+    sc.q(0.8, "what color is the sign?", panel, "color")
+    return sc
+
+
+def _sign_street(sc: _Scene, r: random.Random, n_fine: int, bgc, pole) -> _Scene:
+    sc.classes = ("sign", "street sign", "street")
+    sc.rect((123, 60, 133, 256), pole)
+    col = r.choice(("green", "green", "blue", "brown", "black"))
+    name = f"{r.choice(_STREETS)} {r.choice(_STREET_SUFFIX)}"
+    shown = name.upper() if r.random() < 0.55 else name
+    sc.rect((10, 66, 246, 146), col, "white", 3, 6)
+    f = r.choice(("sans_b", "sans_b", "sans", "serif_b"))
+    sc.text(128, 106, shown, f, _fit(f, shown, 206, 48, 24), "white", target=True)
+    other = None
+    if r.random() < 0.35:
+        other = r.choice(("ONE WAY", "NO PARKING", "DEAD END", "SLOW", "SCHOOL ZONE"))
+        sc.rect((50, 14, 206, 54), "white", "black", 2, 3)
+        sc.text(128, 34, other, "sans_b", _fit("sans_b", other, 140, 24, 12), "black")
+    if n_fine >= 3:
+        sc.rect((146, 160, 246, 248), (240, 238, 228), (60, 60, 60), 1)
+        _fineprint(sc, r, (150, 164, 242, 246), n_fine, "black", size=r.choice((7.5, 8.0)))
+    sc.q(3, r.choice(("what street is this?", "what is the name of the street?",
+                      "what street is shown on the sign?", "what is written on the "
+                      "street sign?")), name.lower(), shown=shown,
+         wrong=(other.lower(),) if other else (), suffix=None)
+    sc.q(1, "what color is the street sign?", col, "color")
+    sc.q(0.6, "is this a stop sign?", "no", "yesno")
+    sc.q(0.8, "what is the first word on the sign?", name.split()[0].lower(),
+         shown=shown.split()[0])
+    return sc
+
+
+def _sign_info(sc: _Scene, r: random.Random, n_fine: int, bgc, pole) -> _Scene:
     sc.classes = ("sign",)
     bgcol, fg = r.choice((("green", "white"), ("blue", "white"), ("red", "white"),
                           ("white", "black"), ("black", "yellow"), ("yellow", "black"),
