@@ -129,8 +129,31 @@ class ApplyResult:
 
 def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[str] | None = None,
           until: str | None = None, reporter: Reporter | None = None, workers: int | None = None,
-          device: str | None = None, saved_plan: Mapping[str, Any] | None = None) -> ApplyResult:
-    """Run what the plan says; with `saved_plan` (a `vlmspec plan --out` JSON) only if it still holds."""
+          device: str | None = None, saved_plan: Mapping[str, Any] | None = None) -> ApplyResult | None:
+    """Run what the plan says; with `saved_plan` (a `vlmspec plan --out` JSON) only if it still holds.
+
+    Under an external launcher (torchrun) every rank calls this: rank 0 applies, the others only
+    train their shards when rank 0 reaches the train step, and return None."""
+    from .train.launch import follow, from_environment, ranks_session, share_job
+
+    ranks = from_environment()
+    kwargs = dict(allow_destructive=allow_destructive, targets=targets, until=until, reporter=reporter,
+                  workers=workers, device=device, saved_plan=saved_plan)
+    if ranks is None:
+        return _apply(loaded, **kwargs)
+    with ranks_session(ranks, device) as control:
+        if ranks.rank != 0:
+            follow(ranks, control, device)
+            return None
+        try:
+            return _apply(loaded, **kwargs, ranked=(lambda job: share_job(job, control), ranks.device(device)))
+        finally:
+            share_job(None, control)  # the waiting ranks leave, whether or not there was training
+
+
+def _apply(loaded: LoadedSpec, *, allow_destructive: bool, targets: list[str] | None, until: str | None,
+           reporter: Reporter | None, workers: int | None, device: str | None,
+           saved_plan: Mapping[str, Any] | None, ranked: tuple | None = None) -> ApplyResult:
     reporter = reporter or NullReporter()
     spec = loaded.spec
     table = spec.source.table
@@ -147,7 +170,7 @@ def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[
                                    secrets=history.secret_values(spec.vars))  # `--var hf_token=...`
         result = ApplyResult(record, select(prep.plan, targets or [], until))
         try:
-            _run(prep, result, targets or [], until, reporter, workers, device)
+            _run(prep, result, targets or [], until, reporter, workers, device, ranked)
             record.status = "ok"
         except KeyboardInterrupt:
             record.status = "interrupted"
@@ -175,7 +198,7 @@ def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[
 
 
 def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | None,
-         reporter: Reporter, workers: int | None, device: str | None) -> None:
+         reporter: Reporter, workers: int | None, device: str | None, ranked: tuple | None = None) -> None:
     """Walk the selected plan's steps in order. The table changes under the plan only at ingest
     (rows appear): the plan is rebuilt from the table then, and the walk goes on with it."""
     plan = select(prep.plan, targets, until)
@@ -202,7 +225,7 @@ def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | N
                 case BuildSlice():
                     _run_slice(prep, result)
                 case Train():
-                    _run_train(prep, result, step, device, reporter)
+                    _run_train(prep, result, step, device, reporter, ranked)
                 case Evaluate():
                     _run_eval(prep, result, step, device, reporter)
                 case Ingest():  # ran above, before the re-plan
@@ -290,7 +313,9 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
     result.summary.append(text)
 
 
-def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | None, reporter: Reporter) -> None:
+def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | None, reporter: Reporter,
+               ranked: tuple | None = None) -> None:
+    """`ranked`: (share, device) under an external launcher: the job goes to every rank first."""
     from .train.job import TrainJob
     from .train.loader import drop_pins
     from .train.start import train
@@ -299,7 +324,11 @@ def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | N
     table = prep.loaded.spec.source.table
     job = TrainJob.from_prepared(prep)  # read now: the slice it trains on was recorded by this walk
     try:
-        out = train(job, device=device, reporter=reporter)
+        if ranked is None:
+            out = train(job, device=device, reporter=reporter)
+        else:
+            share, rank_device = ranked
+            out = train(job, device=rank_device, reporter=reporter, share=share)
     finally:  # clones the loader pinned its version with: the next run pins its own
         drop_pins(table)
     history.record_step(table, "train", step.fingerprint, out["table_version"], out["rows"],

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -166,7 +167,13 @@ def apply(spec: Optional[Path] = typer.Argument(None, help="The spec file (defau
         if spec is None and saved is None:
             raise VlmspecError("give a spec file, or a saved plan with --plan FILE")
         loaded = _load(spec if spec is not None else Path(saved["spec_file"]), var)
-        with RichReporter(err) as reporter:
+        # Under torchrun every rank runs this command; only rank 0 draws and prints.
+        from .progress import NullReporter
+        from .train.launch import from_environment
+
+        ranks = from_environment()
+        follower = ranks is not None and ranks.rank != 0
+        with (nullcontext(NullReporter()) if follower else RichReporter(err)) as reporter:
             result = run_apply(loaded, allow_destructive=allow_destructive, targets=target or [], until=until,
                                reporter=reporter, workers=workers, device=device, saved_plan=saved)
     except KeyboardInterrupt:
@@ -174,6 +181,8 @@ def apply(spec: Optional[Path] = typer.Argument(None, help="The spec file (defau
         raise typer.Exit(130)
     except VlmspecError as e:
         _fail(e)
+    if result is None:  # a rank other than 0: it trained its shards; rank 0 reports
+        return
     if result.plan_before.is_empty:
         out.print("Nothing to do; the table is up to date.")
     else:

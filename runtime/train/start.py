@@ -4,7 +4,7 @@ data-parallel ranks `train.devices` asks for, or train in this process.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..progress import Reporter
 from .checkpoint import finished_run
@@ -21,11 +21,12 @@ def train_from_spec(prep, device: str | None = None, stop_after: int | None = No
 
 
 def train(job: TrainJob, device: str | None = None, stop_after: int | None = None,
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          reporter: Reporter | None = None, share: Callable[[TrainJob], Any] | None = None) -> dict[str, Any]:
     """Train per `job`; resumes from `<output_dir>/checkpoint` when its fingerprint matches.
 
     With `train.devices > 1` (and not already launched as ranks, e.g. by torchrun) it spawns that many
-    data-parallel processes (`launch.py`), each handed the same job."""
+    data-parallel processes (`launch.py`), each handed the same job. `share` hands the job to the
+    ranks an external launcher started (just before training, so they train only what rank 0 does)."""
     from .distributed import world
 
     done = finished_run(job.out, job.fingerprint)
@@ -37,4 +38,6 @@ def train(job: TrainJob, device: str | None = None, stop_after: int | None = Non
         from .launch import launch
 
         return launch(job, job.train.devices, device, stop_after)
+    if share is not None:
+        share(job)
     return run_training(job, device, stop_after, reporter)

@@ -172,3 +172,38 @@ def test_two_process_gloo_run_equals_one_process(table, monkeypatch):
     b = load_file("runs/d2/adapter/adapter_model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert abs(one["final_loss"] - two["final_loss"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_apply_under_torchrun_trains_on_every_rank_and_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m vlmspec.runtime.cli apply SPEC` (gloo on CPU): rank 0 does the
+    data steps, both ranks train their shards, rank 0 writes one adapter, equal to one process's
+    for the same global batch; the run record says 2 devices."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from vlmspec.runtime import history
+
+    def run(d: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+        d.mkdir()
+        (d / "spec.yaml").write_text(SPEC.replace("QUANT", "32"))
+        return subprocess.run([*launcher, "-m", "vlmspec.runtime.cli", "apply", "spec.yaml"], cwd=d,
+                              capture_output=True, text=True, timeout=600)
+
+    ranked = run(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc-per-node", "2"])
+    assert ranked.returncode == 0, ranked.stdout + ranked.stderr
+    assert ranked.stdout.count("Applied in") == 1  # one report, from rank 0
+    one = run(tmp_path / "one", [sys.executable])
+    assert one.returncode == 0, one.stdout + one.stderr
+    a = load_file(tmp_path / "one/runs/t/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "two/runs/t/adapter/adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    rec = history.list_runs(str(tmp_path / "two/data/t.lance"))[-1]
+    train = next(s for s in rec["steps"] if s["name"] == "train")
+    assert rec["status"] == "ok" and train["devices"] == 2
+    manifest = json.loads((tmp_path / "two/runs/t/manifest.json").read_text())
+    assert manifest["devices"] == 2
