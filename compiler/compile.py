@@ -20,7 +20,7 @@ from .catalog import BUILTINS, SYNTHETIC_SCHEMA, ModelFacts, UdfSignature
 from .errors import CompileError, Location, Problem, did_you_mean
 from .fingerprint import ENGINE_VERSION, code_hash, digest
 from .model import ColumnSpec, Spec
-from .state import TableState
+from .state import RESERVED, TableState
 from .types import TypeSyntaxError, accepts, parse_type
 from .params import Param, check_values, defaults, parse_decls, render_template
 from .udf import UdfLookupError, read_udf
@@ -277,6 +277,9 @@ class _Compiler:
         specs = {n: (t, c) for t, n, c in self.spec.features.columns()}
         resolved = {n: r for n, (t, c) in specs.items() if (r := self.resolve(t, n, c)) is not None}
         for n in specs:
+            if RESERVED in n:  # such names are the shadow and retired fields of a recompute
+                self.problem(f"features.{specs[n][0]}.{n}", f"column names may not contain `{RESERVED}`",
+                             "Rename the column")
             if raw is not None and n in raw:
                 self.problem(f"features.{specs[n][0]}.{n}", f"`{n}` is a raw column of the source",
                              "Give the derived column another name; raw columns are never modified")
@@ -363,6 +366,11 @@ class _Compiler:
             recipe["inputs"] = {c: need("curation.where" if c != getattr(cur.dedup, "column", None) else "curation.dedup.column", c)
                                 for c in sorted(set(reads))}
             recipe["rows"] = self.expected_rows
+            # Rows a UDF may null under `on_error: null` in a column training reads are left out of
+            # the slice: which rows those are moves with those columns' fingerprints.
+            nullable = self.nullable_train_columns(fps)
+            if nullable:
+                recipe["leaves_out"] = nullable
             curate_fp = digest(recipe)
             out.append(StageNode("curate", curate_fp, recipe, tuple(sorted(set(reads)))))
         split_fp = ""
@@ -379,7 +387,8 @@ class _Compiler:
             tr = spec.train
             self.check_train(types)
             recipe = tr.model_dump(mode="json", exclude={"output_dir", "log_every", "num_workers",
-                                                         "loader_threads", "checkpoint_every", "compile"})
+                                                         "loader_threads", "checkpoint_every", "compile",
+                                                         "report_to"})
             recipe["inputs"] = {tr.hiddens: need("train.hiddens", tr.hiddens), tr.tokens: need("train.tokens", tr.tokens)}
             recipe["model"] = {"id": spec.model.id, "revision": spec.model.revision}
             recipe["curate"], recipe["split"] = curate_fp, split_fp
@@ -396,6 +405,14 @@ class _Compiler:
             out.append(StageNode("eval", digest(recipe), recipe, ("image", "question", "answers")))
         return tuple(out)
 
+    def nullable_train_columns(self, fps: dict[str, str]) -> dict[str, str]:
+        """Columns training reads that may hold nulls by a recorded row error, with fingerprints."""
+        tr = self.spec.train
+        if tr is None:
+            return {}
+        cols = {n: c for _, n, c in self.spec.features.columns()}
+        return {n: fps.get(n, "") for n in (tr.hiddens, tr.tokens) if n in cols and cols[n].on_error == "null"}
+
     def check_train(self, types: dict[str, str]) -> None:
         tr = self.spec.train
         for i, t in enumerate(tr.lora.targets):
@@ -410,6 +427,12 @@ class _Compiler:
                              f"`{t}` trains part of the vision tower or merger, but training reads cached hiddens",
                              "The cache would be stale by construction: remove it (only language-model "
                              "modules can be trained from cached hiddens)")
+        if tr.quant.bits == 4 and tr.gradient_checkpointing is True and tr.compile == "layers":
+            # Measured on an H200 at the 3B shape: the loss turned NaN by step 30 (and the run was
+            # recorded as trained before the finite-loss guard existed).
+            self.problem("train.compile", "`compile: layers` with 4-bit QLoRA and `gradient_checkpointing: true` "
+                         "diverges (NaN loss, measured at the 3B shape)",
+                         "Use `compile: graph` or `compile: none`, or `gradient_checkpointing: false`")
         for path, col, udf in (("train.hiddens", tr.hiddens, "vlm.vision_tower"), ("train.tokens", tr.tokens, "vlm.sft_tokens")):
             node = self.spec.features.columns()
             producer = next((c.udf for _, n, c in node if n == col), None)

@@ -360,6 +360,9 @@ class TrainSpec(SpecModel):
     graph (removes the per-kernel launch cost that bounds small batches; bf16/fp32 LoRA)."""
     output_dir: str | None = None
     """Where the adapter, checkpoints and logs go (default: `runs/<name>`)."""
+    report_to: Literal["none", "tensorboard"] = "none"
+    """Also write the training metrics as TensorBoard event files in `<output_dir>/tensorboard`
+    (needs `pip install 'vlmspec[tensorboard]'`). Not part of the fingerprint."""
 
 
 # --- eval ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal, Mapping, Union
 
 from .compile import ColumnNode, Compiled, StageNode
 from .errors import CompileError, Problem, did_you_mean
-from .state import RECIPE, ColumnState, TableState
+from .state import RECIPE, ColumnState, TableState, is_internal, shadow_name
 from .types import TypeSyntaxError, parse_type
 
 Kind = Literal["new", "recompute", "resume", "up_to_date", "drop", "run", "append"]
@@ -90,6 +90,9 @@ class Backfill(Step):
     blocked: bool = False
     place: Placement | None = None
     """Set for steps that run; None for up-to-date ones."""
+    fills: str = ""
+    """The field the step fills: the column itself, or for the recompute of a complete column its
+    shadow (`<name>__vlmspec_next`), swapped in when complete (empty for up-to-date steps)."""
     node: ColumnNode | None = field(default=None, repr=False, compare=False)
     """The compiled column: what the runtime computes (not rendered)."""
     stage: ClassVar[str] = "features"
@@ -101,7 +104,8 @@ class Backfill(Step):
 
 @dataclass(frozen=True)
 class Drop(Step):
-    """Drop a derived column the spec no longer declares (metadata-only, but destructive)."""
+    """Drop a derived column the spec no longer declares (metadata-only, but destructive), or a
+    leftover of the recompute protocol (a stale shadow, a retired column: not destructive)."""
 
     tier: str = ""
     type: str = ""
@@ -139,6 +143,9 @@ class BuildSlice(Step):
 class Train(Step):
     """LoRA/QLoRA training from the cached columns on the slice."""
 
+    forced: bool = False
+    """`--replace train`: train from scratch, even over a saved adapter or checkpoint of the same
+    fingerprint."""
     node: StageNode | None = field(default=None, repr=False, compare=False)
     stage: ClassVar[str] = "train"
 
@@ -280,23 +287,32 @@ def _row_bytes(type_str: str) -> int:
 def diff_column(node: ColumnNode, col: ColumnState | None, expected: int, state: TableState,
                 after: tuple[str, ...] = ()) -> Backfill:
     """One declared column against what the table holds: the one place that decides new, recompute,
-    resume or up to date."""
-    def step(kind: Kind, reason: str, rows: int, destructive: bool = False) -> Backfill:
+    resume or up to date, and which field the work fills."""
+    def step(kind: Kind, reason: str, rows: int, destructive: bool = False, into: str = node.name) -> Backfill:
         tput = state.throughput.get(node.udf)
         est = rows / tput if tput and rows else None
         return Backfill(node.name, kind, reason, rows, node.fingerprint, after, node.tier, node.output,
                         rows * _row_bytes(node.output), est, node.udf, node.gpus, node.shape,
-                        destructive=destructive, node=node)
+                        destructive=destructive, fills=into if kind != "up_to_date" else "", node=node)
 
     if col is None:
         return step("new", "new", expected)
     if not col.is_derived:
-        return step("recompute", "column exists but was not made by vlmspec", expected, destructive=True)
+        return step("recompute", "column exists but was not made by vlmspec", expected, destructive=True,
+                    into=shadow_name(node.name))
     current = col.fingerprint or col.target
     if current != node.fingerprint:
         # A derived column is reproducible from its recipe, so a new type (e.g. image_px changed the
         # hidden-state size) is an ordinary recompute, not a destructive change.
-        return step("recompute", _recipe_reason(_stored_recipe(col), node.recipe), expected)
+        reason = _recipe_reason(_stored_recipe(col), node.recipe)
+        if col.fingerprint is None:  # the old values were never complete: nothing to keep, refill in place
+            return step("recompute", reason, expected)
+        shadow = state.column(shadow_name(node.name))
+        if shadow is not None and node.fingerprint in (shadow.target, shadow.fingerprint):
+            missing = max(expected - shadow.filled_rows, 0)
+            return step("recompute", f"{reason}; resume: {missing:,} rows missing (interrupted recompute)",
+                        missing, into=shadow.name)
+        return step("recompute", reason, expected, into=shadow_name(node.name))
     missing = max(expected - col.filled_rows, 0)
     if col.fingerprint is None or missing:
         why = "interrupted run" if col.fingerprint is None else "rows appended"
@@ -304,7 +320,15 @@ def diff_column(node: ColumnNode, col: ColumnState | None, expected: int, state:
     return step("up_to_date", "up to date", 0)
 
 
-_STAGE_REASONS = {"inputs": "inputs changed", "rows": "table rows changed", "curate": "slice changed",
+def _leftovers(compiled: Compiled, state: TableState, backfills: list[Backfill], after: tuple[str, ...]) -> list[Drop]:
+    """Fields of the recompute protocol no step needs: a retired column left by a kill between the
+    swap and its drop, or a shadow whose recompute was abandoned (the spec was reverted)."""
+    filling = {b.fills for b in backfills if b.fills}
+    return [Drop(col.name, "drop", "leftover of a recompute", 0, after=after, type=col.type, destructive=False)
+            for col in (state.columns if state.exists else ()) if is_internal(col.name) and col.name not in filling]
+
+
+_STAGE_REASONS = {"leaves_out": "columns with row errors changed", "inputs": "inputs changed", "rows": "table rows changed", "curate": "slice changed",
                   "split": "split changed", "train": "adapter changed", "model": "model changed"}
 
 
@@ -314,6 +338,8 @@ def _stage_state(node: StageNode, state: TableState) -> tuple[Kind, str]:
     if rec is None:
         return "run", "never run"
     if rec.fingerprint == node.fingerprint:
+        if rec.missing:
+            return "run", "output missing: " + ", ".join(f"`{m}`" for m in rec.missing)
         return "up_to_date", "up to date"
     old = (rec.detail or {}).get("recipe") or {}
     new = node.recipe
@@ -409,6 +435,10 @@ def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tu
             skind, sreason = _stage_state(sp, state)
             split = Split("split", skind, sreason, expected if skind != "up_to_date" else 0, sp.fingerprint)
         kind: Kind = "run" if ckind != "up_to_date" or (split is not None and split.todo) else "up_to_date"
+        tr = compiled.spec.train
+        failed = set().union(*(state.error_rows.get(c, frozenset()) for c in (tr.hiddens, tr.tokens))) if tr else set()
+        if failed and ckind != "up_to_date":
+            creason += f"; {len(failed):,} rows with recorded row errors left out"
         after = ingest + _derived(tuple(dict.fromkeys(reads)), compiled)
         out.append(BuildSlice("curate", kind, creason, expected if ckind != "up_to_date" else 0,
                               cur.fingerprint if cur else "", after, label=label, curate_kind=ckind,
@@ -428,20 +458,27 @@ def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tu
 
 
 def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool = False,
-               executor: Mapping[str, Any] | None = None) -> Plan:
+               executor: Mapping[str, Any] | None = None, replace_steps: tuple[str, ...] = ()) -> Plan:
     """Diff compiled vs stored; every declared column, drop and step appears, in run order.
 
     `executor` holds runtime facts about where it would run (see `_executor`); a GPU column the Ray
-    cluster cannot place is refused here, before anything runs."""
+    cluster cannot place is refused here, before anything runs. `replace_steps` (`--replace NAME`)
+    reruns the named columns or steps even when they are up to date."""
     ingest, expected = _ingest_step(compiled, state)
     first = ("ingest",) if ingest is not None else ()
     ex = _executor(compiled, executor)
     backfills: list[Backfill] = []
     problems: list[Problem] = []
     warnings = list(compiled.warnings)
+    forced = _check_replace(compiled, replace_steps)
     for node in compiled.columns:
         col = state.column(node.name) if state.exists else None
         s = diff_column(node, col, expected, state, first + _derived(node.inputs, compiled))
+        if node.name in forced and s.kind in ("up_to_date", "resume"):
+            # A full recompute of a complete column fills a shadow, like any recompute: the old
+            # values stay readable until the new ones are complete.
+            s = replace(s, kind="recompute", reason="replaced (--replace)", rows=expected,
+                        bytes=expected * _row_bytes(node.output), fills=shadow_name(node.name))
         if s.destructive and not allow_destructive:
             s = replace(s, blocked=True)
         if s.todo:
@@ -453,10 +490,42 @@ def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool
     declared = {c.name for c in compiled.columns}
     drops = [Drop(col.name, "drop", "no longer declared", 0, after=first, type=col.type,
                   blocked=not allow_destructive)
-             for col in (state.columns if state.exists else ()) if col.is_derived and col.name not in declared]
-    steps = ([ingest] if ingest is not None else []) + drops + backfills + _downstream(compiled, state, expected, first)
+             for col in (state.columns if state.exists else ())
+             if col.is_derived and col.name not in declared and not is_internal(col.name)]
+    drops += _leftovers(compiled, state, backfills, first)
+    downstream = [_force(s, forced, expected) for s in _downstream(compiled, state, expected, first)]
+    steps = ([ingest] if ingest is not None else []) + drops + backfills + downstream
     return Plan(compiled.file, compiled.spec_hash, compiled.spec.source.table, state.exists, state.version,
                 state.rows, expected, tuple(steps), tuple(warnings), ex)
+
+
+def _check_replace(compiled: Compiled, names: tuple[str, ...]) -> set[str]:
+    """The columns and steps `--replace` names (`split` means the slice step that computes it)."""
+    known = [c.name for c in compiled.columns] + [s.name for s in compiled.stages if s.name != "ingest"]
+    problems = []
+    for n in names:
+        if n == "ingest":
+            problems.append(Problem("`ingest` cannot be replaced: it appends source rows with a new `source.key`",
+                                    "--replace", fix="Point `source.table` at a new table to ingest from scratch"))
+        elif n not in known:
+            problems.append(Problem(f"unknown step or column `{n}`", "--replace",
+                                    fix=did_you_mean(n, known) or f"Replaceable: {', '.join(known)}"))
+    if problems:
+        raise CompileError(problems)
+    return {"curate" if n == "split" else n for n in names}
+
+
+def _force(s: AnyStep, forced: set[str], rows: int) -> AnyStep:
+    """A downstream step `--replace` names, made to run."""
+    if s.name not in forced or s.todo:
+        return s
+    why = "replaced (--replace)"
+    if isinstance(s, BuildSlice):
+        split = replace(s.split, kind="run", reason=why) if s.split is not None else None
+        return replace(s, kind="run", reason=why, rows=rows, curate_kind="run", curate_reason=why, split=split)
+    if isinstance(s, Train):
+        return replace(s, kind="run", reason=why, rows=rows, forced=True)
+    return replace(s, kind="run", reason=why, rows=rows)
 
 
 # --- selection -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def human_seconds(s: float) -> str:
 
 def _column_detail(s: Backfill | Drop) -> str:
     if s.kind == "drop":
-        return "dropped: no longer declared" + ("  BLOCKED: needs --allow-destructive" if s.blocked else "")
+        return f"dropped: {s.reason}" + ("  BLOCKED: needs --allow-destructive" if s.blocked else "")
     parts = [s.reason]
     if s.kind in ("new", "recompute") and s.shape:
         parts.append(s.shape)

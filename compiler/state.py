@@ -14,6 +14,27 @@ FINGERPRINT = "vlmspec.fingerprint"  # written when, and only when, the column i
 TARGET = "vlmspec.target"  # fingerprint a backfill in progress is filling towards
 RECIPE = "vlmspec.recipe"  # JSON of what the fingerprint covers, so diffs can say why
 
+# A recompute fills `<name>__vlmspec_next` while `<name>` keeps its old, complete values; one
+# metadata commit swaps them when the new ones are complete (the old field is renamed
+# `<name>__vlmspec_old`, then dropped). A failed or killed recompute so never loses the old column.
+SHADOW_SUFFIX = "__vlmspec_next"
+RETIRED_SUFFIX = "__vlmspec_old"
+RESERVED = "__vlmspec_"
+"""No declared column may contain it: names with it belong to the recompute protocol."""
+
+
+def shadow_name(name: str) -> str:
+    return name + SHADOW_SUFFIX
+
+
+def retired_name(name: str) -> str:
+    return name + RETIRED_SUFFIX
+
+
+def is_internal(name: str) -> bool:
+    """A field of the recompute protocol (a shadow being filled, or a retired column)."""
+    return RESERVED in name
+
 
 @dataclass(frozen=True)
 class ColumnState:
@@ -45,6 +66,9 @@ class StepRecord:
     table_version: int = 0
     rows: int = 0
     detail: Mapping[str, Any] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+    """Outputs the record names that are gone or no longer match it (an adapter, a report): the
+    runtime checks them, the plan reruns the step."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +87,8 @@ class TableState:
     """Rows the ingest source holds, where that is known cheaply (None: unknown)."""
     source_schema: Mapping[str, str] | None = None
     """Column name -> canonical type of the ingest source, where known before ingest."""
+    error_rows: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    """Column -> row addresses a UDF failed on under `on_error: null` (current values only)."""
 
     def column(self, name: str) -> ColumnState | None:
         return next((c for c in self.columns if c.name == name), None)

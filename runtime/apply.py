@@ -6,13 +6,13 @@ each step is resumable on its own, and a run record is written whatever happens.
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import os
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from typing_extensions import assert_never
 
@@ -27,6 +27,7 @@ from .backfill import backfill_column
 from .progress import NullReporter, Reporter
 from .executors import open_executor
 from .guards import check_saved_plan, storage_errno, storage_error
+from .lock import table_lock
 from .sources.ingest import ingest, source_info
 
 
@@ -63,11 +64,16 @@ def model_facts(spec):
     return ModelFacts(spec.model.id, spec.model.revision, spec.model.hidden_size)
 
 
-def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int | None = None) -> Prepared:
+def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int | None = None,
+            replace_steps: tuple[str, ...] | list[str] = ()) -> Prepared:
     """Read the table's state (metadata only), compile, diff: everything `plan` shows."""
+    from dataclasses import replace
+
     spec = loaded.spec
     rows, schema = source_info(spec.source)
     state = lance_io.read_state(spec.source.table, source_rows=rows, source_schema=schema)
+    # A step's record is only as good as the outputs it names: a deleted adapter reruns training.
+    state = replace(state, steps=history.check_outputs(state.steps), error_rows=_error_rows(spec.source.table))
     compiled = compile_spec(spec, state, file=loaded.file, spec_hash=loaded.source_hash,
                             facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent)
     from .executors import executor_facts
@@ -78,43 +84,9 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int
                 "workers": workers or spec.executor.workers,
                 "cpus": os.cpu_count() or 1,
                 **executor_facts(spec.executor, needs_gpus=any(c.gpus for c in compiled.columns))}
-    plan = build_plan(compiled, state, allow_destructive=allow_destructive, executor=executor)
+    plan = build_plan(compiled, state, allow_destructive=allow_destructive, executor=executor,
+                      replace_steps=tuple(replace_steps))
     return Prepared(loaded, compiled, state, plan)
-
-
-@contextmanager
-def table_lock(table: str) -> Iterator[None]:
-    """One apply per table at a time: a second one refuses at once with the holder's pid."""
-    d = lance_io.sidecar_dir(table)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / "apply.lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        # The holder writes its pid right after taking the lock: a refusal that lands in between
-        # reads an empty file, so wait (briefly) for the pid to appear.
-        holder = ""
-        for _ in range(50):
-            f.seek(0)
-            holder = f.read().strip()
-            if holder:
-                break
-            time.sleep(0.02)
-        f.close()
-        holder = holder or "?"
-        raise ApplyError(Problem(f"another `vlmspec apply` (pid {holder}) is running on `{table}`",
-                                 fix="Wait for it to finish; the table is safe")) from None
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    try:
-        yield
-    finally:
-        f.truncate(0)  # no stale pid for the next refusal to read before the next holder writes its own
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
 
 
 @dataclass
@@ -127,50 +99,76 @@ class ApplyResult:
     """The step running now (named in an I/O error)."""
 
 
+def _error_rows(table: str) -> dict[str, frozenset[int]]:
+    from .row_errors import current_errors
+
+    out: dict[str, set[int]] = {}
+    for e in current_errors(table):
+        out.setdefault(e["column"], set()).add(int(e["row_addr"]))
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one apply was asked to run (the CLI's flags)."""
+
+    allow_destructive: bool = False
+    targets: tuple[str, ...] = ()
+    until: str | None = None
+    replace: tuple[str, ...] = ()
+    """`--replace NAME`: rerun these columns or steps even when they are up to date."""
+    workers: int | None = None
+    device: str | None = None
+
+
 def apply(loaded: LoadedSpec, *, allow_destructive: bool = False, targets: list[str] | None = None,
           until: str | None = None, reporter: Reporter | None = None, workers: int | None = None,
-          device: str | None = None, saved_plan: Mapping[str, Any] | None = None) -> ApplyResult | None:
+          device: str | None = None, saved_plan: Mapping[str, Any] | None = None,
+          replace: list[str] | tuple[str, ...] = (), on_plan: Callable[[Plan], None] | None = None
+          ) -> ApplyResult | None:
     """Run what the plan says; with `saved_plan` (a `vlmspec plan --out` JSON) only if it still holds.
+    `on_plan` sees the plan before any work starts (the CLI prints it, as terraform does).
 
     Under an external launcher (torchrun) every rank calls this: rank 0 applies, the others only
     train their shards when rank 0 reaches the train step, and return None."""
     from .train.launch import follow, from_environment, ranks_session, share_job
 
+    opts = Options(allow_destructive, tuple(targets or ()), until, tuple(replace), workers, device)
+    reporter = reporter or NullReporter()
     ranks = from_environment()
-    kwargs = dict(allow_destructive=allow_destructive, targets=targets, until=until, reporter=reporter,
-                  workers=workers, device=device, saved_plan=saved_plan)
     if ranks is None:
-        return _apply(loaded, **kwargs)
+        return _apply(loaded, opts, reporter, saved_plan, on_plan)
     with ranks_session(ranks, device) as control:
         if ranks.rank != 0:
             follow(ranks, control, device)
             return None
         try:
-            return _apply(loaded, **kwargs, ranked=(lambda job: share_job(job, control), ranks.device(device)))
+            return _apply(loaded, opts, reporter, saved_plan, on_plan,
+                          ranked=(lambda job: share_job(job, control), ranks.device(device)))
         finally:
             share_job(None, control)  # the waiting ranks leave, whether or not there was training
 
 
-def _apply(loaded: LoadedSpec, *, allow_destructive: bool, targets: list[str] | None, until: str | None,
-           reporter: Reporter | None, workers: int | None, device: str | None,
-           saved_plan: Mapping[str, Any] | None, ranked: tuple | None = None) -> ApplyResult:
-    reporter = reporter or NullReporter()
+def _apply(loaded: LoadedSpec, opts: Options, reporter: Reporter, saved_plan: Mapping[str, Any] | None,
+           on_plan: Callable[[Plan], None] | None, ranked: tuple | None = None) -> ApplyResult:
     spec = loaded.spec
     table = spec.source.table
     with table_lock(table):
-        prep = prepare(loaded, allow_destructive=allow_destructive, workers=workers)
+        prep = prepare(loaded, allow_destructive=opts.allow_destructive, workers=opts.workers,
+                       replace_steps=opts.replace)
         if saved_plan is not None:  # checked under the lock: nothing else can move the table now
             check_saved_plan(saved_plan, prep.plan)
         if prep.plan.blocked:
             names = ", ".join(f"`{s.name}`" for s in prep.plan.blocked)
             raise PlanBlocked(Problem(f"the plan has destructive steps: {names}",
                                       fix="Review `vlmspec plan`, then rerun with --allow-destructive"))
-        record = history.RunRecord(loaded.file, loaded.source_hash, loaded.text, table,
-                                   version_before=prep.state.version,
-                                   secrets=history.secret_values(spec.vars))  # `--var hf_token=...`
-        result = ApplyResult(record, select(prep.plan, targets or [], until))
+        result = ApplyResult(_new_record(loaded, prep), select(prep.plan, opts.targets, opts.until))
+        record = result.record
+        if on_plan is not None:
+            on_plan(result.plan_before)
+        _save(record)  # from now on a kill leaves a record that `vlmspec log` reads as killed
         try:
-            _run(prep, result, targets or [], until, reporter, workers, device, ranked)
+            _run(prep, result, opts, reporter, ranked)
             record.status = "ok"
         except KeyboardInterrupt:
             record.status = "interrupted"
@@ -189,24 +187,36 @@ def _apply(loaded: LoadedSpec, *, allow_destructive: bool, targets: list[str] | 
             ds = lance_io.open_dataset(table)
             record.version_after = ds.version if ds is not None else None
             record.finished = time.time()
-            try:
-                record.save()
-            except OSError:  # the disk that just failed may refuse the record too; the error says why
-                pass
-        result.plan_after = prepare(loaded, allow_destructive=allow_destructive, workers=workers).plan
+            _save(record)
+        result.plan_after = prepare(loaded, allow_destructive=opts.allow_destructive, workers=opts.workers).plan
         return result
 
 
-def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | None,
-         reporter: Reporter, workers: int | None, device: str | None, ranked: tuple | None = None) -> None:
+def _new_record(loaded: LoadedSpec, prep: Prepared) -> history.RunRecord:
+    return history.RunRecord(loaded.file, loaded.source_hash, loaded.text, loaded.spec.source.table,
+                             version_before=prep.state.version,
+                             secrets=history.secret_values(loaded.spec.vars))  # `--var hf_token=...`
+
+
+def _save(record: history.RunRecord) -> None:
+    try:
+        record.save()
+    except OSError:  # a disk that just failed may refuse the record too; the step's error says why
+        pass
+
+
+def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter, ranked: tuple | None = None) -> None:
     """Walk the selected plan's steps in order. The table changes under the plan only at ingest
-    (rows appear): the plan is rebuilt from the table then, and the walk goes on with it."""
-    plan = select(prep.plan, targets, until)
+    (rows appear): the plan is rebuilt from the table then, and the walk goes on with it. The run
+    record is saved after every step, so a killed apply still says what it committed."""
+    workers, device = opts.workers, opts.device
+    plan = result.plan_before
     ingest_step = plan.ingest
     if ingest_step is not None and ingest_step.todo:
         _run_ingest(prep, result, reporter)
-        prep = prepare(prep.loaded, allow_destructive=True, workers=workers)  # re-diff against what is there now
-        plan = select(prep.plan, targets, until)
+        _save(result.record)
+        prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace)
+        plan = select(prep.plan, opts.targets, opts.until)
     steps = [s for s in plan.steps if s.todo and not isinstance(s, Ingest)]
     errors_log = lance_io.sidecar_dir(prep.loaded.spec.source.table) / "errors.jsonl"
     with ExitStack() as stack:
@@ -232,6 +242,7 @@ def _run(prep: Prepared, result: ApplyResult, targets: list[str], until: str | N
                     raise AssertionError("ingest after the re-plan")
                 case _:
                     assert_never(step)
+            _save(result.record)
 
 
 def _run_ingest(prep: Prepared, result: ApplyResult, reporter: Reporter) -> None:
@@ -258,7 +269,8 @@ def _backfill_one(prep: Prepared, result: ApplyResult, step: Backfill, ex, worke
     node = step.node
     # Under Ray, an actor picks its own device (the driver may have no GPU) unless --device says.
     dev = device or (None if getattr(ex, "remote", False) else _default_device(node))
-    run = backfill_column(table, node, action=step.kind, place=step.place, model_spec=spec.model, device=dev,
+    run = backfill_column(table, node, action=step.kind, field=step.fills, place=step.place, model_spec=spec.model,
+                          device=dev,
                           workers=workers, reporter=reporter, errors_log=errors_log, key=spec.source.key,
                           executor=ex)
     record.add_step(node.name, step.kind, run.rows, run.seconds, fingerprint=node.fingerprint,
@@ -283,7 +295,10 @@ def _default_device(node) -> str:
 
 
 def _run_slice(prep: Prepared, result: ApplyResult) -> None:
+    import numpy as np
+
     from .curate import build_slice
+    from .row_errors import current_errors
 
     spec, table = prep.loaded.spec, prep.loaded.spec.source.table
     ds = lance_io.open_dataset(table)
@@ -293,8 +308,12 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
         from vlmspec.compiler.model import SplitSpec
 
         split = SplitSpec(fraction=None)
+    # Rows a UDF failed on under `on_error: null` hold null in the columns training reads: they are
+    # left out of both sides by construction, not found by the loader mid-training.
+    reads = {spec.train.hiddens, spec.train.tokens} if spec.train is not None else set()
+    failed = np.array(sorted({e["row_addr"] for e in current_errors(table, reads)}), dtype=np.uint64)
     res = build_slice(table, ds.version, spec.curation, split, lance_io.sidecar_dir(table) / "slices",
-                      key=spec.source.key)
+                      key=spec.source.key, exclude=failed)
     seconds = time.perf_counter() - t0
     detail = res.to_dict()
     for name in ("curate", "split"):
@@ -306,6 +325,8 @@ def _run_slice(prep: Prepared, result: ApplyResult) -> None:
     result.record.add_step("curate", "run", res.train_rows + res.eval_rows, seconds, slice=detail)
     leak = res.leakage
     text = f"slice: {res.train_rows:,} train / {res.eval_rows:,} eval rows"
+    if res.left_out:
+        text += f", {res.left_out:,} left out: recorded row errors"
     if res.dedup_removed:
         text += f", {res.dedup_removed} near-duplicates dropped"
     if leak.get("checked"):
@@ -323,6 +344,8 @@ def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | N
     t0 = time.perf_counter()
     table = prep.loaded.spec.source.table
     job = TrainJob.from_prepared(prep)  # read now: the slice it trains on was recorded by this walk
+    if step.forced:
+        job = dataclasses.replace(job, fresh=True)
     try:
         if ranked is None:
             out = train(job, device=device, reporter=reporter)

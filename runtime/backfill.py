@@ -19,6 +19,7 @@ An executor only decides where chunks run (`executors/local.py`: this process an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import lance
 import pyarrow as pa
 
 from vlmspec.compiler.errors import ApplyError, Problem
-from vlmspec.compiler.state import FINGERPRINT, RECIPE, TARGET
+from vlmspec.compiler.state import FINGERPRINT, RECIPE, TARGET, retired_name
 
 from . import lance_io
 from .arrow_types import to_pyarrow
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # not at run time: worker processes must not pay for importin
     from vlmspec.compiler.compile import ColumnNode
     from vlmspec.compiler.plan import Placement
 
-__all__ = ["ColumnRun", "FragmentSink", "backfill_column", "column_action", "prepare_column"]
+__all__ = ["ColumnRun", "FragmentSink", "backfill_column", "column_step", "prepare_column"]
 
 
 @dataclass
@@ -88,32 +89,37 @@ class _FragmentBuffer:
         return pa.chunked_array(chunks, chunks[0].type)
 
 
-def prepare_column(uri: str, node: ColumnNode, action: str) -> lance.LanceDataset:
-    """Bring the column to "being filled towards node.fingerprint", as the plan's `action` says
-    (`new`, `recompute`, `resume`; `up_to_date` only re-marks a complete column)."""
+def prepare_column(uri: str, node: ColumnNode, action: str, field: str | None = None) -> lance.LanceDataset:
+    """Bring `field` (the column, or its shadow for the recompute of a complete column) to "being
+    filled towards node.fingerprint", as the plan's `action` says (`new`, `recompute`, `resume`;
+    `up_to_date` only re-marks a complete column)."""
+    field = field or node.name
     ds = lance.dataset(uri)
     out_type = to_pyarrow(node.output)
     meta = {TARGET: node.fingerprint, RECIPE: json.dumps(node.recipe, sort_keys=True)}
-    if action == "new":
-        return lance_io.add_null_column(ds, node.name, out_type, meta)
-    if action == "recompute":
-        ds.drop_columns([node.name])  # metadata-only; the stale values are no longer wanted
-        return lance_io.add_null_column(lance.dataset(uri), node.name, out_type, meta)
-    current = lance_io.decode_metadata(ds.schema.field(node.name).metadata)
-    if action == "resume" and current.get(FINGERPRINT):
+    names = ds.schema.names
+    if action == "new" or (action == "recompute" and field not in names):
+        return lance_io.add_null_column(ds, field, out_type, meta)
+    current = lance_io.decode_metadata(ds.schema.field(field).metadata)
+    if action == "recompute" and node.fingerprint not in (current.get(TARGET), current.get(FINGERPRINT)):
+        # Refilled from scratch: the column in place when its old values were never complete, or a
+        # shadow left by a recompute towards another fingerprint. Metadata-only.
+        ds.drop_columns([field])
+        return lance_io.add_null_column(lance.dataset(uri), field, out_type, meta)
+    if current.get(FINGERPRINT) and field == node.name and action != "up_to_date":
         # Complete before, now missing rows (appended source rows): not complete any more.
-        lance_io.update_field_metadata(ds, node.name, {FINGERPRINT: None, TARGET: node.fingerprint})
+        lance_io.update_field_metadata(ds, field, {FINGERPRINT: None, TARGET: node.fingerprint})
         ds = lance.dataset(uri)
     return ds
 
 
-def column_action(uri: str, node: ColumnNode) -> str:
-    """The plan's action for one column, for callers that backfill without a plan (benchmarks,
+def column_step(uri: str, node: ColumnNode):
+    """The plan's step for one column, for callers that backfill without a plan (benchmarks,
     notebooks): the compiler's own diff on the table's current state, not a second rule."""
     from vlmspec.compiler.plan import diff_column
 
     state = lance_io.read_state(uri)
-    return diff_column(node, state.column(node.name), state.rows, state).kind
+    return diff_column(node, state.column(node.name), state.rows, state)
 
 
 class FragmentSink:
@@ -125,14 +131,23 @@ class FragmentSink:
     (`fail`)."""
 
     def __init__(self, uri: str, node: ColumnNode, ds: lance.LanceDataset, run: ColumnRun, reporter: Reporter,
-                 errors_log: Path | None = None, key: str | None = None):
+                 errors_log: Path | None = None, key: str | None = None, field: str | None = None):
         self.uri, self.node, self.run, self.reporter = uri, node, run, reporter
         self.errors_log, self.key = errors_log, key
+        self.column = node.name
+        """The column as the user knows it (bars, errors, messages)."""
+        self.field = field or node.name
+        """The field the values are written to (the column, or its shadow during a recompute)."""
         self.version = ds.version
         self.storage = ds.data_storage_version
         self.frag_rows = lance_io.fragment_rows(ds)
         self.buffers: dict[int, _FragmentBuffer] = {}
         self.pending: list[tuple[int, Any]] = []
+        self._pending_rows = 0
+
+    def start(self, total: int) -> None:
+        """The executor knows how many rows are pending: the column's bar starts."""
+        self.reporter.start(self.column, total)
 
     def whole(self, chunk: Chunk) -> bool:
         """True when `chunk` is its whole fragment (a worker may then write the data file itself)."""
@@ -147,56 +162,68 @@ class FragmentSink:
             self.flush()
             f = failures[0]
             addr = (chunk.frag_id << 32) + f.offset
+            key = _keys(self.uri, self.key, chunk.frag_id, [f.offset])[0]
+            named = f", {self.key}={key!r}" if key is not None else ""
             raise ApplyError(Problem(
-                f"UDF `{node.udf}` failed on row {addr} (fragment {chunk.frag_id}, offset {f.offset}"
-                f"{_key_text(self.uri, self.key, chunk.frag_id, f.offset)}): {f.error}", node.path,
-                fix=f"Fix the UDF or the row, or set `on_error: null` on `{node.name}`; "
+                f"UDF `{node.udf}` failed on row {addr} (fragment {chunk.frag_id}, offset {f.offset}{named}): "
+                f"{f.error}", node.path,
+                fix=f"Fix the UDF or the row, or set `on_error: null` on `{self.column}`; "
                     "`vlmspec apply` resumes from the last checkpoint"))
         if failures:
             self.run.errors += len(failures)
-            _log_errors(self.errors_log, node, chunk.frag_id, failures, self.uri, self.key)
-        self.reporter.advance(node.name, chunk.limit)
+            _log_errors(self.errors_log, self.column, node.fingerprint, chunk.frag_id, failures, self.uri, self.key)
         self.run.rows += chunk.limit
         if datafile is None:
             buf = self.buffers.setdefault(chunk.frag_id, _FragmentBuffer(self.frag_rows[chunk.frag_id]))
             if not buf.add(chunk.offset, values):
                 return
-            datafile = lance_io.write_column_data(self.uri, node.name, buf.values(), self.storage)
+            datafile = lance_io.write_column_data(self.uri, self.field, buf.values(), self.storage)
             del self.buffers[chunk.frag_id]
         self.pending.append((chunk.frag_id, datafile))
+        self._pending_rows += self.frag_rows[chunk.frag_id]
         self.run.fragments += 1
         if commit:
             self.flush()
 
     def flush(self) -> None:
+        """Commit the fragments written so far (one checkpoint); the bar counts only committed rows,
+        so it never shows work a kill would lose."""
         if self.pending:
             self.version = lance_io.commit_column_data(self.uri, self.version, self.pending).version
             self.pending.clear()
+            self.reporter.advance(self.column, self._pending_rows)
+            self._pending_rows = 0
 
 
-def backfill_column(uri: str, node: ColumnNode, *, action: str | None = None, place: Placement | None = None,
+def backfill_column(uri: str, node: ColumnNode, *, action: str | None = None, field: str | None = None,
+                    place: Placement | None = None,
                     model_spec: Any = None, device: str | None = "cpu", workers: int | None = None,
                     reporter: Reporter | None = None, errors_log: Path | None = None,
                     key: str | None = None, executor: Any = None) -> ColumnRun:
     """Fill `node` to completion (or raise ApplyError); resumable at fragment granularity.
 
-    `action` and `place` are the plan step's (computed from the table when not given). `executor`
+    `action`, `field` and `place` are the plan step's (computed from the table when not given). `executor`
     places the chunks: a `LocalExecutor` or `RayExecutor` the caller keeps for the whole apply, or
     None for a local executor used for this column only. Either way the column is prepared,
     committed and completed here, by the same protocol."""
     from .executors.local import LocalExecutor
 
     reporter = reporter or NullReporter()
-    action = action or column_action(uri, node)
-    ds = prepare_column(uri, node, action)
+    if action is None:
+        step = column_step(uri, node)
+        action, field = step.kind, step.fills or node.name
+    field = field or node.name
+    ds = prepare_column(uri, node, action, field)
     run = ColumnRun(node.name, node.udf, node.fingerprint, action=action)
-    sink = FragmentSink(uri, node, ds, run, reporter, errors_log, key)
+    sink = FragmentSink(uri, node, ds, run, reporter, errors_log, key, field=field)
+    # The executors compute and write `field`; the sink still names the column as the user knows it.
+    fill = node if field == node.name else dataclasses.replace(node, name=field)
     own = executor is None
     executor = LocalExecutor(workers, device, one_shot=True) if own else executor
     started = time.perf_counter()
     ok = False
     try:
-        field_meta = executor.backfill(uri, ds, node, sink, model_spec=model_spec, device=device,
+        field_meta = executor.backfill(uri, ds, fill, sink, model_spec=model_spec, device=device,
                                        workers=workers, place=place)
         sink.flush()
         ok = True
@@ -207,41 +234,53 @@ def backfill_column(uri: str, node: ColumnNode, *, action: str | None = None, pl
             # Every result is in and committed: let the workers exit in the background (their
             # teardown takes ~0.3 s that nothing needs to wait for). After a failure, wait for them.
             executor.close(wait=not ok)
-    _complete(uri, node, field_meta)
+    _complete(uri, node, field, field_meta)
     return run
 
 
-def _complete(uri: str, node: ColumnNode, field_meta: dict[str, str]) -> None:
+def _complete(uri: str, node: ColumnNode, field: str, field_meta: dict[str, str]) -> None:
+    """Mark the filled field complete; a shadow is then swapped in for the old column in one
+    metadata commit (renames), and the old values are dropped (metadata-only)."""
     ds = lance.dataset(uri)
-    done = set(lance_io.fragment_fill(ds).get(node.name, []))
+    done = set(lance_io.fragment_fill(ds).get(field, []))
     rows = lance_io.fragment_rows(ds)
     missing = [f for f, n in rows.items() if n and f not in done]
     if missing:  # rows were appended while we ran; the next apply fills them
         return
-    lance_io.update_field_metadata(ds, node.name, {**field_meta, FINGERPRINT: node.fingerprint, TARGET: None})
+    lance_io.update_field_metadata(ds, field, {**field_meta, FINGERPRINT: node.fingerprint, TARGET: None})
+    if field != node.name:
+        # Until this commit readers (and a loader pinned to an earlier version) see the whole old
+        # column; from it on, the whole new one. A kill before it leaves a complete shadow, which
+        # the next plan resumes as a swap with nothing to compute.
+        lance_io.swap_in(lance.dataset(uri), node.name, field, retired_name(node.name))
+        lance.dataset(uri).drop_columns([retired_name(node.name)])
 
 
-def _key_text(uri: str, key: str | None, frag_id: int, offset: int) -> str:
+def _keys(uri: str, key: str | None, frag_id: int, offsets: list[int]) -> list[Any]:
+    """The `source.key` values of rows of one fragment (None where unknown): row errors name the row
+    a user can find in the source, not a batch-local index."""
     if not key:
-        return ""
+        return [None] * len(offsets)
     try:
         ds = lance.dataset(uri)
         if key not in ds.schema.names:
-            return ""
-        val = ds.get_fragment(frag_id).to_table(columns=[key], offset=offset, limit=1).column(key)[0].as_py()
-        return f", {key}={val!r}"
-    except Exception:  # the message is a courtesy; never let it hide the real error
-        return ""
+            return [None] * len(offsets)
+        col = ds.get_fragment(frag_id).to_table(columns=[key]).column(key)
+        return [col[o].as_py() for o in offsets]
+    except Exception:  # the name is a courtesy; never let it hide the real error
+        return [None] * len(offsets)
 
 
-def _log_errors(path: Path | None, node: ColumnNode, frag_id: int, failures: list[RowFailure], uri: str,
-                key: str | None) -> None:
+def _log_errors(path: Path | None, column: str, fingerprint: str, frag_id: int, failures: list[RowFailure],
+                uri: str, key: str | None) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    keys = _keys(uri, key, frag_id, [fl.offset for fl in failures])
     with path.open("a") as f:
-        for fl in failures:
-            f.write(json.dumps({"column": node.name, "fingerprint": node.fingerprint,
+        for fl, value in zip(failures, keys):
+            f.write(json.dumps({"column": column, "fingerprint": fingerprint,
                                 "row_addr": (frag_id << 32) + fl.offset, "fragment": frag_id,
-                                "offset": fl.offset, "error": fl.error[:2000],
-                                "time": time.time()}) + "\n")
+                                "offset": fl.offset, "key": key if value is not None else None,
+                                "key_value": value, "error": fl.error[:2000], "time": time.time()},
+                               default=str) + "\n")

@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn,
-                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
 from vlmspec.compiler.errors import VlmspecError
@@ -29,6 +29,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 STATE = {"debug": os.environ.get("VLMSPEC_DEBUG", "") not in ("", "0")}
 
 VarOpt = typer.Option(None, "--var", help="Override a template variable: --var key=value (repeatable).")
+ReplaceOpt = typer.Option(None, "--replace", help="Rerun this column or step even if it is up to date "
+                          "(repeatable; a column is recomputed into a shadow and swapped in when complete).")
 
 
 @app.callback()
@@ -79,6 +81,7 @@ def plan(spec: Path = typer.Argument(..., help="The spec file."),
                                                     help="Only what this column or step needs (repeatable), as apply --target."),
          until: Optional[str] = typer.Option(None, "--until", help="Stop after a stage, as apply --until: "
                                              "ingest|features|curate|train|eval."),
+         replace: Optional[list[str]] = ReplaceOpt,
          workers: Optional[int] = typer.Option(None, "--workers", help="As apply --workers (placement).")) -> None:
     """Dry run: what `apply` would do, read from table metadata only."""
     from vlmspec.compiler.plan import select
@@ -89,7 +92,8 @@ def plan(spec: Path = typer.Argument(..., help="The spec file."),
 
     try:
         loaded = _load(spec, var)
-        p = select(prepare(loaded, allow_destructive=allow_destructive, workers=workers).plan, target or [], until)
+        p = select(prepare(loaded, allow_destructive=allow_destructive, workers=workers,
+                           replace_steps=replace or []).plan, target or [], until)
     except VlmspecError as e:
         _fail(e)
     secrets = secret_values(loaded.spec.vars, os.environ)  # a token in a --var never reaches a plan
@@ -104,15 +108,23 @@ def plan(spec: Path = typer.Argument(..., help="The spec file."),
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} rows/s" if speed else "", style="cyan")
+        unit = task.fields.get("unit", "rows")
+        if not speed:
+            return Text("")
+        # Compact, so a bar line fits an 80-column terminal: 187 rows/s, 20.7k rows/s, 6.3 steps/s.
+        text = f"{speed / 1000:.1f}k" if speed >= 10_000 else f"{speed:.0f}" if speed >= 100 else f"{speed:.1f}"
+        return Text(f"{text} {unit}/s", style="cyan")
 
 
 class RichReporter:
-    """Progress bars with rows/s and ETA on stderr."""
+    """Progress bars on stderr: done/total, rate in the task's unit, elapsed, ETA, and a live status
+    (training's smoothed loss). A bar shows what was done (committed, for a column): on Ctrl-C or a
+    failure it stays where the work stopped."""
 
     def __init__(self, console: Console):
-        self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                                 TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        self.progress = Progress(TextColumn("{task.description:<22}"), BarColumn(bar_width=24),
+                                 MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(compact=True), TextColumn("{task.fields[info]}", style="dim"),
                                  console=console, transient=False)
         self.tasks: dict[str, int] = {}
 
@@ -123,18 +135,20 @@ class RichReporter:
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def start(self, task: str, total: int) -> None:
-        self.tasks[task] = self.progress.add_task(task, total=total or None)
+    def start(self, task: str, total: int, unit: str = "rows") -> None:
+        self.tasks[task] = self.progress.add_task(task, total=total or None, unit=unit, info="")
 
     def advance(self, task: str, n: int) -> None:
         if task in self.tasks:
             self.progress.advance(self.tasks[task], n)
 
+    def info(self, task: str, text: str) -> None:
+        if task in self.tasks:
+            self.progress.update(self.tasks[task], info=text)
+
     def finish(self, task: str) -> None:
         if task in self.tasks:
-            t = self.tasks[task]
-            total = self.progress.tasks[t].total
-            self.progress.update(t, completed=total if total else self.progress.tasks[t].completed)
+            self.progress.stop_task(self.tasks[task])
 
     def note(self, text: str) -> None:
         self.progress.console.print(text)
@@ -148,34 +162,43 @@ def apply(spec: Optional[Path] = typer.Argument(None, help="The spec file (defau
           target: Optional[list[str]] = typer.Option(None, "--target",
                                                      help="Run only what this column or step needs (repeatable)."),
           until: Optional[str] = typer.Option(None, "--until", help="Stop after a stage: ingest|features|curate|train|eval."),
+          replace: Optional[list[str]] = ReplaceOpt,
           allow_destructive: bool = typer.Option(False, "--allow-destructive",
                                                  help="Allow dropping columns the spec no longer declares."),
           workers: Optional[int] = typer.Option(None, "--workers", help="CPU worker processes (default: all cores)."),
           device: Optional[str] = typer.Option(None, "--device", help="Device for model steps (default: cuda if present).")) -> None:
-    """Do what the plan says: only what is missing or stale, resumably."""
+    """Do what the plan says: only what is missing or stale, resumably. The plan is printed first."""
+    from vlmspec.compiler.plan import UNTIL
     from vlmspec.compiler.render import render_plan
 
-    from vlmspec.compiler.plan import UNTIL
-
     from .apply import apply as run_apply
+    from .progress import NullReporter
+    from .train.launch import from_environment
 
     if until is not None and until not in UNTIL:
         _fail(VlmspecError(f"--until must be one of {', '.join(UNTIL)}, got `{until}`"))
+    _quiet_libraries()
     t0 = time.time()
+    # Under torchrun every rank runs this command; only rank 0 draws and prints.
+    ranks = from_environment()
+    follower = ranks is not None and ranks.rank != 0
+
+    def show_plan(p) -> None:
+        if follower:
+            return
+        if p.is_empty:
+            out.print("Nothing to do; the table is up to date.")
+        else:
+            out.print(render_plan(p), end="")
     try:
         saved = _read_saved_plan(plan_file) if plan_file is not None else None
         if spec is None and saved is None:
             raise VlmspecError("give a spec file, or a saved plan with --plan FILE")
         loaded = _load(spec if spec is not None else Path(saved["spec_file"]), var)
-        # Under torchrun every rank runs this command; only rank 0 draws and prints.
-        from .progress import NullReporter
-        from .train.launch import from_environment
-
-        ranks = from_environment()
-        follower = ranks is not None and ranks.rank != 0
         with (nullcontext(NullReporter()) if follower else RichReporter(err)) as reporter:
             result = run_apply(loaded, allow_destructive=allow_destructive, targets=target or [], until=until,
-                               reporter=reporter, workers=workers, device=device, saved_plan=saved)
+                               reporter=reporter, workers=workers, device=device, saved_plan=saved,
+                               replace=replace or [], on_plan=show_plan)
     except KeyboardInterrupt:
         err.print("interrupted: committed work is kept; run `vlmspec apply` again to resume.")
         raise typer.Exit(130)
@@ -183,16 +206,35 @@ def apply(spec: Optional[Path] = typer.Argument(None, help="The spec file (defau
         _fail(e)
     if result is None:  # a rank other than 0: it trained its shards; rank 0 reports
         return
-    if result.plan_before.is_empty:
-        out.print("Nothing to do; the table is up to date.")
-    else:
-        out.print(render_plan(result.plan_before), end="")
+    if not result.plan_before.is_empty:
         out.print(f"Applied in {time.time() - t0:.1f} s (run {result.record.run_id}):")
         for line in result.summary:
             out.print(f"  {line}")
     if result.plan_after is not None and not result.plan_after.is_empty and not target and not until:
         out.print("Still to do:")
         out.print(render_plan(result.plan_after), end="")
+
+
+def _quiet_libraries() -> None:
+    """Third-party progress bars and warnings (transformers' "Loading weights", datasets' bars, a
+    FutureWarning per model load) would tear through ours; `--debug` shows them."""
+    if STATE["debug"]:
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|torch|peft|lance)(\.|$)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "datasets", "peft", "accelerate", "torch", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Already imported by an earlier step in this process: switch their bars off directly.
+    import sys as _sys
+
+    if "transformers" in _sys.modules:
+        _sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _read_saved_plan(path: Path) -> dict:
@@ -272,41 +314,21 @@ def errors(spec: Path = typer.Argument(..., help="The spec file."), var: Optiona
            column: Optional[str] = typer.Option(None, help="Only this column."),
            limit: int = typer.Option(50, help="Show at most this many rows.")) -> None:
     """Rows a UDF failed on (recorded under `on_error: null`)."""
-    from . import lance_io
+    from .row_errors import current_errors
 
     try:
         loaded = _load(spec, var)
     except VlmspecError as e:
         _fail(e)
-    from vlmspec.compiler.state import FINGERPRINT, TARGET
-
-    table = loaded.spec.source.table
-    path = lance_io.sidecar_dir(table) / "errors.jsonl"
-    # errors.jsonl is append-only: it keeps errors of values since recomputed (a fixed UDF, new
-    # params) and logs a fragment's rows again when a killed run recomputes it. Show only errors
-    # of the values the table holds now (the column's current fingerprint), each row once.
-    ds = lance_io.open_dataset(table)
-    current = {}
-    for f in ds.schema if ds is not None else []:
-        md = lance_io.decode_metadata(f.metadata)
-        current[f.name] = {md.get(FINGERPRINT), md.get(TARGET)} - {None}
-    rows, seen = [], set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            ident = (r["column"], r.get("fingerprint"), r["row_addr"])
-            if (column is None or r["column"] == column) and r.get("fingerprint") in current.get(r["column"], ()) \
-                    and ident not in seen:
-                seen.add(ident)
-                rows.append(r)
+    rows = current_errors(loaded.spec.source.table, {column} if column else None)
     if not rows:
         out.print("No row errors recorded.")
         return
     for r in rows[-limit:]:
-        out.print(f"{r['column']}  row {r['row_addr']}  (fragment {r['fragment']}, offset {r['offset']})  {r['error']}")
+        # Named as `apply` names a failing row: address, then where it is, then its `source.key`.
+        named = f", {r['key']}={r['key_value']!r}" if r.get("key") else ""
+        out.print(f"{r['column']}  row {r['row_addr']}  (fragment {r['fragment']}, offset {r['offset']}{named})  "
+                  f"{r['error']}")
     out.print(f"{len(rows)} row error(s).")
 
 

@@ -53,6 +53,9 @@ class SliceResult:
     eval_uri: str | None = None
     """With `split.table`: the eval table; eval row addresses refer to it (else to the source)."""
     eval_version: int | None = None
+    left_out: int = 0
+    """Rows the predicate kept but that were left out: a UDF failed on them under `on_error: null`
+    (their cached values are null), as recorded in `vlmspec errors`."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -348,12 +351,14 @@ def _empty_slice_error(uri: str, version: int, where: str | None, quantiles: dic
 
 
 def build_slice(uri: str, version: int, curation: CurationSpec | None, split: SplitSpec, out_dir: Path,
-                *, key: str = "question_id", progress: Progress | None = None) -> SliceResult:
+                *, key: str = "question_id", progress: Progress | None = None,
+                exclude: np.ndarray | None = None) -> SliceResult:
     """Compute the training slice and the eval split of `uri` at `version` and store them.
 
     Order: split by group hash (or take `split.table` as eval) -> predicate (the eval side too when
     `split.curated`) -> dedup of the train side -> `limit` sample -> leakage report -> write.
-    Dedup runs before `limit`, so `limit` counts rows that actually train.
+    Dedup runs before `limit`, so `limit` counts rows that actually train. Rows at the `exclude`
+    addresses (recorded row errors of the columns training reads) are on neither side.
     """
     report = progress or (lambda stage, done, total: None)
     ds = lance.dataset(uri, version=version)
@@ -370,6 +375,11 @@ def build_slice(uri: str, version: int, curation: CurationSpec | None, split: Sp
     report("scan", 0, ds.count_rows())
     rows = _read_rows(ds, key, split.by, hash_col)
     match = _matching(ds, where, rows.addr)
+    left_out = 0
+    if exclude is not None and len(exclude):
+        bad = np.isin(rows.addr, np.asarray(exclude, dtype=rows.addr.dtype))
+        left_out = int((bad & match).sum())
+        match &= ~bad
     eval_uri = eval_version = None
     if split.table is None:
         held_mask = _eval_mask(rows, split)
@@ -405,7 +415,7 @@ def build_slice(uri: str, version: int, curation: CurationSpec | None, split: Sp
     report("write", len(train) + len(held), len(train) + len(held))
     return SliceResult(table_version=version, train_rows=len(train), eval_rows=len(held), where=where,
                        quantiles=quantiles, dedup_removed=removed, leakage=leakage, path=str(path),
-                       eval_uri=eval_uri, eval_version=eval_version)
+                       eval_uri=eval_uri, eval_version=eval_version, left_out=left_out)
 
 
 def read_slice(path: str, split: str) -> np.ndarray:

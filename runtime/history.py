@@ -124,6 +124,10 @@ class RunRecord:
 
 
 def list_runs(table: str) -> list[dict[str, Any]]:
+    """Recorded applies, oldest first. A record still `running` while no apply holds the table's
+    lock belongs to an apply that was killed: it reads `killed`, with the steps it committed."""
+    from .lock import is_locked
+
     d = lance_io.sidecar_dir(table) / "runs"
     runs = []
     for p in sorted(d.glob("*.json")) if d.exists() else []:
@@ -131,6 +135,10 @@ def list_runs(table: str) -> list[dict[str, Any]]:
             runs.append(json.loads(p.read_text()))
         except ValueError:
             continue
+    if any(r.get("status") == "running" for r in runs) and not is_locked(table):
+        for r in runs:
+            if r.get("status") == "running":
+                r["status"] = "killed"
     return runs
 
 
@@ -147,3 +155,28 @@ def record_throughput(table: str, udf: str, rows_per_s: float) -> None:
     side = lance_io.read_sidecar(table)
     side.setdefault("throughput", {})[udf] = round(rows_per_s, 3)
     lance_io.write_sidecar(table, side)
+
+
+def check_outputs(steps: Mapping[str, Any]) -> dict[str, Any]:
+    """`StepRecord`s with `missing` set where the files a train or eval record names are gone or no
+    longer match it (a deleted `runs/`, a fresh checkout): the plan then reruns the step."""
+    from dataclasses import replace
+
+    out = dict(steps)
+    for name, rec in steps.items():
+        missing: list[str] = []
+        detail = rec.detail or {}
+        if name == "train" and detail.get("adapter"):
+            adapter = Path(detail["adapter"])
+            try:
+                manifest = json.loads((adapter.parent / "manifest.json").read_text())
+            except (OSError, ValueError):
+                manifest = {}
+            if not (adapter / "adapter_config.json").exists() or manifest.get("train_fingerprint") != rec.fingerprint:
+                missing.append(str(adapter))
+        elif name == "eval" and detail.get("report"):
+            report = Path(detail["report"])
+            missing += [str(p) for p in (report, report.parent / "results.json") if not p.exists()]
+        if missing:
+            out[name] = replace(rec, missing=tuple(missing))
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .udfs.base import UdfContext
 if TYPE_CHECKING:  # not at run time: worker processes must not pay for importing the compiler
     from vlmspec.compiler.compile import ColumnNode
 
-__all__ = ["BoundInstance", "RowError", "RowFailure", "call", "compute", "instantiate", "is_cuda_oom", "load_udf"]
+__all__ = ["BoundInstance", "RowError", "describe", "RowFailure", "call", "compute", "instantiate", "is_cuda_oom", "load_udf"]
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,25 @@ def compute(fn: Callable, arrays: list[pa.Array], params: dict, out_type: pa.Dat
         except Exception as e:
             if on_error == "fail":
                 raise RowError(i, e) from e
-            failures.append(RowFailure(i, f"{type(e).__name__}: {e}"))
+            failures.append(RowFailure(i, describe(e)))
             values.append(pa.nulls(1, out_type))
     return pa.concat_arrays(values), failures
 
 
+def describe(e: BaseException) -> str:
+    """A row's error as recorded: the exception type and message, less the `row 0: ` a UDF puts in
+    front when it is called, as here, on that one row alone (the engine names the row by its key)."""
+    return f"{type(e).__name__}: {_ROW_PREFIX.sub('', str(e), count=1)}"
+
+
+_ROW_PREFIX = re.compile(r"^row 0: ")
+
+
 class RowError(Exception):
+    """A row failed under `on_error: fail`; `offset` is its place in the batch."""
+
     def __init__(self, offset: int, error: Exception):
-        super().__init__(f"{type(error).__name__}: {error}")
+        super().__init__(describe(error))
         self.offset, self.error = offset, error
 
 

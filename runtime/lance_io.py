@@ -122,6 +122,11 @@ def add_null_column(ds: lance.LanceDataset, name: str, type_: pa.DataType,
     return lance.dataset(ds.uri)
 
 
+def swap_in(ds: lance.LanceDataset, name: str, shadow: str, retired: str) -> None:
+    """One metadata commit: `name` becomes `retired` and `shadow` becomes `name` (no data moves)."""
+    ds.alter_columns({"path": name, "name": retired}, {"path": shadow, "name": name})
+
+
 def update_field_metadata(ds: lance.LanceDataset, name: str, changes: Mapping[str, str | None]) -> None:
     """Merge keys into a field's metadata; a None value deletes the key."""
     ds.update_field_metadata({name: dict(changes)})

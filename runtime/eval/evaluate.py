@@ -105,7 +105,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
                                 quant=job.quant)
         if reporter:
-            reporter.start(f"eval {name}", len(rows))
+            reporter.start(f"eval {name}", len(rows), unit="questions")
         preds[name] = generate_answers(model, processor, rows, model_spec.image_px, ev.batch_size,
                                        ev.generation, device,
                                        progress=(lambda n, t=f"eval {name}": reporter.advance(t, n)) if reporter else None)

@@ -15,7 +15,7 @@ from vlmspec.compiler.errors import ApplyError, Problem
 
 from .. import lance_io
 from ..arrow_types import to_pyarrow
-from ..invoke import RowError, RowFailure, compute, load_udf
+from ..invoke import RowError, RowFailure, compute, describe, load_udf
 
 if TYPE_CHECKING:  # not at run time: worker processes must not pay for importing the compiler
     from vlmspec.compiler.compile import ColumnNode
@@ -132,7 +132,7 @@ def compute_chunk(ds, fn, node: ColumnNode, chunk: Chunk, batch_size: int, emit:
         except RowError as e:
             return chunk, None, [RowFailure(chunk.offset + start + e.offset, str(e))]
         except Exception as e:  # a whole-batch failure under `fail` with one row
-            return chunk, None, [RowFailure(chunk.offset + start, f"{type(e).__name__}: {e}")]
+            return chunk, None, [RowFailure(chunk.offset + start, describe(e))]
         failures += [RowFailure(chunk.offset + start + f.offset, f.error) for f in fails]
         if emit is not None:
             emit(values)

@@ -59,7 +59,7 @@ class LocalExecutor:
         # Small chunks for the pool (enough to keep every worker busy), large ones in process
         # (fewer, longer UDF calls; a whole fragment per chunk at the usual sizes).
         chunks = pending_chunks(ds, node.name, node.batch_size * (4 if parallel else 64))
-        sink.reporter.start(node.name, sum(c.limit for c in chunks))
+        sink.start(sum(c.limit for c in chunks))
         if parallel and len(chunks) > 1:
             self._run_parallel(uri, ds.version, node, chunks, n, sink.add)
             return {}

@@ -194,7 +194,7 @@ class RayExecutor:
         chunks = pending_chunks(ds, node.name, max([*sink.frag_rows.values(), 1]))  # whole fragments
         if n > 1 and len(chunks) < 2 * n:
             chunks = pending_chunks(ds, node.name, node.batch_size * 4)
-        sink.reporter.start(node.name, sum(c.limit for c in chunks))
+        sink.start(sum(c.limit for c in chunks))
         version, storage = ds.version, ds.data_storage_version
         if self.uses_actors(node):
             return self._on_actors(uri, version, storage, node, chunks, sink, model_spec, device, n)

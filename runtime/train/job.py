@@ -71,6 +71,9 @@ class TrainJob:
     """The train step's fingerprint: a checkpoint or adapter made under another one is not reused."""
     columns: Mapping[str, str]
     """Fingerprints of the cached columns it reads (hiddens, tokens), for the manifest."""
+    fresh: bool = False
+    """Train from scratch: ignore an adapter or checkpoint saved under the same fingerprint
+    (`apply --replace train`)."""
 
     @property
     def out(self) -> Path:

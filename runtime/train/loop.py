@@ -170,7 +170,7 @@ def _load(run: _Run) -> _Model:
     warmup = int(opt_spec.warmup * run.total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, run.total))
     m = _Model(model, params, opt, sched, run_step, graphed, int(unwrap(model).config.image_token_id))
-    state = load_checkpoint(run.out / "checkpoint", run.job.fingerprint)
+    state = None if run.job.fresh else load_checkpoint(run.out / "checkpoint", run.job.fingerprint)
     if state is not None:
         set_peft_model_state_dict(model, state["adapter"])
         opt.load_state_dict(state["optimizer"])
@@ -213,7 +213,10 @@ def _fit(run: _Run, m: _Model, stop_after: int | None, reporter: Reporter) -> bo
     per_epoch = len(run.sl.train) // opt_spec.batch_size
     t0 = time.perf_counter() - m.elapsed
     window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, time.perf_counter()
-    last_loss = float("nan")
+    guard = _FiniteGuard(device)
+    board = _board(run) if run.main else None
+    reporter.start("train", run.total, unit="steps")
+    reporter.advance("train", m.step)  # a resumed run starts where its checkpoint was
     while m.step < run.total:
         micro = [next(batches) for _ in range(opt_spec.grad_accum)]
         m.epoch, m.batch = micro[-1][0], micro[-1][1] + 1
@@ -238,25 +241,35 @@ def _fit(run: _Run, m: _Model, stop_after: int | None, reporter: Reporter) -> bo
             step_loss += loss.detach() * k
         sum_gradients(m.params)
         step_loss = all_sum(float(step_loss)) if run.nranks > 1 else step_loss
-        if opt_spec.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(m.params, opt_spec.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(m.params, opt_spec.max_grad_norm) if opt_spec.max_grad_norm else None
+        guard.watch(m.step + 1, step_loss, norm)
         m.opt.step()
         m.sched.step()
         m.opt.zero_grad(set_to_none=m.graphed is None)  # a captured backward writes into these grads
         m.step += 1
-        last_loss = step_loss / n_tokens  # a device tensor on one device: read at the end, not per step
+        reporter.advance("train", 1)
         window_loss += step_loss
         window_tokens += n_tokens
         window_samples += run.per_step
-        if run.main and (m.step % tr.log_every == 0 or m.step == run.total):
-            now = time.perf_counter()
-            rec = {"step": m.step, "epoch": round(m.epoch + m.batch / max(per_epoch, 1), 4),
-                   "loss": round(float(window_loss) / window_tokens, 5), "lr": m.sched.get_last_lr()[0],
-                   "samples_per_s": round(window_samples / max(now - tw, 1e-9), 3),
-                   "elapsed_s": round(now - t0, 2)}
-            with run.log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, now
+        if m.step % tr.log_every == 0 or m.step == run.total:
+            guard.check(run)  # the loss is read here anyway (a host sync): no step in between goes unseen
+            if run.main:
+                now = time.perf_counter()
+                rec = {"step": m.step, "epoch": round(m.epoch + m.batch / max(per_epoch, 1), 4),
+                       "loss": round(float(window_loss) / window_tokens, 5), "lr": m.sched.get_last_lr()[0],
+                       "samples_per_s": round(window_samples / max(now - tw, 1e-9), 3),
+                       "elapsed_s": round(now - t0, 2)}
+                with run.log_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if board is not None:
+                    for k in ("loss", "lr", "samples_per_s"):
+                        board.add_scalar(f"train/{k}", rec[k], m.step)
+                # The plotted, logged loss (a window's token-weighted mean) is the one reported.
+                m.extra["final_loss"] = rec["loss"]
+                reporter.info("train", f"loss {rec['loss']:.3f}, {rec['samples_per_s']:.1f} samples/s")
+            window_loss, window_tokens, window_samples, tw = 0.0, 0, 0, time.perf_counter()
+        if m.step % tr.checkpoint_every == 0 and m.step < run.total:
+            guard.check(run)  # never checkpoint weights a non-finite step has already spoiled
         if run.main and m.step % tr.checkpoint_every == 0 and m.step < run.total:
             save_checkpoint(run.out / "checkpoint", m.model, m.opt, m.sched,
                             {"fingerprint": run.job.fingerprint, "step": m.step, "epoch": m.epoch,
@@ -264,9 +277,55 @@ def _fit(run: _Run, m: _Model, stop_after: int | None, reporter: Reporter) -> bo
         if stop_after is not None and m.step >= stop_after:  # tests: simulate an interrupted run
             barrier()
             return False
+    guard.check(run)
     m.elapsed = time.perf_counter() - t0
-    m.extra["final_loss"] = float(last_loss)
+    m.extra.setdefault("final_loss", float("nan"))  # ranks other than 0 log nothing
+    if board is not None:
+        board.close()
+    reporter.finish("train")
     return True
+
+
+class _FiniteGuard:
+    """Notices the first optimizer step whose loss or gradient norm is not finite, without a host
+    sync per step (the check is a device-side minimum, read where the loop syncs anyway: at each log
+    and before each checkpoint). A NaN run stops with an error; it is never recorded as trained."""
+
+    def __init__(self, device: str):
+        self.first = torch.full((), math.inf, device=device)
+
+    def watch(self, step: int, loss, norm) -> None:
+        for v in (loss, norm):
+            if v is None:
+                continue
+            if isinstance(v, float):  # summed over ranks: already on the host
+                if not math.isfinite(v):
+                    self.first = torch.minimum(self.first, torch.tensor(float(step), device=self.first.device))
+                continue
+            self.first = torch.minimum(self.first, torch.where(torch.isfinite(v), math.inf, float(step)))
+
+    def check(self, run: _Run) -> None:
+        first = float(self.first)
+        if math.isfinite(first):
+            tr = run.job.train
+            raise ApplyError(Problem(
+                f"training diverged: non-finite loss or gradient norm at step {int(first)} "
+                f"(quant {tr.quant.bits}-bit, compile `{tr.compile}`, gradient_checkpointing "
+                f"{tr.gradient_checkpointing}, lr {tr.optim.lr:g}, batch {tr.optim.batch_size} x {tr.optim.grad_accum})",
+                "train", fix="Lower `train.optim.lr` or change `train.compile` / `train.quant`; the last good "
+                             "checkpoint is kept and no adapter was published"))
+
+
+def _board(run: _Run):
+    """A TensorBoard writer in `<output_dir>/tensorboard` when `train.report_to: tensorboard`."""
+    if run.job.train.report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ApplyError(Problem(f"`train.report_to: tensorboard` needs the tensorboard package ({e})",
+                                 "train.report_to", fix="pip install 'vlmspec[tensorboard]'")) from None
+    return SummaryWriter(str(run.out / "tensorboard"))
 
 
 # -- save -----------------------------------------------------------------------------------
@@ -284,6 +343,10 @@ def _save(run: _Run, m: _Model) -> dict[str, Any]:
     if not run.main:
         barrier()
         return result
+    # The adapter names the base model by its portable id (a hub id, `vlmspec:tiny-qwen2.5-vl`), not
+    # the local path this machine loaded it from.
+    for cfg in getattr(m.model, "peft_config", {}).values():
+        cfg.base_model_name_or_path = job.model.id
     m.model.save_pretrained(str(adapter))
     plot_loss(run.log_path, run.out / "loss.png")
     manifest = {

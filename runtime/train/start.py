@@ -29,7 +29,7 @@ def train(job: TrainJob, device: str | None = None, stop_after: int | None = Non
     ranks an external launcher started (just before training, so they train only what rank 0 does)."""
     from .distributed import world
 
-    done = finished_run(job.out, job.fingerprint)
+    done = None if job.fresh else finished_run(job.out, job.fingerprint)
     if done is not None:
         # The adapter for this exact fingerprint is already saved (e.g. killed after saving, before
         # apply recorded the step): record it instead of training again.

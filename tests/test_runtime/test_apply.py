@@ -250,6 +250,81 @@ def test_param_change_recomputes_only_column_and_dependents(tmp_path, monkeypatc
     assert prepare(load_spec(spec)).plan.is_empty
 
 
+@pytest.mark.slow
+def test_a_recompute_that_fails_keeps_the_old_column_whole_and_fresh(tmp_path, monkeypatch):
+    """A recompute fills a shadow field: a failure (or a kill) leaves the old column readable and
+    fresh under its old fingerprint, the plan still shows the recompute, and reverting the spec
+    recomputes nothing. A recompute that completes swaps the new values in, in one commit."""
+    monkeypatch.chdir(tmp_path)
+    features = {"tier1": {"answer_words": {"udf": "udfs:answer_words", "inputs": ["answer"],
+                                           "params": {"min_len": 1}}}}
+    spec = write_spec(tmp_path, rows=200, features=features, curate=False)
+    apply(load_spec(spec))
+    uri = table_of(tmp_path)
+    old = by_id(lance.dataset(uri), ["id", "answer_words"]).column("answer_words").to_pylist()
+    old_fp = meta(lance.dataset(uri), "answer_words")[FINGERPRINT]
+
+    broken = json.loads(json.dumps(features))
+    broken["tier1"]["answer_words"]["params"] = {"min_len": "x"}  # the UDF raises TypeError on every row
+    write_spec(tmp_path, rows=200, features=broken, curate=False)
+    with pytest.raises(ApplyError, match="answer_words"):
+        apply(load_spec(spec))
+    ds = lance.dataset(uri)
+    assert meta(ds, "answer_words")[FINGERPRINT] == old_fp
+    assert by_id(ds, ["id", "answer_words"]).column("answer_words").to_pylist() == old
+    assert next(s for s in prepare(load_spec(spec)).plan.columns if s.name == "answer_words").kind == "recompute"
+
+    write_spec(tmp_path, rows=200, features=features, curate=False)  # revert: nothing to recompute
+    reset_calls(tmp_path)
+    plan = prepare(load_spec(spec)).plan
+    assert {s.name: s.kind for s in plan.columns} == {"answer_words": "up_to_date",
+                                                      "answer_words__vlmspec_next": "drop"}
+    res = apply(load_spec(spec))
+    assert calls(tmp_path) == {} and res.plan_after.is_empty
+    assert lance.dataset(uri).schema.names == RAW + ["answer_words"]
+
+    changed = json.loads(json.dumps(features))
+    changed["tier1"]["answer_words"]["params"] = {"min_len": 3}
+    write_spec(tmp_path, rows=200, features=changed, curate=False)
+    before = lance.dataset(uri).version
+    apply(load_spec(spec))
+    ds = lance.dataset(uri)
+    assert ds.schema.names == RAW + ["answer_words"]  # shadow swapped in, old column dropped
+    assert_complete(ds, "answer_words")
+    t = by_id(ds)
+    assert t.column("answer_words").to_pylist() == [sum(1 for w in a.split() if len(w) >= 3)
+                                                    for a in t.column("answer").to_pylist()]
+    # A reader pinned to the version before sees the whole old column under the same name.
+    assert by_id(lance.dataset(uri, version=before), ["id", "answer_words"]).column("answer_words").to_pylist() == old
+
+
+@pytest.mark.slow
+def test_a_kill_between_fill_and_swap_resumes_as_a_swap(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    features = {"tier1": {"answer_words": {"udf": "udfs:answer_words", "inputs": ["answer"],
+                                           "params": {"min_len": 1}}}}
+    spec = write_spec(tmp_path, rows=100, features=features, curate=False)
+    apply(load_spec(spec))
+    features["tier1"]["answer_words"]["params"] = {"min_len": 2}
+    write_spec(tmp_path, rows=100, features=features, curate=False)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lance_io, "swap_in", killed)
+    with pytest.raises(KeyboardInterrupt):
+        apply(load_spec(spec))
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    step = next(s for s in prepare(load_spec(spec)).plan.columns if s.name == "answer_words")
+    assert step.kind == "recompute" and step.rows == 0 and "interrupted recompute" in step.reason
+    reset_calls(tmp_path)
+    apply(load_spec(spec))
+    assert calls(tmp_path) == {}  # the complete shadow is swapped in, nothing recomputed
+    ds = lance.dataset(table_of(tmp_path))
+    assert ds.schema.names == RAW + ["answer_words"]
+    assert_complete(ds, "answer_words")
+
+
 # --- 3. appended source rows ----------------------------------------------------------------
 
 @pytest.mark.slow
@@ -441,6 +516,26 @@ def test_sigkill_mid_backfill_resumes_without_loss_or_recompute(tmp_path, monkey
 
 
 # --- 6. ingest sources ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_killed_apply_is_in_the_log_as_killed_with_what_it_committed(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmspec.runtime.cli import app
+
+    spec = write_spec(tmp_path, rows=256, features=SLOW, curate=False)
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "VLMSPEC_TEST_SLEEP": "0.06"}
+    with open(tmp_path / "out.txt", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vlmspec.runtime.cli", "apply", str(spec)], cwd=tmp_path,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    kill_once_committed(proc, table_of(tmp_path), "slow_id", tmp_path / "out.txt", timeout=60)
+    runs = history.list_runs(table_of(tmp_path))
+    assert len(runs) == 1 and runs[0]["status"] == "killed"
+    assert [s["name"] for s in runs[0]["steps"]] == ["ingest", "question_length"]  # committed before the kill
+    r = CliRunner().invoke(app, ["log", str(spec)])
+    assert r.exit_code == 0 and " killed " in r.stdout and "ingest(256)" in r.stdout
+
 
 TEXT_ONLY = {"tier1": {"question_length": {"udf": "text.length", "inputs": ["question"]}}}
 

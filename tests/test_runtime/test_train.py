@@ -12,6 +12,7 @@ from vlmspec.compiler.load import load_spec_text
 from vlmspec.runtime import lance_io
 from vlmspec.runtime.apply import apply, prepare
 from vlmspec.runtime.train.loader import epoch_order, make_loader
+from vlmspec.runtime.row_errors import current_errors
 from vlmspec.runtime.train.loop import lora_target_regex, pinned_slice
 from vlmspec.runtime.train.start import train_from_spec
 
@@ -207,3 +208,129 @@ def test_apply_under_torchrun_trains_on_every_rank_and_equals_one_process(tmp_pa
     assert rec["status"] == "ok" and train["devices"] == 2
     manifest = json.loads((tmp_path / "two/runs/t/manifest.json").read_text())
     assert manifest["devices"] == 2
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def start(self, task, total, unit="rows"):
+        self.calls.append(("start", task, total, unit))
+
+    def advance(self, task, n):
+        self.calls.append(("advance", task, n))
+
+    def info(self, task, text):
+        self.calls.append(("info", task, text))
+
+    def finish(self, task):
+        self.calls.append(("finish", task))
+
+    def note(self, text):
+        pass
+
+
+def test_training_reports_progress_the_plotted_loss_tensorboard_and_a_portable_base(table, monkeypatch):
+    monkeypatch.chdir(table)
+    text = SPEC.replace("QUANT", "32").replace("runs/t", "runs/tb").replace(
+        "  log_every: 1", "  log_every: 2\n  report_to: tensorboard")
+    rec = _Recorder()
+    out = train_from_spec(prepare(load_spec_text(text, file=str(table / "spec.yaml"))), device="cpu", reporter=rec)
+    assert rec.calls[0] == ("start", "train", 6, "steps") and rec.calls[-1] == ("finish", "train")
+    assert sum(c[2] for c in rec.calls if c[0] == "advance") == 6
+    infos = [c[2] for c in rec.calls if c[0] == "info"]
+    assert len(infos) == 3 and infos[-1].startswith("loss ") and "samples/s" in infos[-1]
+    log = [json.loads(x) for x in Path("runs/tb/train_log.jsonl").read_text().splitlines()]
+    assert out["final_loss"] == log[-1]["loss"]  # the summary's loss is the plotted one
+    assert list(Path("runs/tb/tensorboard").glob("events.out.tfevents.*"))
+    cfg = json.loads(Path("runs/tb/adapter/adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "vlmspec:tiny-qwen2.5-vl"
+
+
+def test_a_non_finite_loss_stops_training_keeps_the_last_good_checkpoint_and_publishes_nothing(table, monkeypatch):
+    monkeypatch.chdir(table)
+    import torch
+
+    from vlmspec.compiler.errors import ApplyError
+    from vlmspec.runtime.vlm import graph_step
+
+    real, calls = graph_step.eager_step, []
+
+    def diverging(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * torch.tensor(float("nan")) if len(calls) > 8 else loss  # from step 5 (2 micro-batches a step)
+    monkeypatch.setattr(graph_step, "eager_step", diverging)
+    with pytest.raises(ApplyError, match=r"non-finite loss or gradient norm at step 5 \(quant 32-bit"):
+        train_from_spec(_prep(table, out="runs/nan"), device="cpu")
+    run = Path("runs/nan")
+    assert not (run / "adapter").exists() and not (run / "manifest.json").exists()
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 3  # checkpoint_every 3: the last one before the divergence
+    assert all(torch.isfinite(v).all() for v in state["adapter"].values())
+
+
+def test_qlora_with_checkpointing_and_compiled_layers_is_refused_at_plan_time(table, monkeypatch):
+    monkeypatch.chdir(table)
+    from vlmspec.compiler.errors import CompileError
+
+    text = SPEC.replace("QUANT", "4").replace("  log_every: 1", "  log_every: 1\n  gradient_checkpointing: true\n"
+                                                                 "  compile: layers")
+    with pytest.raises(CompileError, match="diverges"):
+        prepare(load_spec_text(text, file=str(table / "spec.yaml")))
+
+
+@pytest.mark.slow
+def test_rows_nulled_by_recorded_errors_are_left_out_of_the_slice_and_training_runs(tmp_path, monkeypatch):
+    """`on_error: null` rows of a column training reads never reach the loader: the plan and the
+    summary count them, and training (which refuses nulls) runs on the rest."""
+    monkeypatch.chdir(tmp_path)
+    text = SPEC.replace("QUANT", "32").replace("max_tokens: 96", "max_tokens: 48")  # ~20 % of answers overflow
+    (tmp_path / "spec.yaml").write_text(text)
+    loaded = load_spec_text(text, file=str(tmp_path / "spec.yaml"))
+    apply(loaded, until="features")
+    failed = {e["row_addr"] for e in current_errors("data/t.lance")}
+    assert 0 < len(failed) < 160
+    plan = prepare(loaded).plan
+    curate = next(s for s in plan.stages if s.name == "curate")
+    assert f"{len(failed):,} rows with recorded row errors left out" in curate.reason
+    res = apply(loaded)
+    assert res.record.status == "ok"
+    assert any(f"{len(failed)} left out: recorded row errors" in line for line in res.summary), res.summary
+    from vlmspec.runtime.curate import read_slice
+    from vlmspec.runtime.train.job import SliceRecord
+
+    sl = SliceRecord.recorded("data/t.lance")
+    kept = set(read_slice(sl.path, "train").tolist()) | set(read_slice(sl.path, "eval").tolist())
+    assert not kept & failed and sl.train_rows + sl.eval_rows == 160 - len(failed)
+
+
+def test_lost_outputs_are_rebuilt_and_replace_forces_a_rerun(table, monkeypatch):
+    monkeypatch.chdir(table)
+    import shutil
+
+    from vlmspec.compiler.render import render_plan
+
+    prep = _prep(table, out="runs/lost")
+    apply(prep.loaded)
+    assert _prep(table, out="runs/lost").plan.is_empty
+    shutil.rmtree("runs/lost")
+    plan = _prep(table, out="runs/lost").plan
+    train = next(s for s in plan.stages if s.name == "train")
+    assert train.kind == "run" and train.reason.startswith("output missing: `runs/lost/adapter`")
+    assert "~ train" in render_plan(plan) and "output missing" in render_plan(plan)
+    apply(prep.loaded, targets=["train"])
+    assert Path("runs/lost/adapter/adapter_config.json").exists() and _prep(table, out="runs/lost").plan.is_empty
+
+    forced = prepare(prep.loaded, replace_steps=["train", "vision_tower_hiddens"]).plan
+    kinds = {s.name: s.kind for s in forced.columns} | {s.name: s.kind for s in forced.stages}
+    assert kinds["vision_tower_hiddens"] == "recompute" and kinds["train"] == "run"
+    assert kinds["sft_tokens"] == "up_to_date" and kinds["curate"] == "up_to_date"
+    before = Path("runs/lost/adapter/adapter_model.safetensors").stat().st_mtime_ns
+    res = apply(prep.loaded, replace=["train"])
+    assert [s["name"] for s in res.record.steps] == ["train"]
+    assert Path("runs/lost/adapter/adapter_model.safetensors").stat().st_mtime_ns != before  # really retrained
+    from vlmspec.compiler.errors import CompileError
+
+    with pytest.raises(CompileError, match="unknown step or column `trian`. Did you mean `train`"):
+        prepare(prep.loaded, replace_steps=["trian"])

@@ -134,13 +134,14 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 class _Clock:
-    """A backfill Reporter that timestamps each chunk as its values reach the commit side."""
+    """A backfill Reporter that timestamps each commit (the rows a checkpoint made durable)."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.marks: list[tuple[float, int]] = []
 
-    def start(self, task: str, total: int) -> None: ...
+    def start(self, task: str, total: int, unit: str = "rows") -> None: ...
+    def info(self, task: str, text: str) -> None: ...
     def finish(self, task: str) -> None: ...
     def note(self, text: str) -> None: ...
 
