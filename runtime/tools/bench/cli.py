@@ -6,8 +6,10 @@ One module per benchmark (`plan.py`, `backfill.py`), imported only when its comm
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -122,30 +124,61 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
     _report(res, out)
 
 
+def _opt_ints(text: str | None, flag: str) -> list[int] | None:
+    return _ints(text, flag) if text else None
+
+
+def _opt_names(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
 @bench_app.command("gpu")
 def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases",
                                        help="Comma-separated: equivalence, tower, trainstep, qlora, tier3."),
             shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.5-VL-3B, random weights) or `tiny`."),
+            device: Optional[str] = typer.Option(None, "--device", help="Device (default: cuda if present)."),
             compile_: bool = typer.Option(True, "--compile/--no-compile", help="Also time torch.compile variants."),
             deadline_s: float = typer.Option(540.0, "--deadline-s", help="Skip work that would start after this."),
             rows: int = typer.Option(1024, "--rows", min=8, help="tier3: rows of the synthetic table."),
-            tier3_batch: int = typer.Option(256, "--tier3-batch", min=1, help="tier3: engine batch size."),
+            unique: int = typer.Option(256, "--unique", min=1,
+                                       help="tier3: distinct images generated (then repeated to --rows)."),
+            tier3_batch: int = typer.Option(256, "--tier3-batch", min=1,
+                                            help="tier3: engine batch size (vlm.vision_tower's default)."),
             sub_batch: int = typer.Option(16, "--sub-batch", min=1, help="tier3: tower sub-batch in the UDF."),
             tower_threads: str = typer.Option("0", "--tower-threads",
                                               help="tier3: decode thread counts to try (0 = the UDF's default)."),
             qlora_grid: bool = typer.Option(False, "--qlora-grid",
                                             help="qlora: also r16/r64 x batch 2/8/16 (checkpointing on)."),
+            tower_batches: Optional[str] = typer.Option(None, "--tower-batches",
+                                                        help="tower: batch sizes (default: the shape's)."),
+            train_batches: Optional[str] = typer.Option(None, "--train-batches",
+                                                        help="trainstep: batch sizes (default: the shape's)."),
+            ranks: Optional[str] = typer.Option(None, "--ranks", help="trainstep: LoRA ranks (default: the shape's)."),
+            paths: Optional[str] = typer.Option(None, "--paths", help="trainstep: cached,raw (default: both)."),
+            variants: Optional[str] = typer.Option(None, "--variants",
+                                                   help="trainstep: eager, compiled, nosync, nosync-compiled, graph, "
+                                                        "graph-compiled (default: eager,compiled)."),
+            workdir: Optional[str] = typer.Option(None, "--workdir",
+                                                  help="Scratch directory (tables, checkpoints; default: a new "
+                                                       "temporary one)."),
+            suffix: str = typer.Option("", "--suffix", help="Appended to each phase's result name."),
             repeats: int = typer.Option(3, "--repeats", min=1),
             out: Path = OutOpt) -> None:
     """Vision tower, LoRA/QLoRA train step and tier-3 backfill at the Qwen2.5-VL-3B shape (GPU)."""
     _quiet_lance()
     from . import gpu
 
-    res = gpu.run([p.strip() for p in phases.split(",") if p.strip()], out, shape=shape, compile=compile_,
-                  deadline_s=deadline_s, rows=rows, tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats,
+    res = gpu.run(_opt_names(phases) or [], out, shape=shape, device=device, compile=compile_,
+                  deadline_s=deadline_s, rows=rows, unique=unique, tier3_batch=tier3_batch, sub_batch=sub_batch,
+                  repeats=repeats, tower_batches=_opt_ints(tower_batches, "--tower-batches"),
+                  train_batches=_opt_ints(train_batches, "--train-batches"), ranks=_opt_ints(ranks, "--ranks"),
+                  workdir=workdir, paths=_opt_names(paths), variants=_opt_names(variants), suffix=suffix,
                   tower_threads=[int(x) for x in tower_threads.split(",") if x.strip()], qlora_grid=qlora_grid)
     for r in res.values():
         _report(r, out)
+        # a failed figure does not fail the command (the others stand): say so where it is read
+        if r.details.get("errors"):
+            typer.echo("  errors: " + json.dumps(r.details["errors"])[:1500])
 
 
 @bench_app.command("bf16-noise")
