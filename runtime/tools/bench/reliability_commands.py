@@ -1,6 +1,6 @@
 """`vlmspec bench chaos|fuzz|badrows|reliability-report`: the reliability benchmarks' commands.
 
-Registered on `bench_app` by runtime/bench/cli.py; each imports its module only when it runs.
+Registered on `bench_app` by runtime/tools/bench/commands.py; each imports its module only when it runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`vlmspec bench ...` subcommands (registered in runtime/cli.py).
 
-One module per benchmark (`plan.py`, `backfill.py`), imported only when its command runs, so
-`vlmspec --help` stays cheap.
+One module per benchmark (`plan_time.py`, `engine_overhead.py`, `gpu/`, ...), imported only when its
+command runs, so `vlmspec --help` stays cheap: this module must import no torch, lance or pyarrow.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def plan_cmd(rows: str = typer.Option("1000000,100000,10000", "--rows", help="Ta
              out: Path = OutOpt) -> None:
     """Time `vlmspec plan` on tables of growing size (it must read metadata only)."""
     _quiet_lance()
-    from . import plan
+    from . import plan_time
 
-    res = plan.run(_ints(rows, "--rows"), repeats, out, rows_per_fragment=rows_per_fragment, control=control)
+    res = plan_time.run(_ints(rows, "--rows"), repeats, out, rows_per_fragment=rows_per_fragment, control=control)
     _report(res, out)
 
 
@@ -69,9 +69,9 @@ def backfill_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of t
                  out: Path = OutOpt) -> None:
     """Tier-1 rows/s, dhash through vlmspec vs. a bare loop (efficiency, scaling), no-op apply time."""
     _quiet_lance()
-    from . import backfill
+    from . import engine_overhead
 
-    res = backfill.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
+    res = engine_overhead.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
                        rows_per_fragment=rows_per_fragment, noop_rows=_ints(noop_rows, "--noop-rows"))
     _report(res, out)
 
@@ -193,6 +193,6 @@ def bf16_noise_cmd(shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.
 
 # The reliability benchmarks (chaos, fuzz, badrows) and the README section they feed live in their
 # own module; registered here, on the one `bench_app`.
-from .reliability_cli import add_commands as _add_reliability_commands  # noqa: E402
+from .reliability_commands import add_commands as _add_reliability_commands  # noqa: E402
 
 _add_reliability_commands(bench_app)
