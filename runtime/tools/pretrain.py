@@ -1,6 +1,6 @@
 """Pretrains the shipped tiny Qwen2.5-VL (`vlmspec:tiny-qwen2.5-vl`) on a synthetic reading mix.
 
-`python -m vlmspec.runtime.tools.pretrain OUT_DIR [--steps N] [--device cpu|cuda] [--seed S]`
+`vlmspec bench pretrain-tiny OUT_DIR [--steps N] [--device cpu|cuda] [--seed S]`
 builds the tiny model with `tiny.build` (same tokenizer recipe, its corpus drawn with the
 pretraining seed), trains the WHOLE model (vision tower, merger and language model) and saves it
 with `save_pretrained` beside the tokenizer and processor files, so every loader reads it as is.
@@ -42,7 +42,6 @@ not depend on it) and records it, so `--steps <recorded>` reproduces the run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -53,7 +52,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["MIX", "PretrainBatches", "question_family", "styled_answer", "pretrain", "main"]
+__all__ = ["MIX", "PretrainBatches", "question_family", "styled_answer", "pretrain", "evaluate_saved"]
 
 MIX: dict[str, dict[str, Any]] = {
     "read": {"weight": 1.0, "style": "short"},
@@ -319,7 +318,7 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
     meta.update({
         "weights": "pretrained",
         "pretrain": {
-            "command": f"python -m vlmspec.runtime.tools.pretrain OUT --steps {step} --decay-steps {decay} "
+            "command": f"vlmspec bench pretrain-tiny OUT --steps {step} --decay-steps {decay} "
                        f"--device {device} --seed {seed} --batch-size {batch_size} --lr {lr} --image-px {image_px} "
                        f"--warmup {warmup}",
             "steps": step, "decay_steps": decay, "batch_rows": batch_size, "rows_seen": seen, "lr": lr,
@@ -371,38 +370,3 @@ def evaluate_saved(out_dir: str | Path, device: str = "cpu", threads: int = 2, l
     pt["val_accuracy_quickstart_prompt"] = acc
     (out / "vlmspec_tiny.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return acc
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.pretrain",
-                                     description="Pretrain the shipped tiny Qwen2.5-VL on the synthetic reading mix.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (the maximum with --budget-s)")
-    parser.add_argument("--decay-steps", type=int, default=None, help="final linear LR decay (default 20%% of steps)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=1, help="data, tokenizer-corpus and init seed; never 0")
-    parser.add_argument("--batch-size", type=int, default=32, help="generator rows per step")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--image-px", type=int, default=112)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--workers", type=int, default=0, help="processes rendering batches (0: in the loop)")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop early to fit this many seconds")
-    parser.add_argument("--val-rows", type=int, default=128)
-    parser.add_argument("--eval-only", action="store_true",
-                        help="only score the saved model in OUT_DIR on its validation rows (quickstart prompt)")
-    args = parser.parse_args(argv)
-    if args.eval_only:
-        evaluate_saved(args.out_dir, device=args.device, threads=args.threads, log=lambda s: print(s, flush=True))
-        return
-    if args.seed == 0:
-        parser.error("--seed 0 is the quickstart's seed; pretraining must use a disjoint seed")
-    pretrain(args.out_dir, steps=args.steps, device=args.device, seed=args.seed, batch_size=args.batch_size,
-             lr=args.lr, image_px=args.image_px, warmup=args.warmup, log_every=args.log_every,
-             decay_steps=args.decay_steps, threads=args.threads, workers=args.workers, budget_s=args.budget_s, val_rows=args.val_rows,
-             log=lambda s: print(s, flush=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,12 @@
 """Reproducible builder of the shipped tiny Qwen2.5-VL (`vlmspec:tiny-qwen2.5-vl`) for CPU tests.
 
-`python -m vlmspec.runtime.tools.tiny build OUT_DIR` trains a small byte-level BPE tokenizer on
+`vlmspec bench tiny-model OUT_DIR` trains a small byte-level BPE tokenizer on
 synthetic TextVQA-style text, writes a Qwen-style chat template and image processor, and saves a
 randomly initialised CPU-sized Qwen2.5-VL. Same code + same seed -> same files. Never downloads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -219,20 +218,3 @@ def _portable_processor_files(out: Path) -> None:
     tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
     for f in out.iterdir():  # safetensors writes 0600; a shipped asset must be world-readable
         f.chmod(0o644)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.tiny")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the tiny model directory")
-    b.add_argument("out_dir")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--vocab-size", type=int, default=1536)
-    b.add_argument("--corpus", choices=["auto", "synthetic", "builtin"], default="auto")
-    args = parser.parse_args(argv)
-    out = build(args.out_dir, seed=args.seed, vocab_size=args.vocab_size, corpus_source=args.corpus)
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

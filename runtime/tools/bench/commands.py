@@ -1,7 +1,9 @@
-"""`vlmspec bench ...` subcommands (registered in runtime/cli.py).
+"""`vlmspec bench ...` subcommands (registered in runtime/cli.py): the one entry point of the tools.
 
-One module per benchmark (`plan_time.py`, `engine_overhead.py`, `gpu/`, ...), imported only when its
-command runs, so `vlmspec --help` stays cheap: this module must import no torch, lance or pyarrow.
+One module per benchmark (`plan_time.py`, `engine_overhead.py`, `gpu/`, ...) and the tiny-model
+builders (`tools/tiny.py`, `tools/pretrain.py`), each imported only when its command runs, so
+`vlmspec --help` stays cheap: this module must import no torch, lance or pyarrow. A bare GPU machine
+runs the same commands as `python3 -m vlmspec.runtime.cli bench ...` (no console script needed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .common import DEFAULT_OUT, parse_ints
 bench_app = typer.Typer(no_args_is_help=True, help="Measure vlmspec on this machine; results go to JSON + Markdown.")
 
 OutOpt = typer.Option(DEFAULT_OUT, "--out", help="Directory for <name>.json and <name>.md.")
+CORPORA = ("auto", "synthetic", "builtin")  # tiny.corpus's sources, checked before any work starts
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -113,14 +116,17 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
               threads: str = typer.Option("2,4", "--threads", help="Prefetch thread counts tried with 0 workers."),
               loader: bool = typer.Option(True, "--loader/--no-loader", help="Also time our training loader."),
               repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
+              name: str = typer.Option("reads", "--name",
+                                       help="Result name (the README's GPU-machine column reads `reads_gpu_machine`)."),
               out: Path = OutOpt) -> None:
     """Lance vs Parquet (raw and cached hiddens, sequential and shuffled), our loader, plain file reads."""
     _quiet_lance()
     from . import reads
 
+    # plain splits, not `_ints`: 0 is a valid worker count (read in process)
     workers_list = [int(x) for x in workers.split(",") if x.strip()]
     res = reads.run(rows, tokens, hidden, image_kb, repeats, out, batch=batch, workers=workers_list, loader=loader,
-                    threads=[int(x) for x in threads.split(",") if x.strip()])
+                    threads=[int(x) for x in threads.split(",") if x.strip()], name=name)
     _report(res, out)
 
 
@@ -189,6 +195,64 @@ def bf16_noise_cmd(shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.
     from . import bf16_noise
 
     _report(bf16_noise.run(out, shape=shape, seeds=seeds), out)
+
+
+@bench_app.command("perf-report")
+def perf_report_cmd(readme: Path = typer.Argument(Path("README.md"), help="The README to update."),
+                    results: Path = typer.Argument(DEFAULT_OUT, help="Where the results JSON are.")) -> None:
+    """Rewrite the README's performance tables (between its markers) from the results JSON."""
+    from .perf_report import START, update_readme
+
+    typer.echo("updated" if update_readme(readme, results) else f"no {START} block in {readme}")
+
+
+@bench_app.command("tiny-model")
+def tiny_model_cmd(out_dir: Path = typer.Argument(..., help="Directory to write the model into."),
+                   seed: int = typer.Option(0, "--seed", help="Tokenizer-corpus and weight-init seed."),
+                   vocab_size: int = typer.Option(1536, "--vocab-size", help="Tokenizer vocabulary."),
+                   corpus: str = typer.Option("auto", "--corpus",
+                                              help="Tokenizer text: `auto`, `synthetic` or `builtin`.")) -> None:
+    """Build the tiny random-weight Qwen2.5-VL (tokenizer, processor, config, weights); never downloads."""
+    if corpus not in CORPORA:
+        raise typer.BadParameter(f"must be one of {', '.join(CORPORA)}, got `{corpus}`", param_hint="--corpus")
+    from .. import tiny
+
+    typer.echo(str(tiny.build(out_dir, seed=seed, vocab_size=vocab_size, corpus_source=corpus)))
+
+
+@bench_app.command("pretrain-tiny")
+def pretrain_tiny_cmd(
+        out_dir: Path = typer.Argument(..., help="Directory to write the pretrained model into."),
+        steps: int = typer.Option(4000, "--steps", help="Optimizer steps (the maximum with --budget-s)."),
+        decay_steps: Optional[int] = typer.Option(None, "--decay-steps",
+                                                  help="Final linear LR decay (default 20% of steps)."),
+        device: str = typer.Option("cpu", "--device"),
+        seed: int = typer.Option(1, "--seed", help="Data, tokenizer-corpus and init seed; never 0."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Generator rows per step."),
+        lr: float = typer.Option(2e-3, "--lr"),
+        image_px: int = typer.Option(112, "--image-px"),
+        warmup: int = typer.Option(100, "--warmup"),
+        log_every: int = typer.Option(10, "--log-every"),
+        threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+        workers: int = typer.Option(0, "--workers", help="Processes rendering batches (0: in the loop)."),
+        budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Stop early to fit this many seconds."),
+        val_rows: int = typer.Option(128, "--val-rows"),
+        eval_only: bool = typer.Option(False, "--eval-only",
+                                       help="Only score the saved model in OUT_DIR on its validation rows "
+                                            "(quickstart prompt).")) -> None:
+    """Pretrain the shipped tiny Qwen2.5-VL on the synthetic reading mix (`tools/pretrain.py` says why)."""
+    from .. import pretrain
+
+    log = typer.echo  # flushes each line: a long run's progress shows as it goes
+    if eval_only:
+        pretrain.evaluate_saved(out_dir, device=device, threads=threads, log=log)
+        return
+    if seed == 0:
+        raise typer.BadParameter("0 is the quickstart's seed; pretraining must use a disjoint seed",
+                                 param_hint="--seed")
+    pretrain.pretrain(out_dir, steps=steps, device=device, seed=seed, batch_size=batch_size, lr=lr,
+                      image_px=image_px, warmup=warmup, log_every=log_every, decay_steps=decay_steps,
+                      threads=threads, workers=workers, budget_s=budget_s, val_rows=val_rows, log=log)
 
 
 # The reliability benchmarks (chaos, fuzz, badrows) and the README section they feed live in their

@@ -304,33 +304,3 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m vlmspec.runtime.tools.bench.reads` (the GPU machine runs it without the typer CLI)."""
-    import argparse
-
-    from .common import DEFAULT_OUT
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=600)
-    ap.add_argument("--tokens", type=int, default=400)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--image-kb", type=int, default=60)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--workers", default="0,2")
-    ap.add_argument("--threads", default="2,4", help="prefetch threads tried with 0 workers")
-    ap.add_argument("--no-loader", action="store_true")
-    ap.add_argument("--name", default="reads")
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
-    a = ap.parse_args(argv)
-    res = run(a.rows, a.tokens, a.hidden, a.image_kb, a.repeats, Path(a.out), batch=a.batch,
-              workers=[int(x) for x in a.workers.split(",") if x.strip()], loader=not a.no_loader, name=a.name,
-              threads=[int(x) for x in a.threads.split(",") if x.strip()])
-    for d in res.derived.values():
-        print(f"  {d['label']}: {d['value']} {d['unit']}  target {d['target']}  met {d['met']}")
-
-
-if __name__ == "__main__":
-    main()
