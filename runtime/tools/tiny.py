@@ -126,11 +126,13 @@ def build_tokenizer(lines: list[str], vocab_size: int = 1536):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tk.decoder = decoders.ByteLevel()
+    # every byte in the alphabet: no text is ever out of vocabulary
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(lines, trainer=trainer)
     tok = Qwen2Tokenizer(tokenizer_object=tk, unk_token=None, bos_token=None,
                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # set on the tokenizer too: `apply_chat_template` and the saved files both carry it
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -142,9 +144,12 @@ def build_config(tok, text_hidden: int = 128, layers: int = 4, vision_depth: int
     heads = 4
     head_dim = text_hidden // heads
     half = head_dim // 2  # sum(mrope_section) must equal head_dim / 2
+    # M-RoPE sections (time, height, width): a quarter and two equal halves of the rest, as
+    # Qwen2.5-VL's 16/24/24 of 64
     t = half // 4
     mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
     ids = {t_: tok.convert_tokens_to_ids(t_) for t_ in SPECIAL_TOKENS}
+    # embedding rows rounded up to a multiple of 64, as real checkpoints pad their vocabulary
     vocab = (len(tok) + 63) // 64 * 64
     return Qwen2_5_VLConfig(
         text_config=dict(
@@ -179,9 +184,11 @@ def build(out_dir: str | Path, seed: int = 0, vocab_size: int = 1536, corpus_sou
     lines, used = corpus(rows=corpus_rows, seed=seed, source=corpus_source)
     tok = build_tokenizer(lines, vocab_size)
     config = build_config(tok)
+    # the same seed gives the same weights: the builder is reproducible byte for byte
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
+        # stop on either end token: answers end with <|im_end|>, padding is <|endoftext|>
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
         pad_token_id=config.text_config.pad_token_id, do_sample=False)
     model.save_pretrained(out)

@@ -40,6 +40,7 @@ def _report(res, out: Path) -> None:
     typer.echo(f"wrote {out / (res.name + '.json')} and {out / (res.name + '.md')}")
     for d in res.derived.values():
         val = d["value"]
+        # a short summary for the terminal; the JSON keeps full precision
         val = f"{val:,.4g}" if isinstance(val, float) else (f"{val:,}" if isinstance(val, int) else str(val))
         met = "" if d["met"] is None else ("  [target met]" if d["met"] else "  [TARGET MISSED]")
         typer.echo(f"  {d['label']}: {val} {d['unit']}{('  (target ' + d['target'] + ')') if d['target'] else ''}{met}")
@@ -95,6 +96,7 @@ def ray_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of the sy
     """Ray executor vs local: tier-2 and tier-3 scaling over workers, and Ray's overhead for the same plan."""
     _quiet_lance()
     try:
+        # checked here, before any table is written: Ray is an optional extra
         import ray  # noqa: F401
     except ImportError:
         raise typer.BadParameter("needs Ray: pip install 'vlmspec[ray]'", param_hint="vlmspec bench ray") from None
@@ -130,6 +132,7 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
     _report(res, out)
 
 
+# an option left out means the benchmark's default (the shape's own lists), not an empty list
 def _opt_ints(text: str | None, flag: str) -> list[int] | None:
     return _ints(text, flag) if text else None
 

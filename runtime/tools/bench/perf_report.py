@@ -62,6 +62,7 @@ def render(d: Path) -> str:
            "GPU figures are one H200 at the Qwen2.5-VL-3B-Instruct shape built from its config with random "
            "weights (exact for speed and memory, not accuracy); median (min–max) over repeats.", ""]
     # -- targets
+    # r16 and r64 are separate device calls (`--suffix _r64`): the best figure may be in either file
     train = [x for x in (tr16, tr64) if x]
     best = max(((_der(x, "train_cached_best") or {}).get("value") or 0, x) for x in train)[1] if train else None
     b2 = max(((_der(x, "train_cached_b2") or {}).get("value") or 0, x) for x in train)[1] if train else None
@@ -78,6 +79,7 @@ def render(d: Path) -> str:
         ("Reads: our loader shuffled / plain read of the same bytes (CPU machine)", _der(rc, "loader_vs_plain")),
         ("Reads: our loader shuffled / Parquet shuffled, fp16 hiddens (CPU machine)", _der(rc, "loader_vs_parquet")),
         ("Reads: our loader shuffled / plain read of the same bytes (GPU machine)", _der(rg, "loader_vs_plain"))
+        # the GPU machine may lack lancedb, so our loader may not have run there: Lance's take instead
         if _der(rg, "loader_vs_plain") else
         ("Reads: Lance take shuffled / plain read (GPU machine, pylance only)", _der(rg, "lance_take_vs_plain")),
         ("Reads: Lance shuffled / Parquet shuffled hiddens (GPU machine)", _der(rg, "lance_vs_parquet_h_shuf")),
@@ -115,6 +117,7 @@ def render(d: Path) -> str:
                     continue
                 cell = _fig(data, key, spread=False) + (f" ({f['peak_gib']:.1f})" if f.get("peak_gib") else "")
                 seen.setdefault((f["path"], f["r"], f["batch"]), {})[v] = cell
+        # cached rows first, then by rank and batch
         for (path, r, b), cells in sorted(seen.items(), key=lambda kv: (kv[0][0] != "cached", kv[0][1], kv[0][2])):
             out.append(f"| {path} | {r} | {b} | " + " | ".join(cells.get(v, "–") for v in variants) + " |")
         out.append("")
@@ -123,6 +126,7 @@ def render(d: Path) -> str:
                 "step)", "", "| path | r | batch | gradient checkpointing | samples/s | own peak GiB |",
                 "|---|---:|---:|---|---:|---:|"]
         for k, f in q["figures"].items():
+            # results from before the grid lack these keys: they were all cached r16 batch 2, checkpointing on
             out.append(f"| {f.get('path', 'cached')} | {f.get('r', 16)} | {f.get('batch', 2)} | "
                        f"{'on' if f.get('gc', True) else 'off'} | {_fig(q, k)} | {f.get('own_peak_gib')} |")
         out.append("")

@@ -73,6 +73,7 @@ def reliability_report(results: Path = typer.Option(DEFAULT_OUT, "--results", he
     typer.echo(f"updated the reliability section of {readme} from {results}")
 
 
+# called by commands.py on its `bench_app`: one `vlmspec bench` group holds every benchmark
 def add_commands(app: typer.Typer) -> None:
     app.command("chaos")(chaos)
     app.command("fuzz")(fuzz)

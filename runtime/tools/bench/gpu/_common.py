@@ -138,6 +138,7 @@ def qwen_config(shape: str):
                   hidden_act="silu", tokens_per_second=2)
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **s["ids"])
     for c in (cfg, cfg.text_config, cfg.vision_config):
+        # SDPA on the model and both sub-configs, as vlmspec's own loaders load it
         c._attn_implementation = "sdpa"
     return cfg
 
@@ -185,6 +186,7 @@ def text_batch(shape: str, b: int, device: str, seed: int = 0):
     ntok = (s["image_px"] // 28) ** 2
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, s["text_vocab"], (b, L), generator=g)
+    # the image block after five text tokens, the labelled answer at the end
     ids[:, 5] = ids_["vision_start_token_id"]
     ids[:, 6:6 + ntok] = ids_["image_token_id"]
     ids[:, 6 + ntok] = ids_["vision_end_token_id"]
@@ -224,11 +226,13 @@ def measure(ph: Phase, key: str, label: str, unit_per_call: int, fn: Callable[[]
         fn()
     sync(device)
     first = time.perf_counter() - t0
+    # peak memory counts the timed calls only, not warm-up or compilation
     reset_peak(device)
     t1 = time.perf_counter()
     fn()
     sync(device)
     one = max(time.perf_counter() - t1, 1e-6)
+    # k calls per timed repeat, so a repeat lasts about `target_s`: short calls are timed in bulk
     k = max(1, min(max_calls, int(math.ceil(target_s / one))))
     fig = ph.res.figure(key, label, unit, higher_is_better=True, calls_per_repeat=k, warmup_s=round(first, 2),
                         **extra)

@@ -48,6 +48,7 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
     # bf16 is what the figures are about; a tiny run on a CPU stays fp32 (CPU bf16 kernels are slow)
     dtype = torch.bfloat16 if device.startswith("cuda") or shape == "3b" else torch.float32
     deadline = time.time() + deadline_s
+    # a given --workdir survives the call: the next call reuses qlora's saved checkpoint
     work = Path(workdir or tempfile.mkdtemp(prefix="vlmspec-bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     ctx: dict[str, Any] = dict(shape=shape, device=device, dtype=dtype, compile=compile, rows=rows, unique=unique,
@@ -77,6 +78,7 @@ def run(phases: list[str], out: Path, *, shape: str = "3b", device: str | None =
         if p == "qlora":
             extra = {"qlora_grid": qlora_grid}
         ph = Phase(p, TITLES[p], {**settings, **extra}, out, deadline, suffix)
+        # tier3 reuses the tower of the model built for earlier phases instead of building another
         if p == "tier3" and ctx.get("model") is not None:
             ctx["tower"] = ctx["model"].model.visual
         try:

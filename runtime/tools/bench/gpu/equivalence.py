@@ -31,6 +31,7 @@ def phase_equivalence(ph: Phase, ctx: dict[str, Any]) -> None:
         px2 = pixels(shape, b, device, dtype, seed=2)  # fresh inputs through the recorded layout
         hf2 = pooled(tower(px2, grid_thw=grid.to(device)))
         fh2 = fast(px2, grid).pooler_output
+    # the layout FastTower recorded: which window layers it batches, in how many chunks
     layout = next(iter(fast.layouts.values()))
     d["fast_tower_vs_hf"] = {"max_abs": float((fh - hf).abs().max()), "rel_l2": rel_l2(fh, hf),
                              "fresh_inputs_max_abs": float((fh2 - hf2).abs().max()),
@@ -45,14 +46,17 @@ def phase_equivalence(ph: Phase, ctx: dict[str, Any]) -> None:
         kw = {}
         import inspect
 
+        # newer transformers take the image-token mask as an argument; older ones have none
         if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
             kw["mm_token_type_ids"] = (ids == model.config.image_token_id).to(torch.int)
+        # HF keeps the last call's M-RoPE deltas on the model: clear them so each forward computes its own
         model.model.rope_deltas = None
         full = model(input_ids=ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid.to(device),
                      use_cache=False, **kw).logits
         model.model.rope_deltas = None
         cmp = {}
         for name, h in (("hf_tower_hiddens", hf), ("fast_tower_hiddens", fh),
+                        # also through fp16, the dtype the hiddens column stores
                         ("fp16_stored_hiddens", fh.to(torch.float16))):
             out = cached_forward(model, ids, mask, h.reshape(b, -1, h.shape[-1]), grid_of(shape), labels=labels)
             pos = out.label_positions

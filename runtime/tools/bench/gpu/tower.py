@@ -33,6 +33,7 @@ def phase_tower(ph: Phase, ctx: dict[str, Any]) -> None:
         return fn
 
     eager = FastTower(tower)
+    # one eager and one compiled wrapper shared by every batch size (each layout compiled once)
     compiled = FastTower(tower, compile=ctx["compile"], allow_cpu_compile=ctx["compile"])
     for b in batches:
         for kind, fast in (("hf", None), ("fast", eager), ("fast_compile", compiled)):
@@ -40,6 +41,7 @@ def phase_tower(ph: Phase, ctx: dict[str, Any]) -> None:
                 continue
             if kind == "hf" and b != max(batches) and b != min(batches):
                 continue  # HF's tower is slow and flat in batch size: two sizes are enough
+            # no new figure near the device call's deadline: the files written so far are kept
             if ph.time_left() < 20:
                 ph.res.notes.append(f"tower {kind} b{b}: skipped (device-call deadline)")
                 continue
@@ -53,6 +55,7 @@ def phase_tower(ph: Phase, ctx: dict[str, Any]) -> None:
                                            target_s=1.5, batch=b)
             except Exception as e:  # noqa: BLE001
                 ph.error(f"tower_{kind}_b{b}", e)
+    # compiled where it ran, else eager: the rate the tier-3 column can reach
     best_fast = max(results["fast_compile"].values() or results["fast"].values() or [0.0])
     hf_best = max(results["hf"].values() or [0.0])
     ph.res.derive("tower_best", "best tower images/s (FastTower, compiled where run)", best_fast, unit="images/s",
