@@ -332,7 +332,7 @@ def errors(spec: Path = typer.Argument(..., help="The spec file."), var: Optiona
     out.print(f"{len(rows)} row error(s).")
 
 
-from .tools.bench.cli import bench_app  # noqa: E402  (cheap: imports no torch)
+from .tools.bench.commands import bench_app  # noqa: E402  (cheap: imports no torch)
 
 app.add_typer(bench_app, name="bench")
 

@@ -23,7 +23,7 @@ GROUND = ("vlmspec.runtime.lance_io", "vlmspec.runtime.udfs", "vlmspec.runtime.s
 ORCHESTRATION = ("vlmspec.runtime.apply", "vlmspec.runtime.train.loop", "vlmspec.runtime.train.start", "vlmspec.runtime.eval.evaluate",
                  "vlmspec.runtime.cli")
 TOOLS = "vlmspec.runtime.tools"
-ALLOWED_TOOL_IMPORTS = {("vlmspec.runtime.cli", "vlmspec.runtime.tools.bench.cli")}
+ALLOWED_TOOL_IMPORTS = {("vlmspec.runtime.cli", "vlmspec.runtime.tools.bench.commands")}
 
 
 def _under(mod: str, prefixes) -> bool:

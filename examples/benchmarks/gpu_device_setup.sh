@@ -1,6 +1,7 @@
 # Source this on a bare GPU machine (the workplace's CUDA image: torch, transformers, peft, pyarrow,
 # but no vlmspec, pydantic, pylance or bitsandbytes) from the repository root, before
-# `python3 -m vlmspec.runtime.tools.bench.gpu ...` / `python3 -m vlmspec.runtime.tools.bench.reads ...`.
+# `python3 -m vlmspec.runtime.cli bench gpu ...` / `python3 -m vlmspec.runtime.cli bench reads ...`
+# (the CLI module runs as a script, so no console script is needed; typer and rich are in the image).
 # Wheels travel in the git-ignored .gpu/ folder: .gpu/whl (pydantic, sqlglot, lance-namespace),
 # .gpu/pylance.tar.xz (pylance unpacked, xz) and .gpu/bnb*/*.whl (bitsandbytes; the first one found), as available.
 export PYTHONUNBUFFERED=1 LANCE_LOG=error

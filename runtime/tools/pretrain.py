@@ -1,6 +1,6 @@
 """Pretrains the shipped tiny Qwen2.5-VL (`vlmspec:tiny-qwen2.5-vl`) on a synthetic reading mix.
 
-`python -m vlmspec.runtime.tools.pretrain OUT_DIR [--steps N] [--device cpu|cuda] [--seed S]`
+`vlmspec bench pretrain-tiny OUT_DIR [--steps N] [--device cpu|cuda] [--seed S]`
 builds the tiny model with `tiny.build` (same tokenizer recipe, its corpus drawn with the
 pretraining seed), trains the WHOLE model (vision tower, merger and language model) and saves it
 with `save_pretrained` beside the tokenizer and processor files, so every loader reads it as is.
@@ -42,7 +42,6 @@ not depend on it) and records it, so `--steps <recorded>` reproduces the run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -53,7 +52,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["MIX", "PretrainBatches", "question_family", "styled_answer", "pretrain", "main"]
+__all__ = ["MIX", "PretrainBatches", "question_family", "styled_answer", "pretrain", "evaluate_saved"]
 
 MIX: dict[str, dict[str, Any]] = {
     "read": {"weight": 1.0, "style": "short"},
@@ -64,6 +63,7 @@ MIX: dict[str, dict[str, Any]] = {
 PRETRAIN_SUFFIX = None  # None: the quickstart's own instruction (`prompt.PROMPT_SUFFIX`), so the base is usable with it
 VAL_START = 10_000_000  # validation rows: same seed, row indices the training stream never reaches
 _YESNO = re.compile(r"^(is|are|does|do|did|was|were|can|has|have)\b")
+# the subject of a sentence answer, by auxiliary: "Yes, they are." but "Yes, it is."
 _PRONOUN = {"are": "they", "were": "they", "do": "they", "have": "they"}
 
 
@@ -93,6 +93,7 @@ def styled_answer(question: str, answer: str, style: str) -> str:
 
 
 def _keep(seed: int, index: int, weight: float) -> bool:
+    # seeded by the row's own index: whether a row is kept never depends on batching or workers
     return weight >= 1 or (weight > 0 and random.Random(f"mix:{seed}:{index}").random() < weight)
 
 
@@ -132,6 +133,7 @@ class PretrainBatches:
                                                      cols["image"])):
             fam = question_family(q or "")
             m = self.mix.get(fam)
+            # rows without a question or an answer teach nothing; families outside the mix are left out
             if not q or not a or m is None or not _keep(self.seed, first + k, m["weight"]):
                 continue
             out.append({"question": q, "answer": a, "answers": answers, "image": img, "family": fam,
@@ -147,6 +149,7 @@ class PretrainBatches:
                    for r in rows]
         pids = self.tok(prompts, add_special_tokens=False)["input_ids"]
         aids = self.tok([r["target"] for r in rows], add_special_tokens=False)["input_ids"]
+        # every answer ends with the end-of-turn token, so the model learns where to stop
         seqs = [(list(q), list(a) + [self.end_id]) for q, a in zip(pids, aids)]
         width = max(len(q) + len(a) for q, a in seqs)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -154,6 +157,7 @@ class PretrainBatches:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (q, a) in enumerate(seqs):
             ids[i, :len(q) + len(a)] = torch.tensor(q + a)
+            # the loss is on the answer and its end token only; the prompt is context
             labels[i, len(q):len(q) + len(a)] = torch.tensor(a)
             mask[i, :len(q) + len(a)] = 1
         images = [p.resize_image(r["image"], self.image_px) for r in rows]
@@ -234,9 +238,12 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
     t_start = time.perf_counter()
     mix = json.loads(json.dumps(MIX if mix is None else mix))
     torch.set_num_threads(threads)
+    # the loader's worker processes start after the tokenizer has run: HF tokenizers would warn and
+    # may deadlock in them
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(out_dir)
     tiny.build(out, seed=seed, **(build_kwargs or {}))
+    # re-seeded after the build (which seeded its own init): everything random in training follows `seed`
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
                                                                attn_implementation="sdpa").to(device)
@@ -250,12 +257,15 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
                            patch=cfg.patch_size)
     val_data = PretrainBatches(processor, seed, image_px, val_rows, mix, start=VAL_START,
                                merge=cfg.spatial_merge_size, patch=cfg.patch_size)
+    # one fixed validation batch, scored before and after: the loss drop is on the same rows
     val_rows_list = val_data.rows(0) if val_rows else []
     val = val_data.collate(val_rows_list) if val_rows else None
+    # batches are a pure function of their index (PretrainBatches), so workers never change the data
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                         prefetch_factor=4 if workers else None, persistent_workers=bool(workers))
 
     params = [p for p in model.parameters() if p.requires_grad]
+    # weight decay on matrices only, not on biases and norms (the usual AdamW split)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
@@ -289,6 +299,7 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
         loss = loss_fn(model, b, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # clipped at 1.0, as recorded in the metadata's `optimizer`: a replay must do the same
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -313,13 +324,14 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
     log(f"done: {step} steps in {train_s:.0f}s, train_loss {history[-1]['loss'] if history else float('nan')}, "
         f"val_loss {val0:.4f} -> {val1:.4f}, val accuracy with the quickstart prompt {acc}")
 
+    # saved from the CPU: the files do not depend on the training device
     model.to("cpu").save_pretrained(out)
     meta_path = out / "vlmspec_tiny.json"
     meta = json.loads(meta_path.read_text())
     meta.update({
         "weights": "pretrained",
         "pretrain": {
-            "command": f"python -m vlmspec.runtime.tools.pretrain OUT --steps {step} --decay-steps {decay} "
+            "command": f"vlmspec bench pretrain-tiny OUT --steps {step} --decay-steps {decay} "
                        f"--device {device} --seed {seed} --batch-size {batch_size} --lr {lr} --image-px {image_px} "
                        f"--warmup {warmup}",
             "steps": step, "decay_steps": decay, "batch_rows": batch_size, "rows_seen": seen, "lr": lr,
@@ -339,6 +351,7 @@ def pretrain(out_dir: str | Path, steps: int = 4000, device: str = "cpu", seed: 
             (platform.processor() or platform.machine()),
             "threads": threads, "workers": workers, "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
+            # about 40 log lines in the record, and the last one
             "log": history[:: max(1, len(history) // 40)] + history[-1:],
         },
     })
@@ -371,38 +384,3 @@ def evaluate_saved(out_dir: str | Path, device: str = "cpu", threads: int = 2, l
     pt["val_accuracy_quickstart_prompt"] = acc
     (out / "vlmspec_tiny.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return acc
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.pretrain",
-                                     description="Pretrain the shipped tiny Qwen2.5-VL on the synthetic reading mix.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (the maximum with --budget-s)")
-    parser.add_argument("--decay-steps", type=int, default=None, help="final linear LR decay (default 20%% of steps)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=1, help="data, tokenizer-corpus and init seed; never 0")
-    parser.add_argument("--batch-size", type=int, default=32, help="generator rows per step")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--image-px", type=int, default=112)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--workers", type=int, default=0, help="processes rendering batches (0: in the loop)")
-    parser.add_argument("--budget-s", type=float, default=None, help="stop early to fit this many seconds")
-    parser.add_argument("--val-rows", type=int, default=128)
-    parser.add_argument("--eval-only", action="store_true",
-                        help="only score the saved model in OUT_DIR on its validation rows (quickstart prompt)")
-    args = parser.parse_args(argv)
-    if args.eval_only:
-        evaluate_saved(args.out_dir, device=args.device, threads=args.threads, log=lambda s: print(s, flush=True))
-        return
-    if args.seed == 0:
-        parser.error("--seed 0 is the quickstart's seed; pretraining must use a disjoint seed")
-    pretrain(args.out_dir, steps=args.steps, device=args.device, seed=args.seed, batch_size=args.batch_size,
-             lr=args.lr, image_px=args.image_px, warmup=args.warmup, log_every=args.log_every,
-             decay_steps=args.decay_steps, threads=args.threads, workers=args.workers, budget_s=args.budget_s, val_rows=args.val_rows,
-             log=lambda s: print(s, flush=True))
-
-
-if __name__ == "__main__":
-    main()

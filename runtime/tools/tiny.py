@@ -1,13 +1,12 @@
 """Reproducible builder of the shipped tiny Qwen2.5-VL (`vlmspec:tiny-qwen2.5-vl`) for CPU tests.
 
-`python -m vlmspec.runtime.tools.tiny build OUT_DIR` trains a small byte-level BPE tokenizer on
+`vlmspec bench tiny-model OUT_DIR` trains a small byte-level BPE tokenizer on
 synthetic TextVQA-style text, writes a Qwen-style chat template and image processor, and saves a
 randomly initialised CPU-sized Qwen2.5-VL. Same code + same seed -> same files. Never downloads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -127,11 +126,13 @@ def build_tokenizer(lines: list[str], vocab_size: int = 1536):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tk.decoder = decoders.ByteLevel()
+    # every byte in the alphabet: no text is ever out of vocabulary
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(lines, trainer=trainer)
     tok = Qwen2Tokenizer(tokenizer_object=tk, unk_token=None, bos_token=None,
                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # set on the tokenizer too: `apply_chat_template` and the saved files both carry it
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -143,9 +144,12 @@ def build_config(tok, text_hidden: int = 128, layers: int = 4, vision_depth: int
     heads = 4
     head_dim = text_hidden // heads
     half = head_dim // 2  # sum(mrope_section) must equal head_dim / 2
+    # M-RoPE sections (time, height, width): a quarter and two equal halves of the rest, as
+    # Qwen2.5-VL's 16/24/24 of 64
     t = half // 4
     mrope = [t, (half - t) // 2, half - t - (half - t) // 2]
     ids = {t_: tok.convert_tokens_to_ids(t_) for t_ in SPECIAL_TOKENS}
+    # embedding rows rounded up to a multiple of 64, as real checkpoints pad their vocabulary
     vocab = (len(tok) + 63) // 64 * 64
     return Qwen2_5_VLConfig(
         text_config=dict(
@@ -180,9 +184,11 @@ def build(out_dir: str | Path, seed: int = 0, vocab_size: int = 1536, corpus_sou
     lines, used = corpus(rows=corpus_rows, seed=seed, source=corpus_source)
     tok = build_tokenizer(lines, vocab_size)
     config = build_config(tok)
+    # the same seed gives the same weights: the builder is reproducible byte for byte
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
+        # stop on either end token: answers end with <|im_end|>, padding is <|endoftext|>
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
         pad_token_id=config.text_config.pad_token_id, do_sample=False)
     model.save_pretrained(out)
@@ -219,20 +225,3 @@ def _portable_processor_files(out: Path) -> None:
     tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
     for f in out.iterdir():  # safetensors writes 0600; a shipped asset must be world-readable
         f.chmod(0o644)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmspec.runtime.tools.tiny")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the tiny model directory")
-    b.add_argument("out_dir")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--vocab-size", type=int, default=1536)
-    b.add_argument("--corpus", choices=["auto", "synthetic", "builtin"], default="auto")
-    args = parser.parse_args(argv)
-    out = build(args.out_dir, seed=args.seed, vocab_size=args.vocab_size, corpus_source=args.corpus)
-    print(out)
-
-
-if __name__ == "__main__":
-    main()

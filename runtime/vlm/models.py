@@ -55,7 +55,7 @@ def resolve_model_path(model_id: str, revision: str = "main") -> str:
         path = Path(__file__).resolve().parent.parent / "assets" / SHIPPED_MODELS[model_id]
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"shipped model `{model_id}` is missing at {path}; rebuild it with "
-                                    f"`python -m vlmspec.runtime.tools.pretrain {path}` (see its vlmspec_tiny.json "
+                                    f"`vlmspec bench pretrain-tiny {path}` (see its vlmspec_tiny.json "
                                     "for the recorded command)")
         return str(path)
     expanded = os.path.expanduser(model_id)

@@ -80,10 +80,8 @@ def test_bench_gpu_tiny_qlora_grid(tmp_path):
 
 
 def test_bench_gpu_tiny_tier3(tmp_path):
-    from vlmspec.runtime.tools.bench.gpu import main  # the module's own CLI: it also takes --unique and --workdir
-
-    main(["--shape", "tiny", "--phases", "tier3", "--rows", "64", "--unique", "8", "--repeats", "2",
-          "--tier3-batch", "16", "--sub-batch", "4", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)])
+    _bench(tmp_path, "gpu", "--shape", "tiny", "--phases", "tier3", "--rows", "64", "--unique", "8", "--repeats", "2",
+           "--tier3-batch", "16", "--sub-batch", "4", "--workdir", str(tmp_path / "work"))
     data = _load(tmp_path, "gpu_tier3")
     assert data["details"]["errors"] == {}
     assert {"tier3_bare_tower", "tier3_udf", "tier3_e2e"} <= data["figures"].keys()

@@ -45,6 +45,7 @@ def _png(width: int, height: int, bit_depth: int = 1) -> bytes:
 
 def _bomb_header(width: int, height: int) -> bytes:
     """A PNG header claiming `width` x `height` with almost no pixel data behind it."""
+    # a real 16 x 16 image behind a header that lies: the decoder must refuse it by size
     png = _png(16, 16)
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     start = 8 + 8  # signature, then the IHDR chunk's length and tag
@@ -55,6 +56,7 @@ def _bomb_header(width: int, height: int) -> bytes:
 def image_kinds(good_jpeg: bytes) -> dict[str, bytes | None]:
     """Bad image bytes by kind (a good JPEG is the starting point for corrupt and truncated)."""
     return {
+        # the JPEG's first bytes kept, so it is still taken for a JPEG and fails in the decoder
         "corrupt_image": good_jpeg[:20] + bytes((b * 7 + 3) % 256 for b in good_jpeg[20:400]),
         "truncated_image": good_jpeg[: len(good_jpeg) // 2],
         "zero_byte_image": b"",
@@ -110,6 +112,7 @@ def write_spec(d: Path, source: Path, on_error: str, columns: tuple[str, ...] = 
     spec = {"name": f"badrows-{on_error}", "source": {"table": str(d / f"{table}.lance"),
                                                       "ingest": {"from": "parquet", "path": str(source)}},
             "model": {"id": "vlmspec:tiny-qwen2.5-vl", "image_px": 56}, "features": features,
+            # one worker: rows fail in table order, so `fail` can be checked to name the first bad row
             "executor": {"workers": 1}}
     path = d / f"{table}.yaml"
     d.mkdir(parents=True, exist_ok=True)
@@ -152,6 +155,7 @@ def run_null(workdir: Path, source: Path, by_kind: dict[str, str]) -> dict[str, 
     res = apply(load_spec(spec))
     seconds = time.perf_counter() - t0
     uri = str(workdir / "t.lance")
+    # sorted like `src` below, so `raw_unchanged` compares row for row
     table = lance.dataset(uri).to_table().sort_by("question_id")
     errors = row_errors(uri)
     rows = {q: i for i, q in enumerate(table.column("question_id").to_pylist())}
@@ -236,6 +240,7 @@ def expected(kind: str, column: str) -> str:
     if column in TEXT_COLUMNS:
         return "value"
     if kind == "null_image":
+        # image.* UDFs pass a null image through as null; the tower has nothing to embed and reports the row
         return "row error" if column == "vision_tower_hiddens" else "null"
     if kind == "truncated_image" and column == "image_size":
         return "value"  # the header is intact: the size is right, and nothing is decoded
@@ -255,6 +260,7 @@ def run(out: Path, good_rows: int = 4) -> Results:
         res.figure("apply_null", "apply with on_error: null (all columns)", "s").add(null["seconds"], lb, load())
         fail = run_fail(d / "fail", source, by_kind)
         good = d / "src" / "good.parquet"
+        # good rows only: the up-front cases must be refused for the whole-source problem alone
         pq.write_table(pq.read_table(source).slice(0, good_rows), good)
         upfront = run_upfront(d / "upfront", good)
     first_bad = {col: next((k for k in by_kind if expected(k, col) == "row error"), None)

@@ -25,6 +25,7 @@ def run(out: Path, *, shape: str = "3b", images: int = 1, seeds: int = 2, device
     fig = res.figure("hf_bf16_vs_fp32", "HF tower bf16 output vs fp32 output, relative L2", "")
     mx = res.figure("hf_bf16_vs_fp32_max_abs", "HF tower bf16 output vs fp32 output, max abs", "")
     t = time.perf_counter()
+    # one set of weights for both dtypes: the difference is rounding alone
     tower = build_tower(shape, device, torch.float32)
     grid = torch.tensor([grid_of(shape)] * images)
     for seed in range(seeds):
@@ -32,6 +33,8 @@ def run(out: Path, *, shape: str = "3b", images: int = 1, seeds: int = 2, device
         lb = load()
         with torch.inference_mode():
             ref = tower.float()(px, grid_thw=grid).pooler_output
+            # converted in place: from the second seed on, the fp32 pass above runs on the bf16-rounded
+            # weights (exact in fp32), so those samples measure the activations' rounding alone
             out16 = tower.to(torch.bfloat16)(px.to(torch.bfloat16), grid_thw=grid).pooler_output
         fig.add(rel_l2(out16, ref), lb, load())
         mx.add(float((out16.float() - ref.float()).abs().max()), lb, load())

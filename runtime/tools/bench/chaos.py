@@ -84,6 +84,7 @@ def child_main() -> None:
     from vlmspec.runtime.sources import ingest, synthetic
     from vlmspec.runtime.vlm import graph_step
 
+    # small commits, so a kill during ingest can land between commits and not only before the first
     ingest.COMMIT_ROWS = unit
     generate = synthetic.generate
 
@@ -107,6 +108,7 @@ def child_main() -> None:
         note("train", 1)
         return forward(*args, **kwargs)
 
+    # patched in this child only: apart from the progress log it is the real `vlmspec apply`
     synthetic.generate = small_batches
     local_executor.compute_chunk = logged_chunk
     graph_step.eager_step = logged_forward
@@ -153,11 +155,14 @@ class Trial:
     def start(self) -> tuple[subprocess.Popen, Path]:
         self.runs += 1
         log = self.root / f"progress-{self.runs}.jsonl"
+        # offline, and one thread each: trials must not download, and must pace like the clean run their
+        # kill points are timed from
         env = {**os.environ, "VLMSPEC_CHAOS_LOG": str(log), "VLMSPEC_CHAOS_UNIT": str(self.unit),
                "LANCE_LOG": "error", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         env.pop("VLMSPEC_DEBUG", None)
         out = open(self.root / f"out-{self.runs}.txt", "wb")
+        # a session of its own: killpg then reaches the apply's worker processes too
         proc = subprocess.Popen([sys.executable, "-c", CHILD, "apply", str(self.spec)], cwd=self.root, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
@@ -244,6 +249,7 @@ def _compare(trial: Trial, ref: Trial) -> dict[str, Any]:
     fb = {f.name: lance_io.decode_metadata(f.metadata).get("vlmspec.fingerprint") for f in lance.dataset(ref.table).schema}
     out["fingerprints_equal"] = fa == fb
     cwd = os.getcwd()
+    # plan from the trial's directory, where its applies ran
     os.chdir(trial.root)
     try:
         out["plan_empty"] = prepare(load_spec(trial.spec)).plan.is_empty
@@ -318,6 +324,7 @@ def run(trials: int, seed: int, out: Path, *, rows: int = 128, unit: int = 32, s
             shutil.rmtree(tmp, ignore_errors=True)
     killed = [r for r in records if r["killed"]]
     survived = [r for r in killed if r["survived"]]
+    # rows missing, plus rows present twice (a repeated question_id)
     lost = sum(abs(r["compare"]["rows"] - rows) + (r["compare"]["rows"] - r["compare"]["unique_keys"]) for r in killed)
     res.derive("kills", "kills (SIGKILL) survived", len(survived), target=f"{len(killed)} of {len(killed)}",
                met=len(survived) == len(killed) >= trials)
@@ -360,10 +367,13 @@ def _trial(root: Path, ref: Trial, rows: int, unit: int, steps: int, every: int,
                    compare={"rows": -1, "unique_keys": -1})
         return rec
     before, after = _work(kill["events"]), _work(events)
+    # work done twice = what the killed run did + what the rerun did - what one clean run does
     recomputed = {s: before.get(s, 0) + after.get(s, 0) - ref_work[s] for s in ref_work}
     rec["recomputed"] = {s: n for s, n in recomputed.items() if n}
     rec["bound_ok"] = all(0 <= recomputed[s] <= bound[s] for s in recomputed)
     ckpt = state["checkpoint_step"]
+    # resumed iff the rerun trained only the steps after the last checkpoint (none at all when
+    # training had finished before the kill)
     rec["resumed_from_checkpoint"] = after.get("train", 0) == steps - (ckpt or 0) if "train" not in state["steps"] \
         else after.get("train", 0) == 0
     cmp = _compare(trial, ref)

@@ -59,6 +59,7 @@ def _ram_gib() -> float | None:
 
 def machine_info() -> dict[str, Any]:
     try:
+        # the cores this process may use: a container or taskset may allow fewer than exist
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         usable = os.cpu_count()
@@ -129,6 +130,7 @@ class Results:
     started: float = field(default_factory=time.time)
 
     def figure(self, key: str, label: str, unit: str, *, higher_is_better: bool = False, **extra: Any) -> Figure:
+        # an existing key is extended, not replaced: repeats and rounds add samples to one figure
         fig = self.figures.get(key)
         if fig is None:
             fig = self.figures[key] = Figure(label, unit, higher_is_better=higher_is_better, extra=dict(extra))
@@ -163,6 +165,7 @@ class Results:
         js = out / f"{self.name}.json"
         md = out / f"{self.name}.md"
         js.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        # the Markdown is rendered from the JSON dict, never from live objects, so the two always agree
         md.write_text(render_markdown(data))
         return js, md
 
@@ -185,12 +188,14 @@ def _num(v: Any) -> str:
         if a >= 100:
             return f"{v:.1f}"
         if a >= 1:
+            # about three significant digits: the figures are noisier than that
             return f"{v:.3g}" if a < 10 else f"{v:.2f}".rstrip("0").rstrip(".")
         return f"{v:.3g}"
     return str(v)
 
 
 def _seconds_unit(value: float, unit: str) -> tuple[float, str]:
+    # sub-second timings read better in ms
     if unit == "s" and abs(value) < 1:
         return value * 1000, "ms"
     return value, unit

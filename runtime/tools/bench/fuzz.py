@@ -49,6 +49,8 @@ SQL = ["ocr_token_count >= quantile(ocr_token_count, 0.75)", "question_length > 
 NAMES = RAW + ["question_length", "answer_words", "dhash", "phash", "vision_tower_hiddens", "sft_tokens", "n", "m",
                "questoin", "_x", "image_size"]
 
+# The user module the cases name: importing it exits the process, so a compile that imports user
+# code ends the run loudly instead of passing.
 USER_UDFS = '''\
 from vlmspec.compiler.udf import udf
 
@@ -126,6 +128,7 @@ def random_bytes(r: random.Random) -> bytes:
     base = dump(VALID).encode() if r.random() < 0.5 else b""
     extra = bytes(r.randrange(256) for _ in range(r.randrange(64)))
     pos = r.randrange(len(base) + 1)
+    # no BOM, a UTF-8 BOM or a UTF-16 one, then a valid spec with random bytes spliced in
     return r.choice([b"", b"\xef\xbb\xbf", b"\xff\xfe"]) + base[:pos] + extra + base[pos:]
 
 
@@ -212,7 +215,9 @@ class Judge:
 
         self.dir = workdir
         (workdir / "udfs.py").write_text(USER_UDFS)
+        # a user module with a syntax error: `broken:fn` must give a located CompileError
         (workdir / "broken.py").write_text("def fn(:\n")
+        # fixed model facts: compile never reads a model config here, so cases stay fast and offline
         self.facts = ModelFacts("vlmspec:tiny-qwen2.5-vl", "main", 128)
         self.counts: dict[str, dict[str, int]] = {f: {"cases": 0, "loaded": 0, "compiled": 0, "vlmspec_errors": 0,
                                                       "unlocated": 0, "other": 0} for f in FAMILIES}
@@ -231,6 +236,7 @@ class Judge:
                 c["unlocated"] += 1
         except Exception as e:  # noqa: BLE001 -- the point: every other exception is a finding
             c["other"] += 1
+            # the first few in full (case and traceback); the count says how many there were
             if len(self.failures) < 20:
                 self.failures.append({"family": family, "error": f"{type(e).__name__}: {e}"[:500],
                                       "case": repr(case)[:2000], "traceback": traceback.format_exc()[-2000:]})
@@ -273,6 +279,7 @@ def run(cases: int, seed: int, out: Path, progress: Callable[[int], None] | None
     with tempfile.TemporaryDirectory(prefix="vlmspec-fuzz-") as tmp:
         judge = Judge(Path(tmp))
         for i in range(cases):
+            # round-robin: every family gets the same share of the cases
             family = FAMILIES[i % len(FAMILIES)]
             judge.run(family, make_case(family, r))
             if progress and (i + 1) % 500 == 0:

@@ -24,6 +24,7 @@ def sync_sites(fn: Callable[[], Any]) -> dict[str, int]:
 
     prev = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as got:
+        # every warning, not only the first per line: each one is one sync
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -62,7 +63,9 @@ def summarise(events: list[dict], top: int = 8, min_gap_us: float = 20.0) -> dic
     if not kernels:
         return {"kernels": 0}
     host = _intervals(events, ("cpu_op", "cuda_runtime", "user_annotation", "cuda_driver"))
+    # a launch call and the kernel it launched share a correlation id
     launches = {e.get("args", {}).get("correlation"): e for _, _, e in host if e.get("cat") == "cuda_runtime"}
+    # kernels that overlap (several streams) merge into one busy interval
     merged: list[list[float]] = []
     for s, t, _ in kernels:
         if merged and s <= merged[-1][1]:
@@ -82,6 +85,7 @@ def summarise(events: list[dict], top: int = 8, min_gap_us: float = 20.0) -> dic
     # Which kernel ended each gap, when the host launched it, and what that thread was doing.
     first_after = {s: e for s, _, e in kernels}
     largest = []
+    # largest gaps first
     for s, t in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
         k = first_after.get(t, {})
         launch = launches.get(k.get("args", {}).get("correlation"))

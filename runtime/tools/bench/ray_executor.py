@@ -77,6 +77,7 @@ def _drop(uri: str, names: list[str]) -> None:
     import lance
 
     ds = lance.dataset(uri)
+    # dropped before each timed run, so it computes the whole column (a filled one is a no-op)
     have = [n for n in names if n in ds.schema.names]
     if have:
         ds.drop_columns(have)
@@ -197,6 +198,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                                         "(tuning: {decode_threads: 1})",
                    "ray_cluster_cpus": top, "ray_cluster_logical_gpus": top if tier3_rows else 0, "cold": cold})
     tmp = Path(tempfile.mkdtemp(prefix="vlmspec-bench-ray-", dir=workdir))
+    # a caller's cluster (a test, `ray start`) is used as it is and never shut down here
     own_cluster = not ray.is_initialized()
     med = statistics.median
     try:
@@ -232,6 +234,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         paired: dict[str, list[float]] = {}
 
         def rotate(variants: list, r: int) -> list:
+            # a different variant first each round: warm caches and load drift hit all of them alike
             k = r % len(variants)
             return variants[k:] + variants[:k]
 
@@ -268,6 +271,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 fig = (onray if kind == "ray" else local)[w]
                 fig.add(rows / s, lb, la)
                 fig.extra["seconds"].append(s)
+                # kept to check that every executor and worker count wrote the same values
                 values[f"dhash_{kind}_w{w}"] = _values(uri, ["dhash"])["dhash"]
                 return s
 

@@ -56,6 +56,7 @@ def _batches(rows: int, tokens: int, hidden: int, image_bytes: int, seed: int = 
         n = min(step, rows - s)
         h = rng.standard_normal(n * tokens * hidden, dtype=np.float32).astype(np.float16)
         ids = rng.integers(0, 150000, n * SEQ_TOKENS, dtype=np.int32)
+        # labels on ~3 % of the tokens, about an answer's share of a 512-token row
         labels = np.where(rng.random(n * SEQ_TOKENS) < 0.03, ids, -100).astype(np.int32)
         sft = pa.StructArray.from_arrays(
             [pa.FixedSizeListArray.from_arrays(pa.array(ids), SEQ_TOKENS),
@@ -63,6 +64,7 @@ def _batches(rows: int, tokens: int, hidden: int, image_bytes: int, seed: int = 
              pa.FixedSizeListArray.from_arrays(pa.array(labels), SEQ_TOKENS)], fields=list(sft_t))
         yield pa.record_batch([
             pa.array(np.arange(s, s + n, dtype=np.int64)),
+            # random bytes, not images: nothing here decodes, and random bytes do not compress
             pa.array([rng.bytes(image_bytes) for _ in range(n)], pa.large_binary()),
             pa.array([f"what is written on the sign number {i}?" for i in range(s, s + n)]),
             pa.array([f"answer {i}" for i in range(s, s + n)]),
@@ -75,6 +77,7 @@ def plain_read_bps(files: list[str], chunk: int = 1 << 24) -> float:
     """Bytes/s of reading `files` front to back with plain `read()` calls."""
     total, t = 0, time.perf_counter()
     for f in files:
+        # unbuffered 16 MB reads: the ceiling any reader of these files can reach
         with open(f, "rb", buffering=0) as fh:
             while True:
                 b = fh.read(chunk)
@@ -181,6 +184,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
                 order = rng.permutation(rows)
                 n, t = 0, time.perf_counter()
                 for s in range(0, rows, batch):
+                    # Parquet's shuffled reads can take seconds a batch: stop at `cap` and report the rate so far
                     n += d.take(pa.array(np.sort(order[s:s + batch])), columns=cols).num_rows
                     if time.perf_counter() - t > cap:
                         break
@@ -238,6 +242,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
                 f = fig(tag, f"our loader ({what}, shuffled hiddens + tokens), {how}, whole epoch incl. worker start")
                 fs = fig(f"{tag}_steady", f"our loader, {how}, after the first batch (steady state)")
                 for rep in range(repeats + 1):
+                    # a new epoch each repeat: a fresh shuffle, never the previous order again
                     dl = make_loader(uri, version, addrs, hiddens="h", tokens="sft", image_tokens=tokens,
                                      batch_size=batch, seed=0, epoch=rep, num_workers=w, threads=th,
                                      direct=direct)
@@ -266,6 +271,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
 
         # -- derived ---------------------------------------------------------------------------
         med = {k: f.median for k, f in res.figures.items()}
+        # the plain-read ceiling in rows/s: its bytes/s over the bytes one training row needs
         plain_rows = med["plain_read"] * 1e9 / (h_bytes + tok_bytes)
         plain_h_rows = med["plain_read"] * 1e9 / h_bytes
         res.details["plain_read_rows_per_s_loader_bytes"] = plain_rows
@@ -273,6 +279,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
         pq_h_shuf = max(med["pq_default_h_shuf"], med["pq_rg64_h_shuf"])
         pq_h_seq = max(med["pq_default_h_seq"], med["pq_rg64_h_seq"])
         if loader:
+            # the headline takes the best configuration: a user picks the worker count
             best = max(loader_how, key=lambda k: med[f"{k}_steady"])
             how = loader_how[best]
             lo = med[f"{best}_steady"]
@@ -290,6 +297,7 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
                        met=(lo / pq_h_shuf >= 10) if pq_h_shuf else None)
         take = med["lance_h_shuf"]
         res.derive("lance_take_vs_plain", "Lance take, shuffled hiddens / plain read of the hidden bytes",
+                   # the take target stands in for the loader's only where the loader could not run
                    round(take / plain_h_rows, 3), target=">= 0.8" if not loader else None,
                    met=(take / plain_h_rows >= 0.8) if not loader else None)
         res.derive("lance_vs_parquet_h_shuf", "Lance shuffled hiddens / best Parquet shuffled hiddens",
@@ -304,33 +312,3 @@ def run(rows: int, tokens: int, hidden: int, image_kb: int, repeats: int, out: P
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m vlmspec.runtime.tools.bench.reads` (the GPU machine runs it without the typer CLI)."""
-    import argparse
-
-    from .common import DEFAULT_OUT
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=600)
-    ap.add_argument("--tokens", type=int, default=400)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--image-kb", type=int, default=60)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--workers", default="0,2")
-    ap.add_argument("--threads", default="2,4", help="prefetch threads tried with 0 workers")
-    ap.add_argument("--no-loader", action="store_true")
-    ap.add_argument("--name", default="reads")
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
-    a = ap.parse_args(argv)
-    res = run(a.rows, a.tokens, a.hidden, a.image_kb, a.repeats, Path(a.out), batch=a.batch,
-              workers=[int(x) for x in a.workers.split(",") if x.strip()], loader=not a.no_loader, name=a.name,
-              threads=[int(x) for x in a.threads.split(",") if x.strip()])
-    for d in res.derived.values():
-        print(f"  {d['label']}: {d['value']} {d['unit']}  target {d['target']}  met {d['met']}")
-
-
-if __name__ == "__main__":
-    main()

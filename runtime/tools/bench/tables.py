@@ -44,6 +44,7 @@ def _batches(rows: int, seed: int, batch_rows: int) -> Iterator[pa.RecordBatch]:
     for start in range(0, rows, batch_rows):
         n = min(batch_rows, rows - start)
         ids = np.arange(start, start + n, dtype=np.int64)
+        # 0 to 23 OCR tokens a row, empty lists included
         lens = rng.integers(0, 24, n, dtype=np.int32)
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(lens, out=offsets[1:])
@@ -53,6 +54,7 @@ def _batches(rows: int, seed: int, batch_rows: int) -> Iterator[pa.RecordBatch]:
             pa.array(np.char.add("q", ids.astype("U9")).tolist(), pa.string()),
             questions.take(pa.array(rng.integers(0, len(questions), n))),
             pa.ListArray.from_arrays(pa.array(offsets), values),
+            # two questions per image, as in TextVQA: splits and dedup by image see groups
             pa.array(np.char.add("img", (ids // 2).astype("U9")).tolist(), pa.string()),
         ], schema=RAW_SCHEMA)
 
@@ -64,6 +66,7 @@ def write_raw_table(uri: str | Path, rows: int, *, rows_per_fragment: int = 8192
     uri = str(uri)
     if os.path.exists(uri):
         shutil.rmtree(uri)
+    # generated a fragment at a time (at most 64k rows): memory stays flat at a million rows
     batch_rows = min(rows_per_fragment, 65536)
     reader = pa.RecordBatchReader.from_batches(RAW_SCHEMA, _batches(rows, seed, batch_rows))
     ds = lance.write_dataset(reader, uri, max_rows_per_file=rows_per_fragment,

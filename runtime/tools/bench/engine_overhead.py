@@ -54,8 +54,10 @@ def _bare_pool(images: list[bytes], workers: int) -> tuple[float, float, list[in
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
     with ctx.Pool(workers) as pool:
+        # every worker started and imagehash imported first, so `t2 - t1` times the map alone
         pool.map(_warm, range(workers), chunksize=1)
         t1 = time.perf_counter()
+        # four chunks a worker: enough to balance the load, few enough to keep the IPC small
         chunks = max(1, len(images) // (workers * 4))
         parts = pool.map(bare_dhash_many, [images[i:i + chunks] for i in range(0, len(images), chunks)])
         t2 = time.perf_counter()
@@ -109,6 +111,7 @@ def _tier1(res: Results, uri: str, nodes: dict[str, Any], rows: int, repeats: in
         fig = res.figure(f"tier1_{udf}_{where}", f"{udf} via backfill_column, {label}", "rows/s",
                          higher_is_better=True, rows=rows, seconds=[], engine_seconds=[])
         for _ in range(repeats):
+            # dropped first: a filled column would make the backfill a no-op
             _drop(uri, col)
             s, run, lb, la = timed(lambda: backfill_column(uri, node, workers=1))
             fig.add(rows / s, lb, la)
@@ -158,6 +161,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         # (b) dhash. Rounds interleave every variant (rotating their order), so load from other work
         # hits all of them alike; efficiency and scaling are also taken per round (paired ratios).
         dnode = nodes["dhash"]
+        # the bare side gets the same bytes, read into a Python list before any timing
         images = _column(uri, "image").to_pylist()
         multi = [w for w in workers_list if w > 1]
         vl = {w: res.figure(f"dhash_vlmspec_w{w}", f"image.dhash via backfill_column, workers={w}"
@@ -233,6 +237,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                     fig.extra["seconds"].append(s)
             hashes[f"vlmspec_w{w}_warm"] = _column(uri, "dhash").to_pylist()
         ref = hashes["bare_p1"]
+        # the same hashes everywhere: proof that both sides did the same work
         res.details["dhash_values_equal"] = all(h == ref for h in hashes.values())
         res.details["dhash_paired_ratios"] = paired
 

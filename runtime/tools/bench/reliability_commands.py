@@ -1,6 +1,6 @@
 """`vlmspec bench chaos|fuzz|badrows|reliability-report`: the reliability benchmarks' commands.
 
-Registered on `bench_app` by runtime/bench/cli.py; each imports its module only when it runs.
+Registered on `bench_app` by runtime/tools/bench/commands.py; each imports its module only when it runs.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def reliability_report(results: Path = typer.Option(DEFAULT_OUT, "--results", he
     typer.echo(f"updated the reliability section of {readme} from {results}")
 
 
+# called by commands.py on its `bench_app`: one `vlmspec bench` group holds every benchmark
 def add_commands(app: typer.Typer) -> None:
     app.command("chaos")(chaos)
     app.command("fuzz")(fuzz)

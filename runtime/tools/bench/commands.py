@@ -1,13 +1,17 @@
-"""`vlmspec bench ...` subcommands (registered in runtime/cli.py).
+"""`vlmspec bench ...` subcommands (registered in runtime/cli.py): the one entry point of the tools.
 
-One module per benchmark (`plan.py`, `backfill.py`), imported only when its command runs, so
-`vlmspec --help` stays cheap.
+One module per benchmark (`plan_time.py`, `engine_overhead.py`, `gpu/`, ...) and the tiny-model
+builders (`tools/tiny.py`, `tools/pretrain.py`), each imported only when its command runs, so
+`vlmspec --help` stays cheap: this module must import no torch, lance or pyarrow. A bare GPU machine
+runs the same commands as `python3 -m vlmspec.runtime.cli bench ...` (no console script needed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,6 +20,7 @@ from .common import DEFAULT_OUT, parse_ints
 bench_app = typer.Typer(no_args_is_help=True, help="Measure vlmspec on this machine; results go to JSON + Markdown.")
 
 OutOpt = typer.Option(DEFAULT_OUT, "--out", help="Directory for <name>.json and <name>.md.")
+CORPORA = ("auto", "synthetic", "builtin")  # tiny.corpus's sources, checked before any work starts
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -35,6 +40,7 @@ def _report(res, out: Path) -> None:
     typer.echo(f"wrote {out / (res.name + '.json')} and {out / (res.name + '.md')}")
     for d in res.derived.values():
         val = d["value"]
+        # a short summary for the terminal; the JSON keeps full precision
         val = f"{val:,.4g}" if isinstance(val, float) else (f"{val:,}" if isinstance(val, int) else str(val))
         met = "" if d["met"] is None else ("  [target met]" if d["met"] else "  [TARGET MISSED]")
         typer.echo(f"  {d['label']}: {val} {d['unit']}{('  (target ' + d['target'] + ')') if d['target'] else ''}{met}")
@@ -49,9 +55,9 @@ def plan_cmd(rows: str = typer.Option("1000000,100000,10000", "--rows", help="Ta
              out: Path = OutOpt) -> None:
     """Time `vlmspec plan` on tables of growing size (it must read metadata only)."""
     _quiet_lance()
-    from . import plan
+    from . import plan_time
 
-    res = plan.run(_ints(rows, "--rows"), repeats, out, rows_per_fragment=rows_per_fragment, control=control)
+    res = plan_time.run(_ints(rows, "--rows"), repeats, out, rows_per_fragment=rows_per_fragment, control=control)
     _report(res, out)
 
 
@@ -67,9 +73,9 @@ def backfill_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of t
                  out: Path = OutOpt) -> None:
     """Tier-1 rows/s, dhash through vlmspec vs. a bare loop (efficiency, scaling), no-op apply time."""
     _quiet_lance()
-    from . import backfill
+    from . import engine_overhead
 
-    res = backfill.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
+    res = engine_overhead.run(rows, image_px, _ints(workers, "--workers"), repeats, out,
                        rows_per_fragment=rows_per_fragment, noop_rows=_ints(noop_rows, "--noop-rows"))
     _report(res, out)
 
@@ -90,6 +96,7 @@ def ray_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of the sy
     """Ray executor vs local: tier-2 and tier-3 scaling over workers, and Ray's overhead for the same plan."""
     _quiet_lance()
     try:
+        # checked here, before any table is written: Ray is an optional extra
         import ray  # noqa: F401
     except ImportError:
         raise typer.BadParameter("needs Ray: pip install 'vlmspec[ray]'", param_hint="vlmspec bench ray") from None
@@ -111,41 +118,76 @@ def reads_cmd(rows: int = typer.Option(600, "--rows", min=16, help="Rows of the 
               threads: str = typer.Option("2,4", "--threads", help="Prefetch thread counts tried with 0 workers."),
               loader: bool = typer.Option(True, "--loader/--no-loader", help="Also time our training loader."),
               repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
+              name: str = typer.Option("reads", "--name",
+                                       help="Result name (the README's GPU-machine column reads `reads_gpu_machine`)."),
               out: Path = OutOpt) -> None:
     """Lance vs Parquet (raw and cached hiddens, sequential and shuffled), our loader, plain file reads."""
     _quiet_lance()
     from . import reads
 
+    # plain splits, not `_ints`: 0 is a valid worker count (read in process)
     workers_list = [int(x) for x in workers.split(",") if x.strip()]
     res = reads.run(rows, tokens, hidden, image_kb, repeats, out, batch=batch, workers=workers_list, loader=loader,
-                    threads=[int(x) for x in threads.split(",") if x.strip()])
+                    threads=[int(x) for x in threads.split(",") if x.strip()], name=name)
     _report(res, out)
+
+
+# an option left out means the benchmark's default (the shape's own lists), not an empty list
+def _opt_ints(text: str | None, flag: str) -> list[int] | None:
+    return _ints(text, flag) if text else None
+
+
+def _opt_names(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
 @bench_app.command("gpu")
 def gpu_cmd(phases: str = typer.Option("equivalence,tower,trainstep", "--phases",
                                        help="Comma-separated: equivalence, tower, trainstep, qlora, tier3."),
             shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.5-VL-3B, random weights) or `tiny`."),
+            device: Optional[str] = typer.Option(None, "--device", help="Device (default: cuda if present)."),
             compile_: bool = typer.Option(True, "--compile/--no-compile", help="Also time torch.compile variants."),
             deadline_s: float = typer.Option(540.0, "--deadline-s", help="Skip work that would start after this."),
             rows: int = typer.Option(1024, "--rows", min=8, help="tier3: rows of the synthetic table."),
-            tier3_batch: int = typer.Option(256, "--tier3-batch", min=1, help="tier3: engine batch size."),
+            unique: int = typer.Option(256, "--unique", min=1,
+                                       help="tier3: distinct images generated (then repeated to --rows)."),
+            tier3_batch: int = typer.Option(256, "--tier3-batch", min=1,
+                                            help="tier3: engine batch size (vlm.vision_tower's default)."),
             sub_batch: int = typer.Option(16, "--sub-batch", min=1, help="tier3: tower sub-batch in the UDF."),
             tower_threads: str = typer.Option("0", "--tower-threads",
                                               help="tier3: decode thread counts to try (0 = the UDF's default)."),
             qlora_grid: bool = typer.Option(False, "--qlora-grid",
                                             help="qlora: also r16/r64 x batch 2/8/16 (checkpointing on)."),
+            tower_batches: Optional[str] = typer.Option(None, "--tower-batches",
+                                                        help="tower: batch sizes (default: the shape's)."),
+            train_batches: Optional[str] = typer.Option(None, "--train-batches",
+                                                        help="trainstep: batch sizes (default: the shape's)."),
+            ranks: Optional[str] = typer.Option(None, "--ranks", help="trainstep: LoRA ranks (default: the shape's)."),
+            paths: Optional[str] = typer.Option(None, "--paths", help="trainstep: cached,raw (default: both)."),
+            variants: Optional[str] = typer.Option(None, "--variants",
+                                                   help="trainstep: eager, compiled, nosync, nosync-compiled, graph, "
+                                                        "graph-compiled (default: eager,compiled)."),
+            workdir: Optional[str] = typer.Option(None, "--workdir",
+                                                  help="Scratch directory (tables, checkpoints; default: a new "
+                                                       "temporary one)."),
+            suffix: str = typer.Option("", "--suffix", help="Appended to each phase's result name."),
             repeats: int = typer.Option(3, "--repeats", min=1),
             out: Path = OutOpt) -> None:
     """Vision tower, LoRA/QLoRA train step and tier-3 backfill at the Qwen2.5-VL-3B shape (GPU)."""
     _quiet_lance()
     from . import gpu
 
-    res = gpu.run([p.strip() for p in phases.split(",") if p.strip()], out, shape=shape, compile=compile_,
-                  deadline_s=deadline_s, rows=rows, tier3_batch=tier3_batch, sub_batch=sub_batch, repeats=repeats,
+    res = gpu.run(_opt_names(phases) or [], out, shape=shape, device=device, compile=compile_,
+                  deadline_s=deadline_s, rows=rows, unique=unique, tier3_batch=tier3_batch, sub_batch=sub_batch,
+                  repeats=repeats, tower_batches=_opt_ints(tower_batches, "--tower-batches"),
+                  train_batches=_opt_ints(train_batches, "--train-batches"), ranks=_opt_ints(ranks, "--ranks"),
+                  workdir=workdir, paths=_opt_names(paths), variants=_opt_names(variants), suffix=suffix,
                   tower_threads=[int(x) for x in tower_threads.split(",") if x.strip()], qlora_grid=qlora_grid)
     for r in res.values():
         _report(r, out)
+        # a failed figure does not fail the command (the others stand): say so where it is read
+        if r.details.get("errors"):
+            typer.echo("  errors: " + json.dumps(r.details["errors"])[:1500])
 
 
 @bench_app.command("bf16-noise")
@@ -158,8 +200,66 @@ def bf16_noise_cmd(shape: str = typer.Option("3b", "--shape", help="`3b` (Qwen2.
     _report(bf16_noise.run(out, shape=shape, seeds=seeds), out)
 
 
+@bench_app.command("perf-report")
+def perf_report_cmd(readme: Path = typer.Argument(Path("README.md"), help="The README to update."),
+                    results: Path = typer.Argument(DEFAULT_OUT, help="Where the results JSON are.")) -> None:
+    """Rewrite the README's performance tables (between its markers) from the results JSON."""
+    from .perf_report import START, update_readme
+
+    typer.echo("updated" if update_readme(readme, results) else f"no {START} block in {readme}")
+
+
+@bench_app.command("tiny-model")
+def tiny_model_cmd(out_dir: Path = typer.Argument(..., help="Directory to write the model into."),
+                   seed: int = typer.Option(0, "--seed", help="Tokenizer-corpus and weight-init seed."),
+                   vocab_size: int = typer.Option(1536, "--vocab-size", help="Tokenizer vocabulary."),
+                   corpus: str = typer.Option("auto", "--corpus",
+                                              help="Tokenizer text: `auto`, `synthetic` or `builtin`.")) -> None:
+    """Build the tiny random-weight Qwen2.5-VL (tokenizer, processor, config, weights); never downloads."""
+    if corpus not in CORPORA:
+        raise typer.BadParameter(f"must be one of {', '.join(CORPORA)}, got `{corpus}`", param_hint="--corpus")
+    from .. import tiny
+
+    typer.echo(str(tiny.build(out_dir, seed=seed, vocab_size=vocab_size, corpus_source=corpus)))
+
+
+@bench_app.command("pretrain-tiny")
+def pretrain_tiny_cmd(
+        out_dir: Path = typer.Argument(..., help="Directory to write the pretrained model into."),
+        steps: int = typer.Option(4000, "--steps", help="Optimizer steps (the maximum with --budget-s)."),
+        decay_steps: Optional[int] = typer.Option(None, "--decay-steps",
+                                                  help="Final linear LR decay (default 20% of steps)."),
+        device: str = typer.Option("cpu", "--device"),
+        seed: int = typer.Option(1, "--seed", help="Data, tokenizer-corpus and init seed; never 0."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Generator rows per step."),
+        lr: float = typer.Option(2e-3, "--lr"),
+        image_px: int = typer.Option(112, "--image-px"),
+        warmup: int = typer.Option(100, "--warmup"),
+        log_every: int = typer.Option(10, "--log-every"),
+        threads: int = typer.Option(2, "--threads", help="torch intra-op threads."),
+        workers: int = typer.Option(0, "--workers", help="Processes rendering batches (0: in the loop)."),
+        budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Stop early to fit this many seconds."),
+        val_rows: int = typer.Option(128, "--val-rows"),
+        eval_only: bool = typer.Option(False, "--eval-only",
+                                       help="Only score the saved model in OUT_DIR on its validation rows "
+                                            "(quickstart prompt).")) -> None:
+    """Pretrain the shipped tiny Qwen2.5-VL on the synthetic reading mix (`tools/pretrain.py` says why)."""
+    from .. import pretrain
+
+    log = typer.echo  # flushes each line: a long run's progress shows as it goes
+    if eval_only:
+        pretrain.evaluate_saved(out_dir, device=device, threads=threads, log=log)
+        return
+    if seed == 0:
+        raise typer.BadParameter("0 is the quickstart's seed; pretraining must use a disjoint seed",
+                                 param_hint="--seed")
+    pretrain.pretrain(out_dir, steps=steps, device=device, seed=seed, batch_size=batch_size, lr=lr,
+                      image_px=image_px, warmup=warmup, log_every=log_every, decay_steps=decay_steps,
+                      threads=threads, workers=workers, budget_s=budget_s, val_rows=val_rows, log=log)
+
+
 # The reliability benchmarks (chaos, fuzz, badrows) and the README section they feed live in their
 # own module; registered here, on the one `bench_app`.
-from .reliability_cli import add_commands as _add_reliability_commands  # noqa: E402
+from .reliability_commands import add_commands as _add_reliability_commands  # noqa: E402
 
 _add_reliability_commands(bench_app)

@@ -29,6 +29,7 @@ from .tables import dir_bytes, tier1_spec, write_raw_table
 
 
 def vlmspec_command() -> list[str]:
+    # the console script beside this interpreter (a venv not on PATH), then PATH, then the module
     exe = Path(sys.executable).parent / "vlmspec"
     if exe.exists():
         return [str(exe)]
@@ -133,6 +134,7 @@ def _cli_job(res: Results, key: str, label: str, args: list[str], cwd: Path, *,
              cmd: list[str] | None = None, **extra):
     """A callable timing one subprocess run into figure `key`."""
     cmd = cmd or vlmspec_command() + args
+    # start the child as a user's shell would: no debug mode, Lance warnings off
     env = {**os.environ, "VLMSPEC_DEBUG": "0", "LANCE_LOG": os.environ.get("LANCE_LOG", "error")}
     fig = res.figure(key, label, "s", command=" ".join(args) if cmd[0] == sys.executable else
                      "vlmspec " + " ".join(args), **extra)
@@ -161,6 +163,7 @@ def run(rows_list: list[int], repeats: int, out: Path, *, rows_per_fragment: int
         big, small = rows_list[0], rows_list[-1]
         ctrl = None
         if control and big > small and tables[big]["fragments"] > tables[small]["fragments"]:
+            # the control table: the big table's rows in the small table's fragment count
             per = math.ceil(big / tables[small]["fragments"])
             ctrl = _setup(tmp, f"control{big}", big, per)
         # In-process prepare() on every table, then the CLI (kept apart so one never warms the other);
@@ -209,6 +212,7 @@ def run(rows_list: list[int], repeats: int, out: Path, *, rows_per_fragment: int
         bio = io[big]
         res.derive("io_bytes", f"bytes Lance read during prepare() at {big:,} rows", bio["read_bytes"], unit="B",
                    target=f"~ manifest ({bio['manifest_bytes']:,} B), not data ({bio['data_bytes']:,} B)",
+                   # room for two manifest reads plus 16 kB (version listing, sidecar), and still far below the data
                    met=bio["read_bytes"] <= 2 * bio["manifest_bytes"] + 16384 < bio["data_bytes"],
                    how=f"{bio['read_iops']} read ops on {bio['datasets_opened']} dataset(s)")
         res.details["tables"] = {str(r): {k: v for k, v in t.items() if k not in ("loaded", "uri", "spec")}
