@@ -131,7 +131,8 @@ class LocalExecutor:
         if self._pool is None or self._pool_size != size:
             self.close()
             # spawn, not fork: lance/lancedb are not fork-safe (workers segfault; stack-notes §3).
-            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(os.getpid(),))
             self._pool_size = size
         return self._pool
 
@@ -145,7 +146,7 @@ class LocalExecutor:
             while todo or running:
                 # Two chunks a worker in flight: the next one is queued while a worker finishes.
                 while todo and len(running) < workers * 2:
-                    running.add(pool.submit(run_chunk, uri, version, wnode, todo.pop(), node.batch_size))
+                    running.add(_submit(pool, run_chunk, uri, version, wnode, todo.pop(), node.batch_size))
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: (f.result()[0].frag_id, f.result()[0].offset)):
                     finish(*fut.result())
@@ -154,6 +155,38 @@ class LocalExecutor:
                 fut.cancel()
             self.close()  # a failed or broken pool is not reused
             raise
+
+
+def _submit(pool: ProcessPoolExecutor, fn: Callable, *args: Any):
+    """`pool.submit`, with Ctrl-C held back while it may spawn a worker: the new process inherits the
+    blocked signal, so a Ctrl-C during its start-up (imports, before `_worker_init` runs) cannot
+    print a traceback there; here it is delivered as soon as the submit returns."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _worker_init(parent: int) -> None:
+    """In each spawned worker. Ctrl-C reaches the whole process group: the parent stops the pool and
+    prints one line, so a worker ignores it (no traceback per worker). And a worker never outlives
+    its parent: SIGKILL gives the parent no chance to shut the pool down, so a thread watches the
+    parent's pid and exits the worker within a second of its death (the resource tracker then
+    sees its last user go, and exits too)."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by `_submit`; ignored from now on
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="vlmspec-parent-watch", daemon=True).start()
 
 
 @contextmanager

@@ -7,6 +7,8 @@ by `apply`, thumbnails that cannot escape the report, and tokens that never reac
 from __future__ import annotations
 
 import errno
+import signal
+import time
 import os
 import subprocess
 import sys
@@ -456,3 +458,88 @@ def test_tokens_never_reach_run_records_plans_or_the_table(tmp_path, monkeypatch
     assert f"pulled with {history.REDACTED} / {history.REDACTED} / {history.REDACTED}" in run["spec_text"]
     assert run["spec_hash"] == load_spec(spec, args[1::2]).source_hash  # the hash still names the real spec
     assert "secrets" not in run
+
+
+# --- the pool under signals ------------------------------------------------------------------------
+
+SLEEPY_UDFS = '''\
+import time
+
+import pyarrow as pa
+
+from vlmspec.compiler.udf import udf
+
+
+@udf(output="int32", inputs=["question_id"], parallel=True, batch_size=8)
+def sleepy(question_id):
+    time.sleep(0.5)
+    return pa.array([len(q) for q in question_id.to_pylist()], pa.int32())
+'''
+
+
+def _pool_apply(tmp_path):
+    import yaml
+
+    (tmp_path / "udfs.py").write_text(SLEEPY_UDFS)
+    spec = {"name": "pool", "source": {"table": str(tmp_path / "data" / "t.lance"),
+                                       "ingest": {"from": "synthetic", "rows": 256, "image_px": 64},
+                                       "rows_per_fragment": 64},
+            "features": {"tier1": {"slow": {"udf": "udfs:sleepy", "inputs": ["question_id"]}}},
+            "executor": {"workers": 2}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return subprocess.Popen([sys.executable, "-m", "vlmspec.runtime.cli", "apply", "spec.yaml"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _wait_for_workers(proc, n: int = 2) -> list[int]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        kids = [k for k in _children(proc.pid)
+                if "spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+        if len(kids) >= n:
+            return kids
+        time.sleep(0.1)
+    raise AssertionError("the pool's workers never started")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_pool_workers_exit_within_seconds_of_a_sigkilled_apply(tmp_path):
+    proc = _pool_apply(tmp_path)
+    workers = _wait_for_workers(proc)
+    os.kill(proc.pid, signal.SIGKILL)  # the apply alone, not its process group: nothing can clean up
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "pool workers outlived the killed apply"
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_pooled_column_prints_one_clean_line(tmp_path):
+    proc = _pool_apply(tmp_path)
+    _wait_for_workers(proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "interrupted: committed work is kept" in out
