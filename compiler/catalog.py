@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .fingerprint import code_hash
+from .memory import TextShape
 from .params import Param, defaults, parse_decls, render_template
 from .udf import UdfLookupError, UdfSource, positional_names, read_declarations
 
@@ -35,6 +36,8 @@ class ModelFacts:
     """Hash of the processor/tokenizer/chat-template config that shapes cached columns."""
     patch_size: int = 14
     merge_size: int = 2
+    text: TextShape | None = None
+    """The language model's shape, for the training-memory estimate (None: unknown offline)."""
 
 
 @dataclass(frozen=True)

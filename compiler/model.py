@@ -340,8 +340,10 @@ class TrainSpec(SpecModel):
     """Adapter settings."""
     optim: OptimSpec
     """Optimiser and schedule."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in backward to save memory. `auto` (default): only when the step's
+    estimated peak (shown by `vlmspec plan`) would not fit the device's free memory. Not part of
+    the fingerprint (it changes speed and memory, not the result beyond floating-point noise)."""
     checkpoint_every: int = Field(50, ge=1)
     """Save adapter + optimizer state every N optimizer steps (for resume)."""
     log_every: int = Field(10, ge=1)
@@ -353,11 +355,12 @@ class TrainSpec(SpecModel):
     GIL, and threads skip the inter-process copy of each batch)."""
     devices: int = Field(1, ge=1, le=64)
     """Data-parallel processes."""
-    compile: Literal["none", "layers", "graph"] = "none"
+    compile: Literal["auto", "none", "layers", "graph"] = "auto"
     """Speed of the step on CUDA (ignored on CPU); same results up to floating-point noise, so not in
     the fingerprint. `layers`: `torch.compile` each decoder layer (one compiled layer shared by all,
     about a minute of warm-up). `graph`: capture forward + backward once and replay it as one CUDA
-    graph (removes the per-kernel launch cost that bounds small batches; bf16/fp32 LoRA)."""
+    graph (removes the per-kernel launch cost that bounds small batches). `auto` (default): the
+    fastest mode measured for the configuration (`vlmspec plan` shows which)."""
     output_dir: str | None = None
     """Where the adapter, checkpoints and logs go (default: `runs/<name>`)."""
     report_to: Literal["none", "tensorboard"] = "none"

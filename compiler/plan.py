@@ -12,11 +12,13 @@ runtime executes steps, it never re-decides them. The renderer walks the same st
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Mapping, Union
 
 from .compile import ColumnNode, Compiled, StageNode
 from .errors import CompileError, Problem, did_you_mean
+from .memory import StepChoice, choose
 from .state import RECIPE, ColumnState, TableState, is_internal, shadow_name
 from .types import TypeSyntaxError, parse_type
 
@@ -146,6 +148,8 @@ class Train(Step):
     forced: bool = False
     """`--replace train`: train from scratch, even over a saved adapter or checkpoint of the same
     fingerprint."""
+    choice: StepChoice | None = None
+    """How the step runs: `auto` checkpointing and compile resolved, with the peak-memory estimate."""
     node: StageNode | None = field(default=None, repr=False, compare=False)
     stage: ClassVar[str] = "train"
 
@@ -422,7 +426,19 @@ def _derived(names: tuple[str, ...], compiled: Compiled) -> tuple[str, ...]:
     return tuple(n for n in names if compiled.column(n) is not None)
 
 
-def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tuple[str, ...]) -> list[AnyStep]:
+def _train_choice(compiled: Compiled, ex: Mapping[str, Any]) -> StepChoice:
+    """`train`'s `auto` settings resolved against the device the runtime found (`cuda`, `gpu_free`)."""
+    spec = compiled.spec
+    tr = spec.train
+    tokens = compiled.column(tr.tokens)
+    seq = int(m.group(1)) if tokens is not None and (m := re.search(r"\[(\d+)\]", tokens.output)) else 512
+    per_device = max(1, tr.optim.batch_size // max(1, tr.devices))
+    shape = compiled.facts.text if compiled.facts is not None else None
+    return choose(tr, shape, seq, per_device, cuda=ex.get("cuda"), free=ex.get("gpu_free"))
+
+
+def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tuple[str, ...],
+                ex: Mapping[str, Any]) -> list[AnyStep]:
     """BuildSlice (with its Split), Train and Evaluate, each after what it reads."""
     out: list[AnyStep] = []
     cur, sp = compiled.stage("curate"), compiled.stage("split")
@@ -447,8 +463,12 @@ def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tu
     tr = compiled.stage("train")
     if tr is not None:
         kind, reason = _stage_state(tr, state)
+        step_choice = _train_choice(compiled, ex)
+        if kind != "up_to_date" and "cuda" in ex:  # only where the runtime said what the device is
+            reason += "; " + step_choice.describe(compiled.spec.train.quant.bits, compiled.spec.train.lora.r,
+                                                  compiled.spec.train.optim.batch_size)
         out.append(Train("train", kind, reason, expected if kind != "up_to_date" else 0, tr.fingerprint,
-                         ingest + slice_step + _derived(tr.reads, compiled), node=tr))
+                         ingest + slice_step + _derived(tr.reads, compiled), node=tr, choice=step_choice))
     ev = compiled.stage("eval")
     if ev is not None:
         kind, reason = _stage_state(ev, state)
@@ -493,7 +513,7 @@ def build_plan(compiled: Compiled, state: TableState, *, allow_destructive: bool
              for col in (state.columns if state.exists else ())
              if col.is_derived and col.name not in declared and not is_internal(col.name)]
     drops += _leftovers(compiled, state, backfills, first)
-    downstream = [_force(s, forced, expected) for s in _downstream(compiled, state, expected, first)]
+    downstream = [_force(s, forced, expected) for s in _downstream(compiled, state, expected, first, ex)]
     steps = ([ingest] if ingest is not None else []) + drops + backfills + downstream
     return Plan(compiled.file, compiled.spec_hash, compiled.spec.source.table, state.exists, state.version,
                 state.rows, expected, tuple(steps), tuple(warnings), ex)

@@ -65,7 +65,7 @@ def model_facts(spec):
 
 
 def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int | None = None,
-            replace_steps: tuple[str, ...] | list[str] = ()) -> Prepared:
+            replace_steps: tuple[str, ...] | list[str] = (), device: str | None = None) -> Prepared:
     """Read the table's state (metadata only), compile, diff: everything `plan` shows."""
     from dataclasses import replace
 
@@ -73,7 +73,8 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int
     rows, schema = source_info(spec.source)
     state = lance_io.read_state(spec.source.table, source_rows=rows, source_schema=schema)
     # A step's record is only as good as the outputs it names: a deleted adapter reruns training.
-    state = replace(state, steps=history.check_outputs(state.steps), error_rows=_error_rows(spec.source.table))
+    state = replace(state, steps=history.check_outputs(state.steps, _expected_outputs(spec)),
+                    error_rows=_error_rows(spec.source.table))
     compiled = compile_spec(spec, state, file=loaded.file, spec_hash=loaded.source_hash,
                             facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent)
     from .executors import executor_facts
@@ -83,7 +84,8 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int
     executor = {"kind": spec.executor.kind, "address": spec.executor.address,
                 "workers": workers or spec.executor.workers,
                 "cpus": os.cpu_count() or 1,
-                **executor_facts(spec.executor, needs_gpus=any(c.gpus for c in compiled.columns))}
+                **executor_facts(spec.executor, needs_gpus=any(c.gpus for c in compiled.columns)),
+                **(_device_facts(device) if spec.train is not None else {})}
     plan = build_plan(compiled, state, allow_destructive=allow_destructive, executor=executor,
                       replace_steps=tuple(replace_steps))
     return Prepared(loaded, compiled, state, plan)
@@ -97,6 +99,34 @@ class ApplyResult:
     summary: list[str] = field(default_factory=list)
     current: str = ""
     """The step running now (named in an I/O error)."""
+
+
+def _expected_outputs(spec) -> dict[str, Path]:
+    """Where this spec's train and eval steps put what they make (the plan checks they are there)."""
+    from .eval.job import eval_dir
+    from .train.job import output_dir
+
+    out: dict[str, Path] = {}
+    if spec.train is not None:
+        out["train"] = output_dir(spec.name, spec.train) / "adapter"
+    if spec.eval is not None:
+        out["eval"] = eval_dir(spec) / "report.md"
+    return out
+
+
+def _device_facts(device: str | None) -> dict[str, Any]:
+    """The training device as the plan needs it: is it CUDA, and how much memory is free there (the
+    `auto` checkpointing decision). Only asked for specs that train (it imports torch)."""
+    try:
+        import torch
+    except ImportError:
+        return {"cuda": False}
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if not cuda:
+        return {"cuda": False}
+    index = torch.device(device or "cuda").index or 0
+    free, total = torch.cuda.mem_get_info(index)
+    return {"cuda": True, "gpu_free": int(free), "gpu_total": int(total)}
 
 
 def _error_rows(table: str) -> dict[str, frozenset[int]]:
@@ -155,7 +185,7 @@ def _apply(loaded: LoadedSpec, opts: Options, reporter: Reporter, saved_plan: Ma
     table = spec.source.table
     with table_lock(table):
         prep = prepare(loaded, allow_destructive=opts.allow_destructive, workers=opts.workers,
-                       replace_steps=opts.replace)
+                       replace_steps=opts.replace, device=opts.device)
         if saved_plan is not None:  # checked under the lock: nothing else can move the table now
             check_saved_plan(saved_plan, prep.plan)
         if prep.plan.blocked:
@@ -215,7 +245,8 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
     if ingest_step is not None and ingest_step.todo:
         _run_ingest(prep, result, reporter)
         _save(result.record)
-        prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace)
+        prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace,
+                       device=device)
         plan = select(prep.plan, opts.targets, opts.until)
     steps = [s for s in plan.steps if s.todo and not isinstance(s, Ingest)]
     errors_log = lance_io.sidecar_dir(prep.loaded.spec.source.table) / "errors.jsonl"

@@ -157,26 +157,27 @@ def record_throughput(table: str, udf: str, rows_per_s: float) -> None:
     lance_io.write_sidecar(table, side)
 
 
-def check_outputs(steps: Mapping[str, Any]) -> dict[str, Any]:
-    """`StepRecord`s with `missing` set where the files a train or eval record names are gone or no
-    longer match it (a deleted `runs/`, a fresh checkout): the plan then reruns the step."""
+def check_outputs(steps: Mapping[str, Any], expected: Mapping[str, Path]) -> dict[str, Any]:
+    """`StepRecord`s with `missing` set where the outputs the spec expects of a train or eval step
+    (`expected`: the adapter directory, the eval report) are gone or are not the record's (a deleted
+    `runs/`, a fresh checkout, a new `output_dir`): the plan then reruns the step."""
     from dataclasses import replace
 
     out = dict(steps)
     for name, rec in steps.items():
+        path = expected.get(name)
+        if path is None:
+            continue
         missing: list[str] = []
-        detail = rec.detail or {}
-        if name == "train" and detail.get("adapter"):
-            adapter = Path(detail["adapter"])
+        if name == "train":
             try:
-                manifest = json.loads((adapter.parent / "manifest.json").read_text())
+                manifest = json.loads((path.parent / "manifest.json").read_text())
             except (OSError, ValueError):
                 manifest = {}
-            if not (adapter / "adapter_config.json").exists() or manifest.get("train_fingerprint") != rec.fingerprint:
-                missing.append(str(adapter))
-        elif name == "eval" and detail.get("report"):
-            report = Path(detail["report"])
-            missing += [str(p) for p in (report, report.parent / "results.json") if not p.exists()]
+            if not (path / "adapter_config.json").exists() or manifest.get("train_fingerprint") != rec.fingerprint:
+                missing.append(str(path))
+        elif name == "eval":
+            missing += [str(p) for p in (path, path.parent / "results.json") if not p.exists()]
         if missing:
             out[name] = replace(rec, missing=tuple(missing))
     return out

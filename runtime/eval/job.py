@@ -10,7 +10,13 @@ from vlmspec.compiler.model import EvalSpec, ModelSpec, QuantSpec
 
 from ..train.job import SliceRecord, output_dir
 
-__all__ = ["EvalJob"]
+__all__ = ["EvalJob", "eval_dir"]
+
+
+def eval_dir(spec: Any) -> Path:
+    """Where a spec's eval results go: `eval.output_dir`, else the train output dir's `eval/`."""
+    ev = spec.eval
+    return Path(ev.output_dir) if ev.output_dir else output_dir(spec.name, spec.train) / "eval"
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class EvalJob:
         spec = prep.loaded.spec
         ev, tr = spec.eval, spec.train
         train_out = output_dir(spec.name, tr) if tr is not None else None
-        out = Path(ev.output_dir) if ev.output_dir else (train_out or Path(f"runs/{spec.name}")) / "eval"
+        out = eval_dir(spec)
         quant = tr.quant if tr is not None and tr.quant.bits in (4, 8) else None
         node = prep.compiled.stage("eval")
         return cls(prep.loaded.source_hash, spec.source.table, spec.source.key,

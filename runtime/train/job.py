@@ -84,6 +84,11 @@ class TrainJob:
         """The job for a prepared spec (`apply.prepare`): what `apply` builds from its Train step."""
         spec, node = prep.loaded.spec, prep.compiled.stage("train")
         tr = spec.train
+        step = prep.plan.step("train")
+        if step is not None and step.choice is not None:
+            # `auto` as the plan resolved it for this device: the run does what the plan showed.
+            tr = tr.model_copy(update={"gradient_checkpointing": step.choice.checkpointing,
+                                       "compile": step.choice.compile})
         cols = {c: (prep.compiled.column(c).fingerprint if prep.compiled.column(c) else "")
                 for c in (tr.hiddens, tr.tokens)}
         return cls(prep.loaded.file, prep.loaded.source_hash, spec.name, spec.source.table,

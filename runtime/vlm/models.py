@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmspec.compiler.catalog import ModelFacts
+from vlmspec.compiler.memory import TextShape
 
 __all__ = [
     "KNOWN_HIDDEN_SIZES",
@@ -33,6 +34,9 @@ __all__ = [
 SHIPPED_MODELS = {"vlmspec:tiny-qwen2.5-vl": "tiny-qwen2.5-vl"}
 KNOWN_HIDDEN_SIZES = {"3B": 2048, "7B": 3584, "32B": 5120, "72B": 8192}
 """Merged vision-token width (= LLM hidden size) of the public Qwen2.5-VL sizes, for offline planning."""
+KNOWN_TEXT_SHAPES = {"3B": TextShape(2048, 36, 11008, 151936, 16, 2, True),
+                     "7B": TextShape(3584, 28, 18944, 152064, 28, 4, False)}
+"""The public configs' language models, so a hub id plans its training memory offline."""
 _VISUAL_KEY = re.compile(r"^(?:model\.)?visual\.")
 _PROCESSOR_FILES = (
     "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -129,6 +133,18 @@ def _hidden_from_table(model_id: str) -> int | None:
     return KNOWN_HIDDEN_SIZES.get(f"{m.group(1)}B") if m else None
 
 
+def _text_shape(cfg: dict[str, Any], model_id: str) -> TextShape | None:
+    text = cfg.get("text_config") or (cfg if "num_hidden_layers" in cfg else {})
+    try:
+        return TextShape(int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["intermediate_size"]),
+                         int(text.get("vocab_size") or cfg["vocab_size"]), int(text["num_attention_heads"]),
+                         int(text.get("num_key_value_heads") or text["num_attention_heads"]),
+                         bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))))
+    except (KeyError, TypeError, ValueError):
+        m = re.search(r"(\d+)B", model_id, flags=re.IGNORECASE) if "qwen2.5-vl" in model_id.lower() else None
+        return KNOWN_TEXT_SHAPES.get(f"{m.group(1)}B") if m else None
+
+
 def _processor_hash(path: str, spec: Any) -> str:
     """sha256 over what shapes the cached columns: processor/tokenizer/template files, image_px and
     the shared prompt constants. Hub ids hash `id@revision` instead of file contents so that the
@@ -161,7 +177,7 @@ def model_facts(model_spec: Any) -> ModelFacts:
     return ModelFacts(id=model_spec.id, revision=model_spec.revision, hidden_size=int(hidden),
                       processor_hash=_processor_hash(path, model_spec),
                       patch_size=int(vision.get("patch_size", 14)),
-                      merge_size=int(vision.get("spatial_merge_size", 2)))
+                      merge_size=int(vision.get("spatial_merge_size", 2)), text=_text_shape(cfg, path))
 
 
 # --- vision tower ---------------------------------------------------------------------------

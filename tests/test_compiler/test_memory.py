@@ -1,0 +1,37 @@
+"""The training-memory estimate and the `auto` choices it drives (compiler/memory.py)."""
+
+import pytest
+
+from vlmspec.compiler.memory import GIB, TextShape, choose, estimate_peak
+from vlmspec.compiler.model import TrainSpec
+
+QWEN_3B = TextShape(2048, 36, 11008, 151936, 16, 2, True)
+
+
+def _train(bits: int, **kw) -> TrainSpec:
+    return TrainSpec(quant={"bits": bits}, optim={"steps": 10, "batch_size": 2}, **kw)
+
+
+@pytest.mark.parametrize("bits, batch, ckpt, measured_gib", [
+    (4, 2, True, 3.31), (4, 8, True, 5.21), (4, 16, True, 7.82), (4, 2, False, 11.29),  # gpu_qlora.json
+    (16, 2, False, 12.40), (16, 8, False, 26.21), (16, 16, False, 44.69),            # gpu_trainstep.json (nosync)
+])
+def test_the_estimate_is_within_15_percent_of_the_measured_h200_peaks(bits, batch, ckpt, measured_gib):
+    est = estimate_peak(QWEN_3B, _train(bits), 512, batch, ckpt) / GIB
+    assert abs(est - measured_gib) / measured_gib < 0.15, est
+
+
+def test_auto_checkpoints_only_when_the_step_would_not_fit():
+    big = choose(_train(4), QWEN_3B, 512, 2, cuda=True, free=139 * GIB)
+    assert (big.checkpointing, big.compile) == (False, "graph")
+    assert big.describe(4, 16, 2) == "QLoRA r16 bs2: est. peak 11 GiB of 139 GiB; no checkpointing; CUDA graph"
+    small = choose(_train(4), QWEN_3B, 512, 2, cuda=True, free=8 * GIB)
+    assert (small.checkpointing, small.compile) == (True, "none")
+    assert choose(_train(16), QWEN_3B, 512, 16, cuda=True, free=139 * GIB).compile == "layers"
+    cpu = choose(_train(16), QWEN_3B, 512, 2, cuda=False, free=None)
+    assert (cpu.checkpointing, cpu.compile) == (False, "none")
+
+
+def test_explicit_settings_win():
+    c = choose(_train(16, gradient_checkpointing=True, compile="none"), QWEN_3B, 512, 2, cuda=True, free=139 * GIB)
+    assert (c.checkpointing, c.compile) == (True, "none")
