@@ -18,12 +18,12 @@ from typing import Any, Sequence
 import jinja2
 import yaml
 from jinja2 import meta, nodes
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from ._pydantic_errors import _VAR_NAME, _problem
-from ._yaml import (_MAX_VALUES, _check_tree, _compose, _construct, _node_location, _offset_location,
+from ._render import LimitExceeded, bounded_render, bounded_template, environment
+from ._yaml import (_check_tree, _compose, _construct, _node_location, _offset_location,
                     _parse_path)
 from .errors import Location, Problem, SpecError, did_you_mean
 from .model import Spec
@@ -79,7 +79,8 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
                                 where=_offset_location(file, text, e.start))) from None
     extra = parse_overrides(overrides)
     try:
-        rendered = _render(text, file, _template_vars(text, file, extra))
+        context, declared = _template_vars(text, file, extra)
+        rendered = _render(text, file, context, extra, declared)
         root = _compose(rendered, file)
         data = _construct(root, file)
     except RecursionError:
@@ -132,30 +133,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 # --- templating ---------------------------------------------------------------------------
 
 
-class _Sandbox(SandboxedEnvironment):
-    """The jinja sandbox, also refusing arithmetic that would hang or exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            too_big = isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > 10**6
-        else:  # "x" * 10**9 or [0] * 10**9
-            too_big = any(isinstance(seq, (str, list, tuple)) and isinstance(n, int)
-                          and len(seq) * n > _MAX_VALUES for seq, n in ((left, right), (right, left)))
-        if too_big:
-            raise jinja2.exceptions.SecurityError(f"the result of `{operator}` would be too large")
-        return super().call_binop(context, operator, left, right)
-
-
-def _environment() -> SandboxedEnvironment:
-    env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    env.globals.pop("lipsum", None)  # lipsum(n) can generate unbounded text
-    return env
-
-
-def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Template context: `name`, then top-level `vars:`, then --var overrides (later wins).
+def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """Template context: `name`, then top-level `vars:`, then --var overrides (later wins); and
+    the names `vars:` declares.
 
     The file can't be parsed as YAML before it is rendered in general, so `vars:` and `name:` are
     read first from the raw text: compose it as YAML when it parses (only those two nodes are
@@ -167,10 +147,11 @@ def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> dict[str,
     values = {k: v for k, v in values.items() if isinstance(k, str)} if isinstance(values, dict) else {}
     if isinstance(name, str) and ("{{" in name or "{%" in name):
         try:  # `name: exp-{{ size }}` resolves against vars; if it can't, the main render says why
-            name = _environment().from_string(name).render(values | overrides)
+            env = environment()
+            name = bounded_render(env, env.parse(name), values | overrides)
         except Exception:  # noqa: BLE001 -- reported by the main render
             name = None
-    return ({} if name is None else {"name": name}) | values | overrides
+    return ({} if name is None else {"name": name}) | values | overrides, set(values)
 
 
 def _raw_top_level(text: str, file: str) -> dict[str, Any]:
@@ -209,13 +190,15 @@ def _raw_top_level_textual(text: str, file: str) -> dict[str, Any]:
     return out
 
 
-def _render(text: str, file: str, context: dict[str, Any]) -> str:
-    env = _environment()
+def _render(text: str, file: str, context: dict[str, Any], overrides: dict[str, Any], declared: set[str]) -> str:
+    """Render the spec text; refuses undefined names, --var overrides no template reads, and
+    templates that go over the render budget (`_render.py`)."""
+    env = environment()
     try:
         with warnings.catch_warnings():  # jinja's lexer warns about odd escapes in string literals
             warnings.simplefilter("ignore")
             ast = env.parse(text)
-            template = env.from_string(ast)
+            template = bounded_template(env, ast)
     except jinja2.TemplateSyntaxError as e:
         raise SpecError(Problem(f"template syntax error: {e.message}", where=Location(file, e.lineno or 0),
                                 fix="Check the `{{ }}` / `{% %}` around here")) from None
@@ -229,24 +212,44 @@ def _render(text: str, file: str, context: dict[str, Any]) -> str:
                                  "allowed: templates in a spec cannot read other files",
                                  where=Location(file, n.lineno), fix="Put the values under `vars:`")
                          for n in reads])
-    undefined = sorted(meta.find_undeclared_variables(ast) - set(context) - set(env.globals))
-    if undefined:
-        raise SpecError([_undefined(file, text, ast, n, list(context)) for n in undefined])
+    used = meta.find_undeclared_variables(ast)
+    undefined = sorted(used - set(context) - set(env.globals))
+    unused = [k for k in overrides if k not in used and k not in declared]
+    if undefined or unused:
+        raise SpecError([_undefined(file, text, ast, n, list(context)) for n in undefined]
+                        + [_unused_override(k, (used - set(env.globals)) | declared) for k in unused])
     try:
-        return template.render(context)
+        return "".join(template.generate(context))
     except RecursionError:
         raise
+    except LimitExceeded as e:
+        raise SpecError(Problem(e.what, where=Location(file, _template_line(e)), fix=e.fix)) from None
     except Exception as e:  # noqa: BLE001 -- template expressions are user code: any failure is theirs
         what = str(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
         if isinstance(e, jinja2.exceptions.SecurityError):
             what = f"refused by the template sandbox: {e}"
-        line, tb = 0, e.__traceback__
-        while tb is not None:  # jinja rewrites tracebacks so template frames carry template lines
-            if tb.tb_frame.f_code.co_filename == "<template>":
-                line = tb.tb_lineno
-            tb = tb.tb_next
         what = f"template error: {what}".replace("\n", " ")
-        raise SpecError(Problem(what, where=Location(file, line))) from None
+        raise SpecError(Problem(what, where=Location(file, _template_line(e)))) from None
+
+
+def _template_line(e: BaseException) -> int:
+    """The spec line a template failed on (0 when unknown)."""
+    line, tb = 0, e.__traceback__
+    while tb is not None:  # jinja rewrites tracebacks so template frames carry template lines
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _unused_override(name: str, known: set[str]) -> Problem:
+    """`--var row=4000` for a spec without `row`: refused, since it would change nothing."""
+    hint = did_you_mean(name, known)
+    if not hint:
+        names = ", ".join(f"`{n}`" for n in sorted(known))
+        hint = (f"The spec's template variables are {names}" if names else "The spec uses no template variables")
+        hint += "; declare a new one under `vars:` and use it as `{{ " + name + " }}`"
+    return Problem(f"no template variable `{name}`", path=f"--var {name}", fix=hint)
 
 
 def _undefined(file: str, text: str, ast: nodes.Template, name: str, known: list[str]) -> Problem:
