@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import sqlglot
-from sqlglot import exp
-
 from .catalog import BUILTINS, SYNTHETIC_SCHEMA, ModelFacts, UdfSignature
 from .errors import CompileError, Location, Problem, did_you_mean
 from .fingerprint import ENGINE_VERSION, code_hash, digest
@@ -23,6 +20,7 @@ from .model import ColumnSpec, Spec
 from .state import TableState
 from .types import TypeSyntaxError, accepts, parse_type
 from .udf import UdfLookupError, find_module_file, read_udf
+from .where import check_where
 
 STAGES = ("ingest", "curate", "split", "train", "eval")
 # Modules of the vision tower and merger: training them would make cached hiddens stale.
@@ -89,24 +87,6 @@ class Compiled:
 
     def types(self) -> dict[str, str]:
         return {**self.raw, **{c.name: c.output for c in self.columns}}
-
-
-def quantile_refs(where: str) -> list[tuple[str, float]]:
-    """`quantile(col, q)` calls in a curation predicate."""
-    out = []
-    for fn in sqlglot.parse_one(where, read="duckdb").find_all(exp.Anonymous, exp.Quantile):
-        if fn.name.lower() != "quantile" and not isinstance(fn, exp.Quantile):
-            continue
-        args = list(fn.expressions) if isinstance(fn, exp.Anonymous) else [fn.this, fn.args.get("quantile")]
-        if len(args) == 2 and isinstance(args[0], exp.Column) and isinstance(args[1], exp.Literal):
-            out.append((args[0].name, float(args[1].this)))
-    return out
-
-
-def sql_columns(where: str) -> list[str]:
-    """Column names a SQL predicate reads (raises sqlglot.ParseError)."""
-    tree = sqlglot.parse_one(where, read="duckdb")
-    return sorted({c.name for c in tree.find_all(exp.Column)})
 
 
 class _Compiler:
@@ -307,14 +287,11 @@ class _Compiler:
             reads, recipe = [], {"where": None, "dedup": None}
             if cur is not None:
                 recipe = cur.model_dump(mode="json", exclude={"name"})
-                if cur.where:
-                    try:
-                        cols = sql_columns(cur.where)
-                    except sqlglot.errors.SqlglotError as e:
-                        self.problem("curation.where", f"cannot parse the SQL predicate: {str(e).splitlines()[0]}",
-                                     "Write a SQL boolean expression, e.g. `ocr_token_count >= 16`")
-                        cols = []
-                    reads += cols
+                if cur.where:  # one boolean expression, typed against the columns known here
+                    check = check_where(cur.where, types)
+                    for what, fix in check.problems:
+                        self.problem("curation.where", what, fix)
+                    reads += check.reads
                 if cur.dedup is not None:
                     reads.append(cur.dedup.column)
                     t = types.get(cur.dedup.column)
