@@ -8,6 +8,7 @@ input text, never execute YAML tags or unsandboxed template code, and never touc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 import warnings
@@ -25,7 +26,7 @@ from ._pydantic_errors import _VAR_NAME, _problem
 from ._render import LimitExceeded, bounded_render, bounded_template, environment
 from ._yaml import (_check_tree, _compose, _construct, _node_location, _offset_location,
                     _parse_path)
-from .errors import Location, Problem, SpecError, did_you_mean
+from .errors import Location, Problem, SpecError, VlmspecError, did_you_mean
 from .model import Spec
 
 __all__ = ["LoadedSpec", "load_spec", "load_spec_text", "parse_overrides"]
@@ -48,6 +49,16 @@ class LoadedSpec:
         """`file:line:col` of the YAML node at a dotted path (or its nearest existing ancestor)."""
         segments = _parse_path(path)
         return Location(self.file) if segments is None else _node_location(self.file, self._root, segments)
+
+    def located(self, error: VlmspecError) -> VlmspecError:
+        """`error` with each problem that names a spec field but no place pointed into this file
+        (errors raised while applying know the field, e.g. `source.ingest.dataset`, not the file)."""
+        def place(p: Problem) -> Problem:
+            head = re.split(r"[.\[]", p.path, maxsplit=1)[0]
+            return p if p.where.file or head not in Spec.model_fields else dataclasses.replace(p, where=self.locate(p.path))
+
+        problems = [place(p) for p in error.problems]
+        return error if list(error.problems) == problems else type(error)(problems)
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:

@@ -34,17 +34,21 @@ VarOpt = typer.Option(None, "--var", help="Override a template variable: --var k
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for vlmspec errors.")) -> None:
     if debug:
         STATE["debug"] = True
+    STATE["loaded"] = None  # the spec an error is located in: the one this command loads
 
 
 def _load(spec: Path, var: list[str] | None):
     from vlmspec.compiler.load import load_spec
 
-    return load_spec(spec, var or [])
+    STATE["loaded"] = loaded = load_spec(spec, var or [])
+    return loaded
 
 
 def _fail(e: VlmspecError) -> None:
     if STATE["debug"]:
         raise e
+    if STATE.get("loaded") is not None:  # an apply-time error names a field: point into the spec
+        e = STATE["loaded"].located(e)
     err.print(Text("error: " + str(e).replace("\n", "\nerror: ")))
     raise typer.Exit(1)
 

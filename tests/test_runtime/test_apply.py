@@ -534,6 +534,8 @@ def test_ingest_from_huggingface_save_to_disk_keeps_image_bytes(tmp_path, monkey
 
     spec = write_spec(tmp_path / "t", features=TEXT_ONLY, curate=False, rows_per_fragment=16,
                       ingest={"from": "huggingface", "dataset": str(tmp_path / "hf"), "split": "train"})
+    plan = prepare(load_spec(spec)).plan  # the saved folder is read at plan time: rows and columns are known
+    assert plan.ingest.rows == 40 and not plan.warnings
     res = apply(load_spec(spec))
     assert col_steps(res)["ingest"] == 40
     ds = lance.dataset(table_of(tmp_path / "t"))
