@@ -178,8 +178,8 @@ def model_facts(model_spec: Any) -> ModelFacts:
     hidden = getattr(model_spec, "hidden_size", None) or _hidden_from_config(cfg) or _hidden_from_table(path)
     if hidden is None:
         raise ValueError("its config.json is neither in a local folder nor in the Hugging Face cache, and "
-                         "planning never downloads (the hidden size is known offline only for the public "
-                         "Qwen2.5-VL sizes)")
+                         "planning never downloads (offline, only the public Qwen2.5-VL sizes are known; "
+                         "`model.hidden_size` gives any other)")
     vision = cfg.get("vision_config") or {}
     return ModelFacts(id=model_spec.id, revision=model_spec.revision, hidden_size=int(hidden),
                       processor_hash=_processor_hash(path, model_spec),
