@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import graphlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +18,7 @@ from .catalog import BUILTINS, SYNTHETIC_SCHEMA, ModelFacts, UdfSignature
 from .errors import CompileError, Location, Problem, did_you_mean
 from .fingerprint import ENGINE_VERSION, code_hash, digest
 from .model import ColumnSpec, Spec
+from .paths import shown
 from .state import TableState
 from .types import TypeSyntaxError, accepts, parse_type
 from .udf import UdfLookupError, find_module_file, read_udf
@@ -91,8 +93,9 @@ class Compiled:
 
 class _Compiler:
     def __init__(self, spec: Spec, file: str, spec_hash: str, state: TableState,
-                 facts: ModelFacts | None, locate, spec_dir: Path | None):
+                 facts: ModelFacts | None, locate, spec_dir: Path | None, written: Mapping[str, str] | None = None):
         self.spec, self.file, self.spec_hash, self.state = spec, file, spec_hash, state
+        self.written = written
         self.facts, self.locate, self.spec_dir = facts, locate, spec_dir
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
@@ -367,9 +370,11 @@ class _Compiler:
         if self.spec.eval is not None:
             outputs.append(("eval.output_dir", self.spec.eval.output_dir))
         for path, value in outputs:
-            if value and ".." in value.replace("\\", "/").split("/"):
-                self.warnings.append(f"`{path}` `{value}` has a `..` segment: it writes outside the directory "
-                                     "it names; check that is intended")
+            # Resolved paths have no `..` left: judge what was written, and where it lands.
+            text = value if self.written is None else self.written.get(path)
+            if value and text and ".." in text.replace("\\", "/").split("/") and not _under_cwd(value):
+                self.warnings.append(f"`{path}` `{text}` has a `..` segment: it writes to `{shown(value)}`, outside "
+                                     "the current directory; check that is intended")
 
     def run(self) -> Compiled:
         self.check_trust()
@@ -423,7 +428,16 @@ def _accepts(pattern: str, actual: str) -> bool:
 
 
 def compile_spec(spec: Spec, state: TableState, *, file: str = "<spec>", spec_hash: str = "",
-                 facts: ModelFacts | None = None, locate=None, spec_dir: Path | None = None) -> Compiled:
-    """Resolve UDFs, order columns, fingerprint everything. Raises CompileError with all problems."""
+                 facts: ModelFacts | None = None, locate=None, spec_dir: Path | None = None,
+                 written: Mapping[str, str] | None = None) -> Compiled:
+    """Resolve UDFs, order columns, fingerprint everything. Raises CompileError with all problems.
+
+    `written`: path fields as the spec wrote them before load resolved them (`LoadedSpec.written`);
+    None when the spec's paths were never resolved."""
     locate = locate or (lambda path: Location(file))
-    return _Compiler(spec, file, spec_hash, state, facts, locate, spec_dir).run()
+    return _Compiler(spec, file, spec_hash, state, facts, locate, spec_dir, written).run()
+
+
+def _under_cwd(path: str) -> bool:
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel != ".." and not rel.startswith(".." + os.sep)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jinja2
 import yaml
@@ -28,6 +29,7 @@ from ._yaml import (_check_tree, _compose, _construct, _node_location, _offset_l
                     _parse_path)
 from .errors import Location, Problem, SpecError, VlmspecError, did_you_mean
 from .model import Spec
+from .paths import resolve_paths
 
 __all__ = ["LoadedSpec", "load_spec", "load_spec_text", "parse_overrides"]
 
@@ -44,6 +46,10 @@ class LoadedSpec:
     text: str
     source_hash: str
     _root: Node | None = field(default=None, repr=False, compare=False)
+    base_dir: str | None = None
+    """The folder relative paths in the spec were resolved against (the spec file's own)."""
+    written: Mapping[str, str] = field(default_factory=dict)
+    """Path fields as written, where resolving changed them (`source.table` -> `data/x.lance`)."""
 
     def locate(self, path: str) -> Location:
         """`file:line:col` of the YAML node at a dotted path (or its nearest existing ancestor)."""
@@ -68,7 +74,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise SpecError(Problem("no such spec file", where=Location(file),
-                                fix="Check the path (it is relative to the current directory)")) from None
+                                fix="Check the path (it is relative to the current directory; paths inside the spec are "
+                                    "relative to the spec's folder)")) from None
     except (OSError, ValueError) as e:  # a directory, no permission, a NUL in the path
         what = "a directory, not a spec file" if isinstance(e, IsADirectoryError) else \
             f"cannot read the spec file: {getattr(e, 'strerror', None) or e}"
@@ -78,11 +85,13 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
     except UnicodeDecodeError as e:
         raise SpecError(Problem(f"not UTF-8 text (byte 0x{raw[e.start]:02x})", fix="Save the spec as UTF-8",
                                 where=_offset_location(file, raw, e.start))) from None
-    return load_spec_text(text, file, overrides)
+    return load_spec_text(text, file, overrides, base_dir=os.path.dirname(os.path.abspath(file)))
 
 
-def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] = ()) -> LoadedSpec:
-    """`load_spec` for text already in memory; `file` is only used in messages."""
+def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] = (),
+                   base_dir: str | Path | None = None) -> LoadedSpec:
+    """`load_spec` for text already in memory; `file` is only used in messages. With `base_dir`,
+    relative paths in the spec are resolved against it (`paths.py`); without, they stay as written."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -113,7 +122,11 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
     except ValidationError as e:  # pydantic-core guards its own recursion, so only this comes out
         raise SpecError([_problem(file, root, err) for err in e.errors()]) from None
     digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
-    return LoadedSpec(spec=spec, file=file, text=rendered, source_hash=digest, _root=root)
+    written: dict[str, str] = {}
+    if base_dir is not None:
+        spec, written = resolve_paths(spec, base_dir)
+    return LoadedSpec(spec=spec, file=file, text=rendered, source_hash=digest, _root=root,
+                      base_dir=None if base_dir is None else os.path.abspath(base_dir), written=written)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 from vlmspec.compiler.compile import Compiled, compile_spec
 from vlmspec.compiler.errors import ApplyError, PlanBlocked, Problem, VlmspecError
 from vlmspec.compiler.load import LoadedSpec
+from vlmspec.compiler.paths import shown
 from vlmspec.compiler.plan import Plan, build_plan
 from vlmspec.compiler.state import TableState
 
@@ -68,7 +69,8 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False) -> Prepared:
     rows, schema = source_info(spec.source)
     state = lance_io.read_state(spec.source.table, source_rows=rows, source_schema=schema)
     compiled = compile_spec(spec, state, file=loaded.file, spec_hash=loaded.source_hash,
-                            facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent)
+                            facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent,
+                            written=loaded.written if loaded.base_dir else None)
     from .executors import executor_facts
 
     # Where the plan would run, as data (the compiler imports no Ray): totals of the Ray cluster, or
@@ -345,7 +347,7 @@ def _run_train(prep: Prepared, result: ApplyResult, device: str | None) -> None:
                         {"recipe": node.recipe, **out})
     result.record.add_step("train", "run", out["rows"], time.perf_counter() - t0,
                            **{k: v for k, v in out.items() if k not in ("rows", "seconds")})
-    result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {out['adapter']}")
+    result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {shown(out['adapter'])}")
 
 
 def _run_eval(prep: Prepared, result: ApplyResult, device: str | None) -> None:
