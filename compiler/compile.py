@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import graphlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-
-import sqlglot
-from sqlglot import exp
 
 from .catalog import BUILTINS, SYNTHETIC_SCHEMA, ModelFacts, UdfSignature
 from .errors import CompileError, Location, Problem, did_you_mean
 from .fingerprint import ENGINE_VERSION, code_hash, digest
 from .model import ColumnSpec, Spec
+from .params import Param, check_values, defaults, parse_decls, render_template
+from .paths import shown
 from .state import RESERVED, TableState
 from .types import TypeSyntaxError, accepts, parse_type
-from .params import Param, check_values, defaults, parse_decls, render_template
-from .udf import UdfLookupError, read_udf
+from .udf import UdfLookupError, find_module_file, read_udf
+from .where import check_where
 
 STAGES = ("ingest", "curate", "split", "train", "eval")
 # Modules of the vision tower and merger: training them would make cached hiddens stale.
@@ -94,28 +94,11 @@ class Compiled:
         return {**self.raw, **{c.name: c.output for c in self.columns}}
 
 
-def quantile_refs(where: str) -> list[tuple[str, float]]:
-    """`quantile(col, q)` calls in a curation predicate."""
-    out = []
-    for fn in sqlglot.parse_one(where, read="duckdb").find_all(exp.Anonymous, exp.Quantile):
-        if fn.name.lower() != "quantile" and not isinstance(fn, exp.Quantile):
-            continue
-        args = list(fn.expressions) if isinstance(fn, exp.Anonymous) else [fn.this, fn.args.get("quantile")]
-        if len(args) == 2 and isinstance(args[0], exp.Column) and isinstance(args[1], exp.Literal):
-            out.append((args[0].name, float(args[1].this)))
-    return out
-
-
-def sql_columns(where: str) -> list[str]:
-    """Column names a SQL predicate reads (raises sqlglot.ParseError)."""
-    tree = sqlglot.parse_one(where, read="duckdb")
-    return sorted({c.name for c in tree.find_all(exp.Column)})
-
-
 class _Compiler:
     def __init__(self, spec: Spec, file: str, spec_hash: str, state: TableState,
-                 facts: ModelFacts | None, locate, spec_dir: Path | None):
+                 facts: ModelFacts | None, locate, spec_dir: Path | None, written: Mapping[str, str] | None = None):
         self.spec, self.file, self.spec_hash, self.state = spec, file, spec_hash, state
+        self.written = written
         self.facts, self.locate, self.spec_dir = facts, locate, spec_dir
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
@@ -349,14 +332,11 @@ class _Compiler:
             reads, recipe = [], {"where": None, "dedup": None}
             if cur is not None:
                 recipe = cur.model_dump(mode="json", exclude={"name"})
-                if cur.where:
-                    try:
-                        cols = sql_columns(cur.where)
-                    except sqlglot.errors.SqlglotError as e:
-                        self.problem("curation.where", f"cannot parse the SQL predicate: {str(e).splitlines()[0]}",
-                                     "Write a SQL boolean expression, e.g. `ocr_token_count >= 16`")
-                        cols = []
-                    reads += cols
+                if cur.where:  # one boolean expression, typed against the columns known here
+                    check = check_where(cur.where, types)
+                    for what, fix in check.problems:
+                        self.problem("curation.where", what, fix)
+                    reads += check.reads
                 if cur.dedup is not None:
                     reads.append(cur.dedup.column)
                     t = types.get(cur.dedup.column)
@@ -452,9 +432,11 @@ class _Compiler:
         if self.spec.eval is not None:
             outputs.append(("eval.output_dir", self.spec.eval.output_dir))
         for path, value in outputs:
-            if value and ".." in value.replace("\\", "/").split("/"):
-                self.warnings.append(f"`{path}` `{value}` has a `..` segment: it writes outside the directory "
-                                     "it names; check that is intended")
+            # Resolved paths have no `..` left: judge what was written, and where it lands.
+            text = value if self.written is None else self.written.get(path)
+            if value and text and ".." in text.replace("\\", "/").split("/") and not _under_cwd(value):
+                self.warnings.append(f"`{path}` `{text}` has a `..` segment: it writes to `{shown(value)}`, outside "
+                                     "the current directory; check that is intended")
 
     def run(self) -> Compiled:
         self.check_trust()
@@ -494,7 +476,16 @@ def _accepts(pattern: str, actual: str) -> bool:
 
 
 def compile_spec(spec: Spec, state: TableState, *, file: str = "<spec>", spec_hash: str = "",
-                 facts: ModelFacts | None = None, locate=None, spec_dir: Path | None = None) -> Compiled:
-    """Resolve UDFs, order columns, fingerprint everything. Raises CompileError with all problems."""
+                 facts: ModelFacts | None = None, locate=None, spec_dir: Path | None = None,
+                 written: Mapping[str, str] | None = None) -> Compiled:
+    """Resolve UDFs, order columns, fingerprint everything. Raises CompileError with all problems.
+
+    `written`: path fields as the spec wrote them before load resolved them (`LoadedSpec.written`);
+    None when the spec's paths were never resolved."""
     locate = locate or (lambda path: Location(file))
-    return _Compiler(spec, file, spec_hash, state, facts, locate, spec_dir).run()
+    return _Compiler(spec, file, spec_hash, state, facts, locate, spec_dir, written).run()
+
+
+def _under_cwd(path: str) -> bool:
+    rel = os.path.relpath(os.path.abspath(path))
+    return rel != ".." and not rel.startswith(".." + os.sep)

@@ -8,25 +8,28 @@ input text, never execute YAML tags or unsandboxed template code, and never touc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jinja2
 import yaml
 from jinja2 import meta, nodes
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from ._pydantic_errors import _VAR_NAME, _problem
-from ._yaml import (_MAX_VALUES, _check_tree, _compose, _construct, _node_location, _offset_location,
+from ._render import LimitExceeded, bounded_render, bounded_template, environment
+from ._yaml import (_check_tree, _compose, _construct, _node_location, _offset_location,
                     _parse_path)
-from .errors import Location, Problem, SpecError, did_you_mean
+from .errors import Location, Problem, SpecError, VlmspecError, did_you_mean
 from .model import Spec
+from .paths import resolve_paths
 
 __all__ = ["LoadedSpec", "load_spec", "load_spec_text", "parse_overrides"]
 
@@ -43,11 +46,25 @@ class LoadedSpec:
     text: str
     source_hash: str
     _root: Node | None = field(default=None, repr=False, compare=False)
+    base_dir: str | None = None
+    """The folder relative paths in the spec were resolved against (the spec file's own)."""
+    written: Mapping[str, str] = field(default_factory=dict)
+    """Path fields as written, where resolving changed them (`source.table` -> `data/x.lance`)."""
 
     def locate(self, path: str) -> Location:
         """`file:line:col` of the YAML node at a dotted path (or its nearest existing ancestor)."""
         segments = _parse_path(path)
         return Location(self.file) if segments is None else _node_location(self.file, self._root, segments)
+
+    def located(self, error: VlmspecError) -> VlmspecError:
+        """`error` with each problem that names a spec field but no place pointed into this file
+        (errors raised while applying know the field, e.g. `source.ingest.dataset`, not the file)."""
+        def place(p: Problem) -> Problem:
+            head = re.split(r"[.\[]", p.path, maxsplit=1)[0]
+            return p if p.where.file or head not in Spec.model_fields else dataclasses.replace(p, where=self.locate(p.path))
+
+        problems = [place(p) for p in error.problems]
+        return error if list(error.problems) == problems else type(error)(problems)
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
@@ -57,7 +74,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise SpecError(Problem("no such spec file", where=Location(file),
-                                fix="Check the path (it is relative to the current directory)")) from None
+                                fix="Check the path (it is relative to the current directory; paths inside the spec are "
+                                    "relative to the spec's folder)")) from None
     except (OSError, ValueError) as e:  # a directory, no permission, a NUL in the path
         what = "a directory, not a spec file" if isinstance(e, IsADirectoryError) else \
             f"cannot read the spec file: {getattr(e, 'strerror', None) or e}"
@@ -67,11 +85,13 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSpec:
     except UnicodeDecodeError as e:
         raise SpecError(Problem(f"not UTF-8 text (byte 0x{raw[e.start]:02x})", fix="Save the spec as UTF-8",
                                 where=_offset_location(file, raw, e.start))) from None
-    return load_spec_text(text, file, overrides)
+    return load_spec_text(text, file, overrides, base_dir=os.path.dirname(os.path.abspath(file)))
 
 
-def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] = ()) -> LoadedSpec:
-    """`load_spec` for text already in memory; `file` is only used in messages."""
+def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] = (),
+                   base_dir: str | Path | None = None) -> LoadedSpec:
+    """`load_spec` for text already in memory; `file` is only used in messages. With `base_dir`,
+    relative paths in the spec are resolved against it (`paths.py`); without, they stay as written."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -79,7 +99,8 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
                                 where=_offset_location(file, text, e.start))) from None
     extra = parse_overrides(overrides)
     try:
-        rendered = _render(text, file, _template_vars(text, file, extra))
+        context, declared = _template_vars(text, file, extra)
+        rendered = _render(text, file, context, extra, declared)
         root = _compose(rendered, file)
         data = _construct(root, file)
     except RecursionError:
@@ -101,7 +122,11 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
     except ValidationError as e:  # pydantic-core guards its own recursion, so only this comes out
         raise SpecError([_problem(file, root, err) for err in e.errors()]) from None
     digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
-    return LoadedSpec(spec=spec, file=file, text=rendered, source_hash=digest, _root=root)
+    written: dict[str, str] = {}
+    if base_dir is not None:
+        spec, written = resolve_paths(spec, base_dir)
+    return LoadedSpec(spec=spec, file=file, text=rendered, source_hash=digest, _root=root,
+                      base_dir=None if base_dir is None else os.path.abspath(base_dir), written=written)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -132,30 +157,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 # --- templating ---------------------------------------------------------------------------
 
 
-class _Sandbox(SandboxedEnvironment):
-    """The jinja sandbox, also refusing arithmetic that would hang or exhaust memory."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            too_big = isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > 10**6
-        else:  # "x" * 10**9 or [0] * 10**9
-            too_big = any(isinstance(seq, (str, list, tuple)) and isinstance(n, int)
-                          and len(seq) * n > _MAX_VALUES for seq, n in ((left, right), (right, left)))
-        if too_big:
-            raise jinja2.exceptions.SecurityError(f"the result of `{operator}` would be too large")
-        return super().call_binop(context, operator, left, right)
-
-
-def _environment() -> SandboxedEnvironment:
-    env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    env.globals.pop("lipsum", None)  # lipsum(n) can generate unbounded text
-    return env
-
-
-def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Template context: `name`, then top-level `vars:`, then --var overrides (later wins).
+def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """Template context: `name`, then top-level `vars:`, then --var overrides (later wins); and
+    the names `vars:` declares.
 
     The file can't be parsed as YAML before it is rendered in general, so `vars:` and `name:` are
     read first from the raw text: compose it as YAML when it parses (only those two nodes are
@@ -167,10 +171,11 @@ def _template_vars(text: str, file: str, overrides: dict[str, Any]) -> dict[str,
     values = {k: v for k, v in values.items() if isinstance(k, str)} if isinstance(values, dict) else {}
     if isinstance(name, str) and ("{{" in name or "{%" in name):
         try:  # `name: exp-{{ size }}` resolves against vars; if it can't, the main render says why
-            name = _environment().from_string(name).render(values | overrides)
+            env = environment()
+            name = bounded_render(env, env.parse(name), values | overrides)
         except Exception:  # noqa: BLE001 -- reported by the main render
             name = None
-    return ({} if name is None else {"name": name}) | values | overrides
+    return ({} if name is None else {"name": name}) | values | overrides, set(values)
 
 
 def _raw_top_level(text: str, file: str) -> dict[str, Any]:
@@ -209,13 +214,15 @@ def _raw_top_level_textual(text: str, file: str) -> dict[str, Any]:
     return out
 
 
-def _render(text: str, file: str, context: dict[str, Any]) -> str:
-    env = _environment()
+def _render(text: str, file: str, context: dict[str, Any], overrides: dict[str, Any], declared: set[str]) -> str:
+    """Render the spec text; refuses undefined names, --var overrides no template reads, and
+    templates that go over the render budget (`_render.py`)."""
+    env = environment()
     try:
         with warnings.catch_warnings():  # jinja's lexer warns about odd escapes in string literals
             warnings.simplefilter("ignore")
             ast = env.parse(text)
-            template = env.from_string(ast)
+            template = bounded_template(env, ast)
     except jinja2.TemplateSyntaxError as e:
         raise SpecError(Problem(f"template syntax error: {e.message}", where=Location(file, e.lineno or 0),
                                 fix="Check the `{{ }}` / `{% %}` around here")) from None
@@ -229,24 +236,44 @@ def _render(text: str, file: str, context: dict[str, Any]) -> str:
                                  "allowed: templates in a spec cannot read other files",
                                  where=Location(file, n.lineno), fix="Put the values under `vars:`")
                          for n in reads])
-    undefined = sorted(meta.find_undeclared_variables(ast) - set(context) - set(env.globals))
-    if undefined:
-        raise SpecError([_undefined(file, text, ast, n, list(context)) for n in undefined])
+    used = meta.find_undeclared_variables(ast)
+    undefined = sorted(used - set(context) - set(env.globals))
+    unused = [k for k in overrides if k not in used and k not in declared]
+    if undefined or unused:
+        raise SpecError([_undefined(file, text, ast, n, list(context)) for n in undefined]
+                        + [_unused_override(k, (used - set(env.globals)) | declared) for k in unused])
     try:
-        return template.render(context)
+        return "".join(template.generate(context))
     except RecursionError:
         raise
+    except LimitExceeded as e:
+        raise SpecError(Problem(e.what, where=Location(file, _template_line(e)), fix=e.fix)) from None
     except Exception as e:  # noqa: BLE001 -- template expressions are user code: any failure is theirs
         what = str(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
         if isinstance(e, jinja2.exceptions.SecurityError):
             what = f"refused by the template sandbox: {e}"
-        line, tb = 0, e.__traceback__
-        while tb is not None:  # jinja rewrites tracebacks so template frames carry template lines
-            if tb.tb_frame.f_code.co_filename == "<template>":
-                line = tb.tb_lineno
-            tb = tb.tb_next
         what = f"template error: {what}".replace("\n", " ")
-        raise SpecError(Problem(what, where=Location(file, line))) from None
+        raise SpecError(Problem(what, where=Location(file, _template_line(e)))) from None
+
+
+def _template_line(e: BaseException) -> int:
+    """The spec line a template failed on (0 when unknown)."""
+    line, tb = 0, e.__traceback__
+    while tb is not None:  # jinja rewrites tracebacks so template frames carry template lines
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _unused_override(name: str, known: set[str]) -> Problem:
+    """`--var row=4000` for a spec without `row`: refused, since it would change nothing."""
+    hint = did_you_mean(name, known)
+    if not hint:
+        names = ", ".join(f"`{n}`" for n in sorted(known))
+        hint = (f"The spec's template variables are {names}" if names else "The spec uses no template variables")
+        hint += "; declare a new one under `vars:` and use it as `{{ " + name + " }}`"
+    return Problem(f"no template variable `{name}`", path=f"--var {name}", fix=hint)
 
 
 def _undefined(file: str, text: str, ast: nodes.Template, name: str, known: list[str]) -> Problem:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from .paths import shown
 from .plan import SYMBOL, Backfill, Drop, Plan, Step
 
 STAGE_TITLES = {"curate": "curate", "split": "split", "train": "train", "eval": "eval"}
@@ -57,7 +58,7 @@ def _rows(n: int) -> str:
 
 def render_plan(plan: Plan) -> str:
     """The human plan: one line per step, aligned, then a summary line."""
-    head = f"Plan  {plan.spec_file} -> {plan.table}"
+    head = f"Plan  {plan.spec_file} -> {shown(plan.table)}"
     if plan.table_exists:
         head += f" (version {plan.version}, {plan.rows:,} rows)"
     else:

@@ -19,7 +19,8 @@ from typing_extensions import assert_never
 from vlmspec.compiler.compile import Compiled, compile_spec
 from vlmspec.compiler.errors import ApplyError, PlanBlocked, Problem, VlmspecError
 from vlmspec.compiler.load import LoadedSpec
-from vlmspec.compiler.plan import UNTIL, Backfill, BuildSlice, Drop, Evaluate, Ingest, Plan, Train, build_plan, select
+from vlmspec.compiler.paths import shown
+from vlmspec.compiler.plan import Backfill, BuildSlice, Drop, Evaluate, Ingest, Plan, Train, build_plan, select
 from vlmspec.compiler.state import TableState
 
 from . import history, lance_io
@@ -76,7 +77,8 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int
     state = replace(state, steps=history.check_outputs(state.steps, _expected_outputs(spec)),
                     error_rows=_error_rows(spec.source.table))
     compiled = compile_spec(spec, state, file=loaded.file, spec_hash=loaded.source_hash,
-                            facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent)
+                            facts=model_facts(spec), locate=loaded.locate, spec_dir=Path(loaded.file).parent,
+                            written=loaded.written if loaded.base_dir else None)
     from .executors import executor_facts
 
     # Where the plan would run, as data (the compiler imports no Ray): totals of the Ray cluster, or
@@ -389,7 +391,7 @@ def _run_train(prep: Prepared, result: ApplyResult, step: Train, device: str | N
                         {"recipe": step.node.recipe, **out})
     result.record.add_step("train", "run", out["rows"], time.perf_counter() - t0,
                            **{k: v for k, v in out.items() if k not in ("rows", "seconds")})
-    result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {out['adapter']}")
+    result.summary.append(f"train: {out['steps']} steps, final loss {out['final_loss']:.3f} -> {shown(out['adapter'])}")
 
 
 def _run_eval(prep: Prepared, result: ApplyResult, step: Evaluate, device: str | None, reporter: Reporter) -> None:

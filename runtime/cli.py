@@ -33,21 +33,38 @@ ReplaceOpt = typer.Option(None, "--replace", help="Rerun this column or step eve
                           "(repeatable; a column is recomputed into a shadow and swapped in when complete).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"vlmspec {version('vlmspec')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            out.print("vlmspec (not installed)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for vlmspec errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for vlmspec errors."),
+          _: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed version and exit.")) -> None:
     if debug:
         STATE["debug"] = True
+    STATE["loaded"] = None  # the spec an error is located in: the one this command loads
 
 
 def _load(spec: Path, var: list[str] | None):
     from vlmspec.compiler.load import load_spec
 
-    return load_spec(spec, var or [])
+    STATE["loaded"] = loaded = load_spec(spec, var or [])
+    return loaded
 
 
 def _fail(e: VlmspecError) -> None:
     if STATE["debug"]:
         raise e
+    if STATE.get("loaded") is not None:  # an apply-time error names a field: point into the spec
+        e = STATE["loaded"].located(e)
     err.print(Text("error: " + str(e).replace("\n", "\nerror: ")))
     raise typer.Exit(1)
 
@@ -261,17 +278,33 @@ def schema() -> None:
     out.print(json.dumps(Spec.model_json_schema(by_alias=True), indent=2, sort_keys=True))
 
 
-@app.command()
-def log(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[list[str]] = VarOpt,
-        limit: int = typer.Option(20, help="Show at most this many runs.")) -> None:
-    """List applies recorded for the spec's table."""
-    from . import history
+TableOpt = typer.Option(None, "--table", help="A table path (relative to the current directory), instead of a spec.")
 
+
+def _spec_or_table(spec: Path | None, table: Path | None, var: list[str] | None):
+    """(loaded spec or None, table path) for commands that take a SPEC or `--table PATH`."""
+    if (spec is None) == (table is None):
+        _fail(VlmspecError("give a spec file or `--table PATH`" + (", not both" if spec else "")))
+    if table is not None:
+        if var:
+            _fail(VlmspecError("--var needs a spec file: a table alone has no template variables"))
+        return None, str(table)
     try:
         loaded = _load(spec, var)
     except VlmspecError as e:
         _fail(e)
-    runs = history.list_runs(loaded.spec.source.table)[-limit:]
+    return loaded, loaded.spec.source.table
+
+
+@app.command()
+def log(spec: Optional[Path] = typer.Argument(None, help="The spec file (or give --table)."),
+        var: Optional[list[str]] = VarOpt, table: Optional[Path] = TableOpt,
+        limit: int = typer.Option(20, help="Show at most this many runs.")) -> None:
+    """List applies recorded for the spec's table (or for `--table PATH`)."""
+    from . import history
+
+    _, uri = _spec_or_table(spec, table, var)
+    runs = history.list_runs(uri)[-limit:]
     if not runs:
         out.print("No runs recorded.")
         return
@@ -283,19 +316,29 @@ def log(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[l
 
 
 @app.command()
-def status(spec: Path = typer.Argument(..., help="The spec file."), var: Optional[list[str]] = VarOpt) -> None:
-    """Each declared column's fill and freshness, and each step's state."""
+def status(spec: Optional[Path] = typer.Argument(None, help="The spec file (or give --table)."),
+           var: Optional[list[str]] = VarOpt, table: Optional[Path] = TableOpt) -> None:
+    """Each declared column's fill and freshness, and each step's state (with `--table`: what the
+    table alone says: fill and fingerprints, not freshness)."""
+    from vlmspec.compiler.paths import shown
+
     from .apply import prepare
 
+    loaded, uri = _spec_or_table(spec, table, var)
+    if loaded is None:
+        from . import lance_io
+
+        out.print(format_table_status(lance_io.read_state(uri)), end="")
+        return
     try:
-        prep = prepare(_load(spec, var), allow_destructive=True)
+        prep = prepare(loaded, allow_destructive=True)
     except VlmspecError as e:
         _fail(e)
     st, p = prep.state, prep.plan
     if not st.exists:
-        out.print(f"{st.uri}: not created yet (run `vlmspec apply {spec}`)")
+        out.print(f"{shown(st.uri)}: not created yet (run `vlmspec apply {spec}`)")
         return
-    out.print(f"{st.uri}: version {st.version}, {st.rows:,} rows")
+    out.print(f"{shown(st.uri)}: version {st.version}, {st.rows:,} rows")
     width = max([len(s.name) for s in p.columns] + [6])
     for s in p.columns:
         col = st.column(s.name)
@@ -307,6 +350,35 @@ def status(spec: Path = typer.Argument(..., help="The spec file."), var: Optiona
         rec = st.steps.get(s.name)
         when = f"at version {rec.table_version}" if rec else "never run"
         out.print(f"  {s.name:<{width}}  {'':<5}  {('fresh' if s.kind == 'up_to_date' else 'stale: ' + s.reason)} ({when})")
+
+
+def format_table_status(st) -> str:
+    """`status --table`: what the table and its sidecar say without a spec. Fill and fingerprints
+    are stored in the table; whether they are *fresh* needs the spec's fingerprints, so it is not said."""
+    from vlmspec.compiler.paths import shown
+
+    if not st.exists:
+        return f"{shown(st.uri)}: no Lance table here\n"
+    lines = [f"{shown(st.uri)}: version {st.version}, {st.rows:,} rows, {len(st.columns)} columns"]
+    width = max([len(c.name) for c in st.columns] + [len(n) for n in st.steps] + [6])
+    twidth = min(max([len(c.type) for c in st.columns] + [4]), 36)
+    for c in st.columns:
+        pct = 100.0 * c.filled_rows / st.rows if st.rows else 0.0
+        fill = f"{c.filled_rows:>10,}/{st.rows:,} filled ({pct:5.1f}%)"
+        if c.fingerprint:
+            state = f"derived, complete, fingerprint {c.fingerprint[:12]}"
+        elif c.target:
+            state = f"derived, filling towards {c.target[:12]} (an interrupted or running apply)"
+        else:
+            state = "raw (no vlmspec metadata)"
+        ctype = c.type if len(c.type) <= twidth else c.type[: twidth - 3] + "..."
+        lines.append(f"  {c.name:<{width}}  {ctype:<{twidth}}  {fill}  {state}")
+    for name, rec in sorted(st.steps.items()):
+        lines.append(f"  {name:<{width}}  {'step':<{twidth}}  recorded at version {rec.table_version}, "
+                     f"{rec.rows:,} rows, fingerprint {rec.fingerprint[:12]}")
+    lines.append("Without a spec, status cannot tell whether a column or step is fresh (that compares its "
+                 "fingerprint with the spec's): run `vlmspec status SPEC` for that.")
+    return "\n".join(lines) + "\n"
 
 
 @app.command()

@@ -21,12 +21,11 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlglot
 from sqlglot import exp
-from sqlglot.dialects.duckdb import DuckDB
 
 from vlmspec.compiler.errors import ApplyError, Problem, did_you_mean
 from vlmspec.compiler.model import CurationSpec, SplitSpec
+from vlmspec.compiler.where import LanceSQL, WhereError, is_quantile, parse_where
 
 __all__ = ["SliceResult", "build_slice", "dedup_keep", "near_pairs", "read_slice", "resolve_where"]
 
@@ -64,17 +63,6 @@ class SliceResult:
 # --- the predicate ------------------------------------------------------------------------
 
 
-class _LanceSQL(DuckDB):
-    """DuckDB SQL as Lance's filter parser reads it: quoted identifiers use backticks."""
-
-    class Tokenizer(DuckDB.Tokenizer):
-        IDENTIFIERS = ["`", '"']
-
-
-def _is_quantile(node: exp.Expression) -> bool:
-    return isinstance(node, exp.Quantile) or (isinstance(node, exp.Anonymous) and node.name.lower() == "quantile")
-
-
 def _number_text(v: float) -> str:
     return str(int(v)) if math.isfinite(v) and float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
 
@@ -110,10 +98,10 @@ def resolve_where(ds: lance.LanceDataset, where: str) -> tuple[str, dict[str, fl
     Lance's `filter=` accepts and `{"quantile(col, q)": value}`.
     """
     try:
-        tree = sqlglot.parse_one(where, read=_LanceSQL)  # DuckDB, plus `quoted` names
-    except sqlglot.errors.SqlglotError as e:
-        raise _where_problem(f"cannot parse the SQL predicate: {str(e).splitlines()[0]}") from None
-    calls = {id(n): _quantile_call(n) for n in tree.find_all(exp.Anonymous, exp.Quantile) if _is_quantile(n)}
+        tree = parse_where(where)  # the parse `plan` checked: one expression, never a `;` and more
+    except WhereError as e:
+        raise _where_problem(e.what, e.fix) from None
+    calls = {id(n): _quantile_call(n) for n in tree.find_all(exp.Anonymous, exp.Quantile) if is_quantile(n)}
     values: dict[tuple[str, float], float] = {}
     for col in sorted({c for c, _ in calls.values()}):
         if col not in ds.schema.names:
@@ -132,7 +120,7 @@ def resolve_where(ds: lance.LanceDataset, where: str) -> tuple[str, dict[str, fl
     # copy=False: `calls` is keyed by the identity of the parsed nodes.
     resolved = tree.transform(lambda n: _number(values[calls[id(n)]]) if id(n) in calls else n, copy=False)
     quantiles = {f"quantile({c}, {_number_text(q)})": v for (c, q), v in values.items()}
-    return resolved.sql(dialect=_LanceSQL), quantiles
+    return resolved.sql(dialect=LanceSQL), quantiles
 
 
 # --- near-duplicate search (multi-index hashing) ------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vlmspec.compiler.errors import ApplyError, Problem
+from vlmspec.compiler.paths import shown
 
 from .job import EvalJob
 from .metrics import paired_bootstrap, vqa_accuracy
@@ -136,5 +137,5 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
     summary = "eval: " + ", ".join(f"{m} {a:.3f}" for m, a in results["accuracy"].items())
     if "lift" in results:
         summary += (f"; lift {100 * results['lift']:+.1f} pp (95% CI {100 * results['ci_low']:+.1f} to "
-                    f"{100 * results['ci_high']:+.1f}) on {len(rows)} questions -> {paths['markdown']}")
+                    f"{100 * results['ci_high']:+.1f}) on {len(rows)} questions -> {shown(str(paths['markdown']))}")
     return {**results, "summary": summary, "report": str(paths["markdown"])}

@@ -58,8 +58,12 @@ def source_info(source: SourceSpec) -> tuple[int | None, dict[str, str] | None]:
         rows = ds.count_rows()
         cols = {f.name: str(f.type) for f in ds.schema if not ing.columns or f.name in ing.columns}
         return (min(rows, ing.limit) if ing.limit else rows), cols
+    if _hf_local(ing.dataset):  # a saved folder is memory-mapped Arrow: rows and schema are cheap
+        ds = _hf_from_disk(ing)
+        cols = {f.name: str(_storable(f.type)) for f in ds.data.schema if not ing.columns or f.name in ing.columns}
+        return (min(ds.num_rows, ing.limit) if ing.limit else ds.num_rows), cols
     # huggingface: row count known only once streaming starts; `limit` bounds it, and a few
-    # well-known datasets have a known schema.
+    # well-known datasets have a known schema. Planning never contacts the hub.
     schema = KNOWN_SOURCES.get(ing.dataset)
     if schema is not None and ing.columns:
         schema = {k: v for k, v in schema.items() if k in ing.columns}
@@ -124,17 +128,59 @@ def _hf_batches(ing) -> Iterator[pa.RecordBatch]:
     """A dataset id through `datasets` streaming, or a `save_to_disk` directory (same layout)."""
     import datasets
 
-    if Path(ing.dataset).is_dir():
-        dd = datasets.load_from_disk(ing.dataset)
-        ds = dd[ing.split] if isinstance(dd, datasets.DatasetDict) else dd
+    if _hf_local(ing.dataset):
+        ds = _hf_from_disk(ing)
         ds = ds.with_format("arrow")
         for tbl in ds.iter(batch_size=1024):
             yield from tbl.select(ing.columns).to_batches() if ing.columns else tbl.to_batches()
         return
-    stream = datasets.load_dataset(ing.dataset, split=ing.split, revision=ing.revision, streaming=True)
-    stream = stream.with_format("arrow")
-    for tbl in stream.iter(batch_size=1024):
-        yield from tbl.select(ing.columns).to_batches() if ing.columns else tbl.to_batches()
+    from ..hub import hub_unreachable
+
+    reason = hub_unreachable()  # datasets would retry for ~30 s, then raise a bare ConnectionError
+    if reason is not None:
+        raise _hub_problem(ing, f"the Hugging Face hub cannot be reached: {reason}")
+    try:
+        stream = datasets.load_dataset(ing.dataset, split=ing.split, revision=ing.revision, streaming=True)
+        stream = stream.with_format("arrow")
+        for tbl in stream.iter(batch_size=1024):
+            yield from tbl.select(ing.columns).to_batches() if ing.columns else tbl.to_batches()
+    except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        # Rows committed before a broken stream are kept; the next apply appends the rest.
+        raise _hub_problem(ing, f"streaming it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def _hf_local(dataset: str) -> bool:
+    """A `save_to_disk` folder rather than a hub id (a written path must exist: never a hub id then)."""
+    if Path(dataset).expanduser().is_dir():
+        return True
+    if dataset.startswith(_LOCAL_PREFIXES):
+        raise ApplyError(Problem(f"`{dataset}` is not a folder", "source.ingest.dataset",
+                                 fix="Point `dataset` at a folder written by `Dataset.save_to_disk`, or at a hub id "
+                                     "such as `lance-format/textvqa-lance`"))
+    return False
+
+
+def _hf_from_disk(ing):
+    import datasets
+
+    dd = datasets.load_from_disk(str(Path(ing.dataset).expanduser()))
+    if isinstance(dd, datasets.DatasetDict):
+        if ing.split not in dd:
+            raise ApplyError(Problem(f"the saved dataset `{ing.dataset}` has no split `{ing.split}`",
+                                     "source.ingest.split", fix=f"Splits: {', '.join(f'`{k}`' for k in dd)}"))
+        return dd[ing.split]
+    return dd
+
+
+def _hub_problem(ing, why: str) -> ApplyError:
+    return ApplyError(Problem(
+        f"cannot stream the dataset `{ing.dataset}` from the hub: {why}", "source.ingest.dataset",
+        fix=f"Ingest a local copy: where the hub is reachable, save it with `datasets.load_dataset("
+            f"'{ing.dataset}', split='{ing.split}').save_to_disk('DIR')` (or `.to_parquet('DIR/train.parquet')`), "
+            "copy DIR here and set `ingest: {from: huggingface, dataset: DIR}` (or `{from: parquet, path: DIR}`)"))
 
 
 def _limit(batches, limit: int | None) -> Iterator[pa.RecordBatch]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmspec.compiler.catalog import ModelFacts
+from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.memory import TextShape
 
 __all__ = [
@@ -78,7 +79,27 @@ def _hub_kwargs(spec: Any, path: str) -> dict[str, Any]:
     kw: dict[str, Any] = {"trust_remote_code": bool(getattr(spec, "trust_remote_code", False))}
     if not _is_local(path):
         kw["revision"] = getattr(spec, "revision", "main")
+        kw["local_files_only"] = _hub_offline(spec, path)
     return kw
+
+
+def _hub_offline(spec: Any, path: str) -> bool:
+    """For a hub id: False when the hub answers; True when it does not but the Hugging Face cache
+    holds the model (load from there at once); otherwise an ApplyError that says what to do,
+    instead of transformers retrying for tens of seconds and raising a bare OSError."""
+    from ..hub import hub_unreachable
+
+    reason = hub_unreachable()
+    if reason is None:
+        return False
+    revision = getattr(spec, "revision", "main")
+    if _local_config(path, revision) is not None:
+        return True
+    raise ApplyError(Problem(
+        f"cannot fetch the model `{path}` (revision `{revision}`): the Hugging Face hub cannot be reached: "
+        f"{reason}, and the model is not in the Hugging Face cache", "model.id",
+        fix=f"Download it where the hub is reachable (`hf download {path} --revision {revision} --local-dir DIR`), "
+            "copy DIR here and set `model.id: DIR`"))
 
 
 def resolve_dtype(dtype: Any, device: str = "cpu"):
@@ -98,7 +119,8 @@ def load_model_processor(model_spec: Any):
 
     path = resolve_model_path(model_spec.id, model_spec.revision)
     revision = None if _is_local(path) else model_spec.revision
-    return load_processor(path, revision, bool(getattr(model_spec, "trust_remote_code", False)))
+    return load_processor(path, revision, bool(getattr(model_spec, "trust_remote_code", False)),
+                          local_files_only=revision is not None and _hub_offline(model_spec, path))
 
 
 # --- facts ----------------------------------------------------------------------------------
@@ -171,8 +193,9 @@ def model_facts(model_spec: Any) -> ModelFacts:
     cfg = _local_config(path, model_spec.revision) or {}
     hidden = getattr(model_spec, "hidden_size", None) or _hidden_from_config(cfg) or _hidden_from_table(path)
     if hidden is None:
-        raise ValueError(f"cannot tell the hidden size of `{model_spec.id}` offline: set `model.hidden_size`, "
-                         "or download the model once so its config.json is in the Hugging Face cache")
+        raise ValueError("its config.json is neither in a local folder nor in the Hugging Face cache, and "
+                         "planning never downloads (offline, only the public Qwen2.5-VL sizes are known; "
+                         "`model.hidden_size` gives any other)")
     vision = cfg.get("vision_config") or {}
     return ModelFacts(id=model_spec.id, revision=model_spec.revision, hidden_size=int(hidden),
                       processor_hash=_processor_hash(path, model_spec),
@@ -183,7 +206,7 @@ def model_facts(model_spec: Any) -> ModelFacts:
 # --- vision tower ---------------------------------------------------------------------------
 
 
-def _model_file(path: str, filename: str, revision: str) -> str | None:
+def _model_file(path: str, filename: str, revision: str, local_only: bool = False) -> str | None:
     """A file of the model: local, or downloaded from the hub (None when the repo lacks it)."""
     if _is_local(path):
         f = Path(path) / filename
@@ -192,16 +215,16 @@ def _model_file(path: str, filename: str, revision: str) -> str | None:
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return hf_hub_download(path, filename, revision=revision)
+        return hf_hub_download(path, filename, revision=revision, local_files_only=local_only)
     except EntryNotFoundError:
         return None
 
 
-def _visual_shards(path: str, revision: str) -> list[str]:
+def _visual_shards(path: str, revision: str, local_only: bool = False) -> list[str]:
     """The safetensors files holding `visual.` / `model.visual.` tensors (only those shards)."""
-    index = _model_file(path, "model.safetensors.index.json", revision)
+    index = _model_file(path, "model.safetensors.index.json", revision, local_only)
     if index is None:
-        single = _model_file(path, "model.safetensors", revision)
+        single = _model_file(path, "model.safetensors", revision, local_only)
         if single is None:
             raise FileNotFoundError(f"`{path}` has neither model.safetensors nor model.safetensors.index.json")
         return [single]
@@ -209,7 +232,7 @@ def _visual_shards(path: str, revision: str) -> list[str]:
     shards = sorted({shard for key, shard in weight_map.items() if _VISUAL_KEY.match(key)})
     if not shards:
         raise ValueError(f"`{path}` has no `visual.` weights in its index")
-    files = [_model_file(path, s, revision) for s in shards]
+    files = [_model_file(path, s, revision, local_only) for s in shards]
     return [f for f in files if f is not None]
 
 
@@ -225,11 +248,12 @@ def load_vision_tower(model_spec: Any, device: str = "cpu", dtype: Any = "auto")
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     path = resolve_model_path(model_spec.id, model_spec.revision)
-    config = AutoConfig.from_pretrained(path, **_hub_kwargs(model_spec, path))
+    kw = _hub_kwargs(model_spec, path)
+    config = AutoConfig.from_pretrained(path, **kw)
     torch_dtype = resolve_dtype(dtype if dtype is not None else getattr(model_spec, "dtype", "auto"), device)
     with ExitStack() as stack:
         state_dict = {}
-        for shard in _visual_shards(path, model_spec.revision):
+        for shard in _visual_shards(path, model_spec.revision, kw.get("local_files_only", False)):
             f = stack.enter_context(safe_open(shard, framework="pt", device="cpu"))
             for key in f.keys():
                 if _VISUAL_KEY.match(key):

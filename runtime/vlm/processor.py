@@ -41,14 +41,18 @@ def is_vl_processor(obj: Any) -> bool:
             and getattr(obj, "tokenizer", None) is not None)
 
 
-def load_processor(path_or_id: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_processor(path_or_id: str, revision: str | None = None, trust_remote_code: bool = False,
+                   local_files_only: bool = False):
     """The model's processor: the stock `AutoProcessor` when it yields a real one, else image-only.
 
     Args:
         path_or_id: a local model directory or a Hugging Face id.
         revision: hub revision (ignored for local directories).
+        local_files_only: read a hub id from the Hugging Face cache only (the hub is unreachable).
     """
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if local_files_only:
+        kw["local_files_only"] = True
     if revision is not None:
         kw["revision"] = revision
     try:

@@ -180,6 +180,77 @@ def test_template_syntax_error_is_located():
     assert msg.startswith("s.yaml:7: template syntax error")
 
 
+# --- render budget and --var overrides ------------------------------------------------------
+
+LOOPS = MINIMAL + "description: \"{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\"\n"
+
+
+def test_nested_loops_stop_at_the_iteration_budget_with_the_line():
+    """Each `range` is under jinja's cap; together they are 10^10 iterations (a hang before)."""
+    [msg] = problems(LOOPS)
+    assert msg == ("s.yaml:7: the templates run more than 1,000,000 loop iterations (`range` items count too); "
+                   "nested loops multiply. Loop over fewer items: templates in a spec repeat small blocks, "
+                   "they do not compute.")
+
+
+@pytest.mark.parametrize("expr, what", [
+    ("{% for i in range(99999) %}xxxxxxxxxxxxxxx{% endfor %}", "write more than 1,000,000 characters"),
+    ("{% set b %}{% for i in range(99999) %}{{ 'y' * 100 }}{% endfor %}{% endset %}", "write more than 1,000,000"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "builds a value of 1,048,576"),
+    ("{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "the result of `+` would be too large"),
+    ("{{ 'x'|center(1000000000) }}", "passes 1,000,000,000 to a filter"),
+    ("{{ [1]|slice(1000000000)|list }}", "passes 1,000,000,000 to a filter"),
+    ("{{ 'x'.ljust(1000000000) }}", "passes 1,000,000,000 to a filter or string method"),
+    ("{{ '%0*d' % (1000000000, 1) }}", "the result of `%` would be too large"),
+    ("{% for i in range(100000) %}{{ range(100000)|sum }}{% endfor %}", "more than 1,000,000 loop iterations"),
+])
+def test_text_and_work_bombs_are_refused_at_their_line(expr, what):
+    [msg] = problems(MINIMAL + f'description: "{expr}"\n')
+    assert msg.startswith("s.yaml:7: ") and what in msg, msg
+
+
+def test_render_time_is_bounded(monkeypatch):
+    from vlmspec.compiler import _render
+
+    monkeypatch.setattr(_render, "MAX_SECONDS", 0.01)  # the loop below is within the other limits
+    [msg] = problems(MINIMAL + 'description: "{% for i in range(90000) %}{% for j in range(3) %}{% set x = i * j %}{% endfor %}{% endfor %}"\n')
+    assert msg.startswith("s.yaml:7: rendering the templates took more than 0.01 s")
+
+
+def test_ordinary_loops_and_blocks_still_render():
+    text = MINIMAL + ('description: "{% for i in range(3) %}{{ i }}{% if loop.last %}!{% else %},{% endif %}'
+                      '{% endfor %} {% filter upper %}ab{% endfilter %} {{ [1, 2]|join(\'-\') }}"\n')
+    assert load_spec_text(text).spec.description == "0,1,2! AB 1-2"
+
+
+def test_var_override_must_name_a_template_variable():
+    text = spec_text("""
+        name: demo
+        vars: {rows: 10, unused: 1}
+        source:
+          table: t
+          ingest: {from: synthetic, rows: {{ rows }}}
+    """)
+    assert problems(text, overrides=["row=4000"]) == ["--var row: no template variable `row`. Did you mean `rows`?"]
+    [msg] = problems(text, overrides=["zzz=1"])
+    assert msg == ("--var zzz: no template variable `zzz`. The spec's template variables are `rows`, `unused`; "
+                   "declare a new one under `vars:` and use it as `{{ zzz }}`.")
+    # Every valid use keeps working: a used var, a declared one that no template reads, and
+    # (test_var_override_may_define_a_new_variable) a name only the templates use.
+    loaded = load_spec_text(text, overrides=["rows=20", "unused=2"])
+    assert loaded.spec.source.ingest.rows == 20 and loaded.spec.vars == {"rows": 20, "unused": 2}
+
+
+def test_unknown_override_and_undefined_variable_are_reported_together():
+    text = MINIMAL.replace("data/demo.lance", "data/{{ tag }}.lance")
+    assert problems(text, overrides=["tga=x"]) == [
+        "--var tga: no template variable `tga`. Did you mean `tag`?",
+        "s.yaml:3:18: undefined variable `tag`. Define it under `vars:` or pass --var tag=VALUE. Did you mean `tga`?",
+    ]
+
+
 # --- YAML errors --------------------------------------------------------------------------
 
 

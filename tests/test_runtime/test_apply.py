@@ -629,6 +629,8 @@ def test_ingest_from_huggingface_save_to_disk_keeps_image_bytes(tmp_path, monkey
 
     spec = write_spec(tmp_path / "t", features=TEXT_ONLY, curate=False, rows_per_fragment=16,
                       ingest={"from": "huggingface", "dataset": str(tmp_path / "hf"), "split": "train"})
+    plan = prepare(load_spec(spec)).plan  # the saved folder is read at plan time: rows and columns are known
+    assert plan.ingest.rows == 40 and not plan.warnings
     res = apply(load_spec(spec))
     assert col_steps(res)["ingest"] == 40
     ds = lance.dataset(table_of(tmp_path / "t"))
@@ -787,3 +789,31 @@ def test_cli_commands(tmp_path, monkeypatch):
     assert schema["title"] == "Spec" and "source" in schema["properties"]
     assert "description" in schema["properties"]["source"]
     assert "How many rows to generate." in r.stdout
+
+
+# --- paths: relative to the spec's folder ------------------------------------------------------
+
+@pytest.mark.slow
+def test_apply_from_another_folder_uses_the_table_next_to_the_spec(tmp_path, monkeypatch):
+    """Before, `source.table` resolved against the current directory: run from elsewhere, apply
+    silently planned (and built) a brand-new table there."""
+    from typer.testing import CliRunner
+
+    from vlmspec.runtime.cli import app
+
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    spec = write_spec(proj, features=TEXT_ONLY, curate=False, rows=64)
+    data = yaml.safe_load(spec.read_text())
+    data["source"]["table"] = "data/t.lance"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = CliRunner().invoke(app, ["apply", "../proj/spec.yaml"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"Plan  ../proj/spec.yaml -> {proj}/data/t.lance (new table)\n")
+    assert lance.dataset(str(proj / "data" / "t.lance")).count_rows() == 64
+    assert not (elsewhere / "data").exists()
+    monkeypatch.chdir(proj)
+    r = CliRunner().invoke(app, ["plan", "spec.yaml"])
+    assert r.exit_code == 0 and r.stdout.startswith("Plan  spec.yaml -> data/t.lance (version ")
+    assert r.stdout.endswith("Plan: nothing to do; the table is up to date.\n"), r.stdout

@@ -289,3 +289,71 @@ def test_slice_table_shape_progress_and_no_leftovers(tmp_path):
     assert d["train_rows"] + d["eval_rows"] == 150 and d["table_version"] == 1
     with pytest.raises(ValueError):
         read_slice(res.path, "test")
+
+
+# --- plan-time checks of `where` against what Lance really does ---------------------------
+
+TYPED = pa.table({
+    "question_id": ["a", "b", "c"], "n": pa.array([1, 2, 3], pa.int32()), "u": pa.array([1, 2, 3], pa.uint64()),
+    "f": pa.array([0.1, 0.5, 0.9], pa.float32()), "b": [True, False, True], "s": ["a", "bb", "ccc"],
+    "ls": pa.array([["a"], ["b", "c"], []], pa.list_(pa.string())),
+    "st": pa.array([{"width": 1, "height": 2}] * 3, pa.struct([("width", pa.int32()), ("height", pa.int32())])),
+    "h": pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float16(), 2)), "img": pa.array([b"x"] * 3, pa.large_binary()),
+})
+PREDICATES = [
+    "s > 3", "n > '2'", "n > 1.5", "n > 2.0", "n >= quantile(n, 0.5)", "f > quantile(f, 0.5)", "b", "b AND n > 1",
+    "NOT b", "s", "n", "n + 1", "s = 'a'", "s LIKE 'a%'", "s IN ('a', 'bb')", "n BETWEEN 1 AND 2", "s IS NULL",
+    "length(s) > 1", "lower(s) = 'a'", "array_length(ls) > 0", "array_has(ls, 'a')", "st.width > 0", "foo(s) > 1",
+    "unnest(ls) = 'a'", "(select max(n) from t) > 1", "u > 1", "f > 1", "n = f", "s = n", "b = 1", "b = true",
+    "img IS NOT NULL", "h IS NOT NULL", "regexp_match(s, 'a') IS NOT NULL", "s ~ 'a'", "count(*) > 1",
+    "max(n) > 1", "n % 2 = 0", "abs(n) > 1", "ls = 'a'", "st > 1", "s || 'x' = 'ax'", "starts_with(s, 'a')",
+    "n IN (1, 2)", "s NOT IN ('a')", "coalesce(n, 0) > 1", "CASE WHEN n > 1 THEN true ELSE false END",
+    "true", "1", "'a'", "NULL", "strlen(s) > 1", "u > -1", "n > -1", "st.width > 1.5", "s = 'a' AND n", "n AND b",
+    "NOT n", "h[1] > 0", "ls[1] = 'a'", "n::double > 1.5", "img = 'x'", "n > 99999999999", "length(s) > 'a'",
+    "lower(n) = 'a'", "abs(s) > 1",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", PREDICATES)
+def test_plan_time_check_agrees_with_lance(where, tmp_path):
+    """Each predicate is refused at plan time exactly when Lance refuses it at apply, except where
+    the plan cannot know the types a function returns (then it lets Lance decide)."""
+    from vlmspec.compiler.where import check_where
+
+    ds = lance.dataset(write(tmp_path / "t.lance", TYPED))
+    types = {f.name: str(f.type) for f in ds.schema}  # as lance_io reads them into TableState
+    refused_at_plan = bool(check_where(where, types).problems)
+    try:
+        sql, _ = resolve_where(ds, where)
+        ds.to_table(columns=[], with_row_address=True, filter=sql)
+        lance_refuses = False
+    except (ApplyError, OSError, ValueError):
+        lance_refuses = True
+    unknowable = {"lower(n) = 'a'", "abs(s) > 1"}  # argument types of functions are not checked
+    assert refused_at_plan == lance_refuses or (where in unknowable and lance_refuses), \
+        f"plan {'refuses' if refused_at_plan else 'accepts'} `{where}`, Lance {'refuses' if lance_refuses else 'accepts'}"
+
+
+@pytest.mark.slow
+def test_the_function_lists_match_the_installed_lance(tmp_path):
+    from vlmspec.compiler._sql_functions import AGGREGATE_FUNCTIONS, SCALAR_FUNCTIONS
+
+    ds = lance.dataset(write(tmp_path / "t.lance", TYPED))
+
+    def known(name: str) -> bool:
+        try:
+            ds.scanner(columns=[], with_row_address=True, filter=f"{name}(n) IS NULL").explain_plan()
+        except Exception as e:  # noqa: BLE001 -- every error but this one means Lance knows the name
+            return "Invalid function" not in str(e)
+        return True
+
+    assert [n for n in sorted(SCALAR_FUNCTIONS | AGGREGATE_FUNCTIONS) if not known(n)] == []
+    assert [n for n in ("strlen", "regexp_matches", "quantile", "foo") if known(n)] == []
+
+
+@pytest.mark.slow
+def test_resolve_where_refuses_a_second_statement(tmp_path):
+    ds = lance.dataset(write(tmp_path / "t.lance", TYPED))
+    with pytest.raises(ApplyError, match="curation.where: `;` ends the expression and `drop table x` follows it"):
+        resolve_where(ds, "1=1; drop table x")
