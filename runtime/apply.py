@@ -306,11 +306,17 @@ def _backfill_one(prep: Prepared, result: ApplyResult, step: Backfill, ex, worke
                           device=dev,
                           workers=workers, reporter=reporter, errors_log=errors_log, key=spec.source.key,
                           executor=ex)
+    # setup_s (model load + compile) and the compile cache's warm/cold start are what a second
+    # apply of the column should no longer pay; `vlmspec bench apply` reads them from here.
+    warmup = (run.udf_stats or {}).get("warmup")
     record.add_step(node.name, step.kind, run.rows, run.seconds, fingerprint=node.fingerprint,
-                    udf=node.udf, errors=run.errors, fragments=run.fragments)
+                    udf=node.udf, errors=run.errors, fragments=run.fragments, setup_s=round(run.setup_s, 2),
+                    **({"warmup": warmup} if warmup else {}))
     if run.rows_per_s:
         history.record_throughput(table, node.udf, run.rows_per_s)
     text = f"{node.name}: {run.rows:,} rows in {run.seconds:.1f} s"
+    if warmup:
+        text += f" (compile {warmup['seconds']:.1f} s, {warmup['start']} start)"
     if run.errors:
         text += f", {run.errors} row errors (see `vlmspec errors`)"
     result.summary.append(text)

@@ -108,8 +108,10 @@ class RunRecord:
 
     def add_step(self, name: str, kind: str, rows: int, seconds: float, **extra: Any) -> None:
         rate = rows / seconds if rows and seconds > 0 else None
+        # `ended` (wall clock) places the step on a timeline: `vlmspec bench apply` lines its GPU
+        # samples up with the stages by it.
         self.steps.append({"name": name, "kind": kind, "rows": rows, "seconds": round(seconds, 3),
-                           "rows_per_s": round(rate, 2) if rate else None, **extra})
+                           "rows_per_s": round(rate, 2) if rate else None, "ended": round(time.time(), 3), **extra})
 
     def save(self) -> Path:
         d = lance_io.sidecar_dir(self.table) / "runs"

@@ -338,6 +338,10 @@ def _save(run: _Run, m: _Model) -> dict[str, Any]:
     result = {"table_version": run.sl.version, "rows": int(len(run.sl.train)), "steps": m.step,
               "final_loss": m.extra["final_loss"], "adapter": str(adapter), "seconds": round(m.elapsed, 2),
               "devices": run.nranks}
+    if m.elapsed > 0:  # the whole fit, loader included: what the user's training ran at
+        result["samples_per_s"] = round(m.step * run.per_step / m.elapsed, 2)
+    if str(run.device).startswith("cuda"):  # checked against the plan's estimate by `vlmspec bench apply`
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     if m.graphed is not None:
         result["cuda_graph"] = {"replays": m.graphed.replays, "eager_micro_batches": m.graphed.eager_steps}
     if not run.main:

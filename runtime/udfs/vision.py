@@ -120,7 +120,16 @@ class VisionTower:
         self._ahead: list[_Decoding] = []  # batches whose decoding has started, oldest first
         self.stats = {"calls": 0, "call_s": 0.0, "alloc_s": 0.0}  # for `vlmspec bench gpu --phases tier3`
         if cuda and self.fast is not None:
-            self._warm(compile_, sizes)
+            from vlmspec.runtime.vlm.compile_cache import Warmup
+
+            # Keyed by what changes the compiled code (the cache adds torch, Triton and the GPU), so a
+            # second apply of this column, in a new process, loads the artefacts instead of compiling.
+            parts = {"udf": "vlm.vision_tower", "tower": self.tower.config.to_json_string(use_diff=False),
+                     "dtype": str(self.dtype), "image_px": self.image_px, "sizes": sorted(sizes),
+                     "compile": compile_, "graph": graph}
+            with Warmup(parts) as warm:
+                self._warm(compile_, sizes)
+            self.stats["warmup"] = warm.stats
 
     def _warm(self, compiled: bool, sizes: set[int]) -> None:
         """Record the tower's layout and compile it now (set-up, not the first batch's time); a tower

@@ -263,3 +263,24 @@ def pretrain_tiny_cmd(
 from .reliability_commands import add_commands as _add_reliability_commands  # noqa: E402
 
 _add_reliability_commands(bench_app)
+
+
+@bench_app.command("apply")
+def apply_cmd(rows: int = typer.Option(12288, "--rows", min=16, help="Rows of the synthetic HF source."),
+              image_px: int = typer.Option(560, "--image-px", min=56, help="Image size (560 = 400 visual tokens)."),
+              steps: int = typer.Option(300, "--steps", min=1, help="Training steps (the seed's recipe: 300)."),
+              eval_limit: int = typer.Option(400, "--eval", min=1, help="Eval questions per model."),
+              shape: str = typer.Option("3b", "--shape", help="`3b` (random weights) or `tiny` (CPU runs)."),
+              rounds: str = typer.Option("cold,lora,tower,shapes", "--rounds",
+                                         help="Comma-separated: cold, lora, tower, shapes."),
+              deadline_s: float = typer.Option(1e9, "--deadline-s", help="Skip rounds that would start after this."),
+              work: Path = typer.Option(Path(".bench-apply"), "--work",
+                                        help="Folder for the source, model and table (kept between runs)."),
+              out: Path = OutOpt) -> None:
+    """The whole `vlmspec apply` of the textvqa recipe through the CLI: per stage, GPU busy, turnaround."""
+    _quiet_lance()
+    from . import apply_e2e
+
+    res = apply_e2e.run(rows, image_px, steps, eval_limit, out, work.resolve(), shape=shape, deadline_s=deadline_s,
+                        rounds=tuple(x.strip() for x in rounds.split(",") if x.strip()))
+    _report(res, out)

@@ -1,0 +1,121 @@
+"""torch.compile artefacts kept on disk across processes, so only the first apply pays the compile.
+
+A compiled tower costs its first call ~20 s on an H200 (dynamo trace, inductor codegen, Triton
+autotune and build, CUDA-graph capture), and every `vlmspec apply` is a new process. Two layers
+keep that work:
+
+* inductor's and Triton's own on-disk caches, pointed at vlmspec's cache folder instead of
+  `/tmp` (which containers and reboots wipe). Their entries are keyed by inductor itself (graph,
+  torch and Triton versions, device, config), so a stale hit is not possible;
+* one "mega-cache" file per tower configuration (`torch.compiler.save_cache_artifacts`), which
+  bundles those artefacts into one portable file: a Ray worker on another node, or a fresh GPU
+  machine that got the folder, starts warm too. Its name hashes everything that changes the
+  compiled code: torch and Triton versions, the GPU, the model, dtype, image size, batch sizes,
+  compile mode and graph capture.
+
+Dynamo's trace and the CUDA-graph capture are not cacheable; they are the few seconds a warm start
+still pays. `Warmup.stats` says which it was, for the run record and `vlmspec bench apply`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Warmup", "cache_root", "compile_key"]
+
+
+def cache_root() -> Path:
+    """`$VLMSPEC_CACHE_DIR/compile`, else the XDG cache (`~/.cache/vlmspec/compile`)."""
+    base = os.environ.get("VLMSPEC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlmspec")
+    return Path(base) / "compile"
+
+
+def compile_key(parts: dict[str, Any]) -> str:
+    """A short hash of the configuration plus the toolchain the compiled code depends on."""
+    import torch
+
+    full = {"torch": torch.__version__, **parts}
+    try:
+        import triton
+
+        full["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        full["gpu"] = torch.cuda.get_device_name()
+        full["capability"] = list(torch.cuda.get_device_capability())
+    blob = json.dumps(full, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _point_caches(root: Path) -> None:
+    # Only where the user has not chosen: their TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR win.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+
+
+def _counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    ind = counters["inductor"]
+    return {k: int(ind.get(k, 0)) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+
+
+@dataclass
+class Warmup:
+    """`with Warmup(parts) as w: <first compiled calls>`: loads the mega-cache before, saves it after
+    a cold start, and times the block. `w.stats`: seconds, "warm"/"cold", inductor hits/misses."""
+
+    parts: dict[str, Any]
+    root: Path = field(default_factory=cache_root)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.root / f"{compile_key(self.parts)}.megacache"
+
+    def __enter__(self) -> "Warmup":
+        import torch
+
+        _point_caches(self.root)
+        self._loaded = False
+        if self.path.exists():
+            try:
+                self._loaded = torch.compiler.load_cache_artifacts(self.path.read_bytes()) is not None
+            except Exception:  # noqa: BLE001 - a corrupt or foreign file only costs a cold start
+                self._loaded = False
+        self._before = _counters()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        seconds = time.perf_counter() - self._t0
+        after = _counters()
+        hits = after["fxgraph_cache_hit"] - self._before["fxgraph_cache_hit"]
+        misses = after["fxgraph_cache_miss"] - self._before["fxgraph_cache_miss"]
+        self.stats = {"seconds": round(seconds, 2), "start": "warm" if hits and not misses else "cold",
+                      "fxgraph_hits": hits, "fxgraph_misses": misses, "megacache": self._loaded,
+                      "key": compile_key(self.parts)}
+        if exc_type is None and misses:
+            self._save()
+
+    def _save(self) -> None:
+        import torch
+
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+        except Exception:  # noqa: BLE001 - nothing to bundle (or an old torch): the local caches still hold it
+            return
+        if not saved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(saved[0])
+        os.replace(tmp, self.path)  # atomic: a concurrent worker reads the old file or the new one
