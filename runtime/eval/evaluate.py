@@ -33,8 +33,9 @@ def eval_rows(job: EvalJob) -> tuple[list[dict[str, Any]], int, str]:
     uri = sl.eval_uri or job.table
     version = int(sl.eval_version or sl.table_version)
     addrs = read_slice(sl.path, "eval")
-    if ev.limit is not None and len(addrs) > ev.limit:
-        pick = np.sort(np.random.default_rng(ev.seed).choice(len(addrs), size=ev.limit, replace=False))
+    limit = None if ev.limit == "all" else ev.limit  # `all` and null: the whole held-out split
+    if limit is not None and len(addrs) > limit:
+        pick = np.sort(np.random.default_rng(ev.seed).choice(len(addrs), size=limit, replace=False))
         addrs = addrs[pick]
     ds = lance.dataset(uri, version=version)
     cols = [c for c in dict.fromkeys([job.key, "image", "question", "answers"]) if c in ds.schema.names]
