@@ -103,3 +103,35 @@ def test_greedy_answers_equal_the_reference_path_in_row_order(tiny, rows, monkey
     assert len(fast) == 7 and any(fast) and len(set(fast)) > 1  # real, varied answers
     assert "get_image_features" not in model.model.__dict__
     assert G.generate_answers(model, processor, [], PX, 3, gen, "cpu") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,n", [("all", 9), (None, 9), (4, 4)])
+def test_evaluate_limit_all_and_questions_per_s(tmp_path, limit, n):
+    import json
+
+    import lance
+    import pyarrow as pa
+
+    from vlmspec.compiler.model import EvalSpec
+    from vlmspec.runtime.eval.evaluate import evaluate
+    from vlmspec.runtime.eval.job import EvalJob
+    from vlmspec.runtime.train.job import SliceRecord
+
+    table = synthetic.generate_table(12, seed=5, image_px=PX)
+    ds = lance.write_dataset(table, str(tmp_path / "t.lance"))
+    addrs = ds.to_table(columns=[], with_row_address=True).column("_rowaddr").to_numpy()
+    sides = ["train"] * 3 + ["eval"] * 9
+    lance.write_dataset(pa.table({"row_addr": pa.array(addrs.astype(np.uint64)), "split": sides}),
+                        str(tmp_path / "slice.lance"))
+    job = EvalJob("h", str(tmp_path / "t.lance"), "id", SliceRecord(str(tmp_path / "slice.lance"), ds.version),
+                  ModelSpec(id=TINY, image_px=PX, dtype="float32"),
+                  EvalSpec(compare=["base"], limit=limit, batch_size=5, generation={"max_new_tokens": 4}),
+                  None, None, tmp_path / "eval")
+    out = evaluate(job, device="cpu")
+    assert out["n"] == n and out["batch_size"] == 5
+    assert out["questions_per_s"]["base"] > 0
+    assert f"base {out['accuracy']['base']:.3f} ({out['questions_per_s']['base']:.1f} q/s)" in out["summary"]
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["questions_per_s"] == out["questions_per_s"]
+    assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == n
