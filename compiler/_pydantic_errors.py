@@ -138,6 +138,33 @@ def _problem(file: str, root: Node | None, err: Any) -> Problem:
     return Problem(re.sub(r"^Input should be", "should be", msg), dotted, where)
 
 
+def _problems(file: str, root: Node | None, errors: Sequence[Any]) -> list[Problem]:
+    """All errors as Problems, one per field: a scalar union with a keyword (`limit: int | "all"`)
+    fails once per member, and its members' messages are folded into one that names the keyword."""
+    groups: dict[tuple, list[Any]] = {}
+    for err in errors:
+        groups.setdefault(tuple(map(str, _resolve(err["loc"])[0])), []).append(err)
+    out: list[Problem] = []
+    for errs in groups.values():
+        words = [e for e in errs if e["type"] == "literal_error"]
+        rest = [e for e in errs if e["type"] != "literal_error"]
+        if not words or not rest or len(rest) > 1:
+            out += [_problem(file, root, e) for e in errs]
+            continue
+        keywords = [str(c) for e in words for c in _literal_choices(e)]
+        p = _problem(file, root, rest[0])
+        what = p.what.replace(", got", f" (or {_listing(keywords)}), got", 1) if ", got" in p.what else p.what
+        value = rest[0].get("input")
+        fix = did_you_mean(value, keywords) if isinstance(value, str) else ""
+        out.append(Problem(what, p.path, p.where, fix or p.fix))
+    return out
+
+
+def _literal_choices(err: Any) -> list[str]:
+    """The keywords a `literal_error` accepts, from its `expected` text (`'all'` or `'a', 'b'`)."""
+    return re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+
+
 def _tag_problem(file: str, root: Node | None, path: list[Any], union: Any, node: Node | None,
                  tag: str | None) -> Problem:
     """A tagged union (`source.ingest`) whose `from:` is missing (tag None) or unknown."""

@@ -377,6 +377,8 @@ class _Compiler:
         if spec.eval is not None:
             ev = spec.eval
             recipe = ev.model_dump(mode="json", exclude={"output_dir", "batch_size"})
+            if recipe["limit"] == "all":  # the same questions as `null`, so the same fingerprint
+                recipe["limit"] = None
             recipe["train"], recipe["split"] = train_fp, split_fp
             recipe["model"] = ({"id": spec.model.id, "revision": spec.model.revision,
                                 "image_px": spec.model.image_px} if spec.model else None)

@@ -23,7 +23,7 @@ from jinja2 import meta, nodes
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from ._pydantic_errors import _VAR_NAME, _problem
+from ._pydantic_errors import _VAR_NAME, _problems
 from ._render import LimitExceeded, bounded_render, bounded_template, environment
 from ._yaml import (_check_tree, _compose, _construct, _node_location, _offset_location,
                     _parse_path)
@@ -120,7 +120,7 @@ def load_spec_text(text: str, file: str = "<string>", overrides: Sequence[str] =
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:  # pydantic-core guards its own recursion, so only this comes out
-        raise SpecError([_problem(file, root, err) for err in e.errors()]) from None
+        raise SpecError(_problems(file, root, e.errors())) from None
     digest = hashlib.sha256(rendered.encode("utf-8")).hexdigest()
     written: dict[str, str] = {}
     if base_dir is not None:

@@ -389,14 +389,16 @@ class EvalSpec(SpecModel):
     """Official TextVQA/VQA accuracy (EvalAI answer normalisation, 10-way leave-one-out)."""
     compare: list[Literal["base", "tuned"]] = Field(default_factory=lambda: ["base", "tuned"], min_length=1)
     """Models to evaluate on the same questions."""
-    limit: int | None = Field(400, ge=1)
-    """Evaluate at most this many held-out questions (a seeded random sample)."""
+    limit: Annotated[int, Field(ge=1)] | Literal["all"] | None = 400
+    """Evaluate at most this many held-out questions (a seeded random sample); `all` (or null) for the
+    whole held-out split."""
     seed: Seed = 0
     """Seed of the question sample and the bootstrap."""
     bootstrap: int = Field(2000, ge=100, le=1_000_000)
     """Paired bootstrap resamples for the lift's confidence interval."""
-    batch_size: int = Field(8, ge=1, le=1024)
-    """Questions per generate call."""
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
+    """Questions per generate call; `auto`: 64 on CUDA, 8 on CPU (not fingerprinted: answers do not
+    depend on it beyond floating-point rounding)."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     """Decoding settings."""
     output_dir: str | None = None

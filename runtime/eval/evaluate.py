@@ -17,6 +17,7 @@ import numpy as np
 from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.paths import shown
 
+from .generate import generate_answers, resolve_batch_size
 from .job import EvalJob
 from .metrics import paired_bootstrap, vqa_accuracy
 
@@ -33,8 +34,9 @@ def eval_rows(job: EvalJob) -> tuple[list[dict[str, Any]], int, str]:
     uri = sl.eval_uri or job.table
     version = int(sl.eval_version or sl.table_version)
     addrs = read_slice(sl.path, "eval")
-    if ev.limit is not None and len(addrs) > ev.limit:
-        pick = np.sort(np.random.default_rng(ev.seed).choice(len(addrs), size=ev.limit, replace=False))
+    limit = None if ev.limit == "all" else ev.limit  # `all` and null: the whole held-out split
+    if limit is not None and len(addrs) > limit:
+        pick = np.sort(np.random.default_rng(ev.seed).choice(len(addrs), size=limit, replace=False))
         addrs = addrs[pick]
     ds = lance.dataset(uri, version=version)
     cols = [c for c in dict.fromkeys([job.key, "image", "question", "answers"]) if c in ds.schema.names]
@@ -44,33 +46,6 @@ def eval_rows(job: EvalJob) -> tuple[list[dict[str, Any]], int, str]:
     for r in rows:
         r.setdefault("question_id", r.get(job.key))
     return rows, version, uri
-
-
-def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int,
-                     generation, device: str, progress=None) -> list[str]:
-    """Greedy (or sampled) short answers, batched, left-padded, with the training prompt."""
-    import torch
-
-    from ..vlm.prompt import image_processor_kwargs, prompt_text, resize_image
-
-    tok = processor.tokenizer
-    tok.padding_side = "left"  # generation appends on the right; prompts must end aligned
-    answers: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        texts = [prompt_text(processor, r["question"]) for r in chunk]
-        images = [resize_image(r["image"], image_px) for r in chunk]
-        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True,
-                           **image_processor_kwargs(image_px)).to(device)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
-                                 temperature=generation.temperature if generation.do_sample else None,
-                                 pad_token_id=tok.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-        if progress:
-            progress(len(chunk))
-    return answers
 
 
 def evaluate_from_spec(prep, device: str | None = None, reporter=None) -> dict[str, Any]:
@@ -95,6 +70,8 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
     processor = load_model_processor(model_spec)
     preds: dict[str, list[str]] = {}
     timing: dict[str, float] = {}
+    speed: dict[str, float] = {}  # questions/s of generation alone (not the model load), for benchmarks
+    batch_size = resolve_batch_size(ev.batch_size, device)
     for name in ev.compare:
         adapter = None
         if name == "tuned":
@@ -107,9 +84,11 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
                                 quant=job.quant)
         if reporter:
             reporter.start(f"eval {name}", len(rows), unit="questions")
-        preds[name] = generate_answers(model, processor, rows, model_spec.image_px, ev.batch_size,
+        t1 = time.perf_counter()
+        preds[name] = generate_answers(model, processor, rows, model_spec.image_px, batch_size,
                                        ev.generation, device,
                                        progress=(lambda n, t=f"eval {name}": reporter.advance(t, n)) if reporter else None)
+        speed[name] = round(len(rows) / max(time.perf_counter() - t1, 1e-9), 2)
         if reporter:
             reporter.finish(f"eval {name}")
         timing[name] = round(time.perf_counter() - t0, 2)
@@ -119,7 +98,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         "metric": ev.metric, "n": len(rows), "table": uri, "table_version": version,
         "model": {"id": model_spec.id, "revision": model_spec.revision, "image_px": model_spec.image_px},
         "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
-        "spec_hash": job.spec_hash,
+        "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
     }
     if "base" in scores and "tuned" in scores:
         boot = paired_bootstrap(scores["base"], scores["tuned"], resamples=ev.bootstrap, seed=ev.seed)
@@ -134,7 +113,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
     paths = write_report(results, report_rows, out_dir)
     (out_dir / "predictions.jsonl").write_text("".join(
         json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n" for r in report_rows))
-    summary = "eval: " + ", ".join(f"{m} {a:.3f}" for m, a in results["accuracy"].items())
+    summary = "eval: " + ", ".join(f"{m} {a:.3f} ({speed[m]:.1f} q/s)" for m, a in results["accuracy"].items())
     if "lift" in results:
         summary += (f"; lift {100 * results['lift']:+.1f} pp (95% CI {100 * results['ci_low']:+.1f} to "
                     f"{100 * results['ci_high']:+.1f}) on {len(rows)} questions -> {shown(str(paths['markdown']))}")

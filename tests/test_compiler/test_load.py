@@ -434,3 +434,22 @@ def test_only_vlmspec_errors_escape_for_odd_inputs():
             load_spec_text(text)
         except VlmspecError:
             pass
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("limit", "abc", "s.yaml:3:15 eval.limit: expected an integer (or `all`), got `abc`."),
+    ("limit", "All", "s.yaml:3:15 eval.limit: expected an integer (or `all`), got `All`. Did you mean `all`?"),
+    ("limit", "0", "s.yaml:3:15 eval.limit: must be at least 1 (or `all`), got `0`."),
+    ("batch_size", "fast", "s.yaml:3:20 eval.batch_size: expected an integer (or `auto`), got `fast`."),
+])
+def test_a_keyword_or_number_field_reports_one_located_problem(field, value, message):
+    text = f"name: x\nsource: {{table: data/t.lance}}\neval: {{{field}: {value}}}\n"
+    assert problems(text) == [message]
+
+
+def test_eval_limit_and_batch_size_keywords_load():
+    base = "name: x\nsource: {table: data/t.lance}\n"
+    assert load_spec_text(base + "eval: {limit: all, batch_size: auto, compare: [base]}\n").spec.eval.limit == "all"
+    ev = load_spec_text(base + "eval: {limit: null, batch_size: 64, compare: [base]}\n").spec.eval
+    assert ev.limit is None and ev.batch_size == 64
+    assert load_spec_text(base + "eval: {compare: [base]}\n").spec.eval.batch_size == "auto"

@@ -74,6 +74,17 @@ def test_eval_only_change_reruns_eval_only():
     assert stages == {"curate": "up_to_date", "split": "up_to_date", "train": "up_to_date", "eval": "run"}
 
 
+def test_eval_limit_all_is_the_whole_split_and_batch_size_is_not_fingerprinted():
+    fresh = TableState(uri="data/model.lance", source_rows=400)
+
+    def eval_fp(**ev):
+        return _compile(_with(eval=ev), fresh).stage("eval").fingerprint
+
+    assert _compile(_with(eval={"limit": "all"}), fresh).spec.eval.limit == "all"
+    assert eval_fp(limit="all") == eval_fp(limit=None) != eval_fp(limit=50)
+    assert eval_fp(limit=50, batch_size=64) == eval_fp(limit=50, batch_size="auto") == eval_fp(limit=50)
+
+
 @pytest.mark.parametrize("field,value,where", [
     ("train__lora", {"targets": ["q_proj", "visual.blocks.0.attn.qkv"]}, "train.lora.targets[1]"),
     ("train__lora", {"targets": ["qkv"]}, "train.lora.targets[0]"),

@@ -1,0 +1,201 @@
+"""Answer generation for evaluation: the fast path, and the plain reference it is tested against.
+
+The fast path computes what the reference computes, faster:
+
+* images are decoded and resized with `prompt.resize_image` on a thread pool one batch ahead, so
+  the CPU prepares batch k+1 while the GPU generates batch k (Pillow releases the GIL);
+* `Patchifier` turns the uint8 batch into `pixel_values` on the device (the image processor's
+  arithmetic as tensor ops, tested bitwise equal), and the model's vision tower runs as
+  `FastTower` (the tier-3 column's batched-attention replay, compiled on CUDA);
+* prompts are tokenized with the image pads already expanded (what the processor does), and
+  questions are sorted by prompt length so a batch pads little; answers come back in row order.
+
+The tower is swapped in through an instance attribute on this model's `Qwen2_5_VLModel`
+(`get_image_features`), removed afterwards: `model.generate` still builds the M-RoPE positions,
+the image-token scatter and the cache itself, and no transformers global is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+__all__ = ["generate_answers", "generate_answers_reference", "resolve_batch_size"]
+
+CUDA_BATCH = 64
+"""`eval.batch_size: auto` on CUDA: large batches keep the GPU busy through short greedy answers."""
+CPU_BATCH = 8
+"""`eval.batch_size: auto` elsewhere: CPU generation gains little from width and pays in memory."""
+
+
+def resolve_batch_size(batch_size: int | str, device: str) -> int:
+    """`eval.batch_size` as a number: an explicit one wins, `auto` picks by device."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return CUDA_BATCH if str(device).startswith("cuda") else CPU_BATCH
+
+
+def _generate(model, inputs: dict[str, Any], generation, pad_token_id: int):
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=generation.max_new_tokens, do_sample=generation.do_sample,
+                              temperature=generation.temperature if generation.do_sample else None,
+                              pad_token_id=pad_token_id)
+
+
+def generate_answers_reference(model, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int,
+                               generation, device: str, progress=None) -> list[str]:
+    """Greedy (or sampled) short answers the plain way: rows in order, the HF processor on PIL
+    images, HF's vision tower. What the fast path is tested against."""
+    from ..vlm.prompt import image_processor_kwargs, prompt_text, resize_image
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"  # generation appends on the right; prompts must end aligned
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        texts = [prompt_text(processor, r["question"]) for r in chunk]
+        images = [resize_image(r["image"], image_px) for r in chunk]
+        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True,
+                           **image_processor_kwargs(image_px)).to(device)
+        out = _generate(model, inputs, generation, tok.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        if progress:
+            progress(len(chunk))
+    return answers
+
+
+def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int,
+                     generation, device: str, progress=None, fast: bool = True) -> list[str]:
+    """Short answers to `rows` (dicts with `image` bytes and `question`), in row order.
+
+    `fast=False` runs `generate_answers_reference`. Greedy answers are the same either way (tested
+    on the tiny model); sampled ones draw in another order, since questions are sorted.
+    """
+    if not fast:
+        return generate_answers_reference(model, processor, rows, image_px, batch_size, generation, device, progress)
+    if not rows:
+        return []
+    import torch
+
+    from ..vlm.patchify import Patchifier
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    texts = prompt_texts(processor, [r["question"] for r in rows], image_px)
+    batches = length_sorted_batches([len(ids) for ids in tok(texts)["input_ids"]], batch_size)
+    patchify = Patchifier(processor.image_processor)
+    answers: list[str | None] = [None] * len(rows)
+    tower = _FastImageFeatures(model, device, batch_size)
+    pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
+    try:
+        ahead = _decode_batch(pool, rows, batches[0], image_px)
+        for k, idx in enumerate(batches):
+            u8 = np.stack([f.result() for f in ahead])
+            if k + 1 < len(batches):  # decode the next batch while this one generates
+                ahead = _decode_batch(pool, rows, batches[k + 1], image_px)
+            inputs = text_inputs(processor, [texts[i] for i in idx])
+            pixels, grid = patchify(torch.from_numpy(u8).to(device))
+            inputs.update(pixel_values=pixels, image_grid_thw=grid)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            out = _generate(model, inputs, generation, tok.pad_token_id)
+            new = out[:, inputs["input_ids"].shape[1]:]
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
+            if progress:
+                progress(len(idx))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        tower.remove()
+    return answers  # type: ignore[return-value]
+
+
+def prompt_texts(processor, questions: list[str], image_px: int) -> list[str]:
+    """The chat prompts with the image pad expanded to the image's token count, as the processor
+    expands it for a `image_px` square."""
+    from ..vlm.prompt import expand_image_pads, prompt_text
+
+    ip = processor.image_processor
+    tokens = (image_px // (int(ip.patch_size) * int(ip.merge_size))) ** 2
+    return [expand_image_pads(prompt_text(processor, q), tokens) for q in questions]
+
+
+def text_inputs(processor, texts: list[str]) -> dict[str, Any]:
+    """`input_ids`, `attention_mask` and `mm_token_type_ids` for expanded prompts, left-padded:
+    the processor's text half (tested equal to a full processor call)."""
+    import torch
+
+    enc = dict(processor.tokenizer(texts, return_tensors="pt", padding=True))
+    enc["mm_token_type_ids"] = torch.tensor(processor.create_mm_token_type_ids(enc["input_ids"].tolist()),
+                                            dtype=enc["input_ids"].dtype)
+    return enc
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of `batch_size`, longest prompts first (a stable sort, so equal
+    lengths keep row order): a batch pads to lengths near its own, and the widest batch runs first,
+    so running out of memory shows at once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _decode_batch(pool: ThreadPoolExecutor, rows: list[dict[str, Any]], idx: list[int], image_px: int) -> list[Future]:
+    return [pool.submit(_decode, rows[i], image_px) for i in idx]
+
+
+def _decode(row: dict[str, Any], image_px: int) -> np.ndarray:
+    from ..vlm.prompt import resize_image
+
+    return np.asarray(resize_image(row["image"], image_px), dtype=np.uint8)
+
+
+class _FastImageFeatures:
+    """Installs `FastTower` as this model's image encoder (an instance attribute on its
+    `Qwen2_5_VLModel`, shadowing the class method) until `remove()`."""
+
+    def __init__(self, model, device: str, batch_size: int):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+        from ..vlm.fast_tower import FastTower
+
+        inner = next((m for m in model.modules() if isinstance(m, Qwen2_5_VLModel)), None)
+        if inner is None:
+            raise TypeError(f"expected a Qwen2.5-VL model, got {type(model).__name__}")
+        self.inner = inner
+        self.visual = inner.visual
+        self.merge_unit = int(self.visual.spatial_merge_size) ** 2
+        # Compiled on CUDA (as the tier-3 column): one block compile per batch size, a few seconds
+        # once per process. No CUDA graph: the tower is a small share of generation time, and graph
+        # outputs would be overwritten by the next batch's replay.
+        self.compiled = str(device).startswith("cuda")
+        self.fast = FastTower(self.visual, compile=self.compiled, compile_sizes={int(batch_size)})
+        inner.get_image_features = self._features
+
+    def _features(self, pixel_values, image_grid_thw=None, **kwargs):
+        """`Qwen2_5_VLModel.get_image_features` through FastTower: same output object."""
+        import torch
+
+        px = pixel_values.type(self.visual.dtype)
+        try:
+            out = self.fast(px, image_grid_thw)
+        except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
+            if not self.compiled:
+                raise
+            warnings.warn(f"eval vision tower: torch.compile failed ({type(e).__name__}: {e}); running it uncompiled")
+            from ..vlm.fast_tower import FastTower
+
+            self.compiled = False
+            self.fast = FastTower(self.visual, compile=False)
+            out = self.fast(px, image_grid_thw)
+        sizes = (image_grid_thw.prod(-1) // self.merge_unit).tolist()
+        out.pooler_output = torch.split(out.pooler_output, sizes)
+        return out
+
+    def remove(self) -> None:
+        self.inner.__dict__.pop("get_image_features", None)

@@ -1,0 +1,137 @@
+"""Eval generation's fast path (`runtime/eval/generate.py`) computes what the plain path computes:
+the same model inputs (text half and Patchifier pixels, bitwise), the same image features (FastTower,
+within fp32 tolerance) and the same greedy answers, in row order, on the shipped tiny model on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlmspec.compiler.model import GenerationSpec, ModelSpec
+from vlmspec.runtime.eval import generate as G
+from vlmspec.runtime.sources import synthetic
+from vlmspec.runtime.vlm import fast_tower, models
+from vlmspec.runtime.vlm.patchify import Patchifier
+from vlmspec.runtime.vlm.prompt import image_processor_kwargs, prompt_text, resize_image
+
+TINY = "vlmspec:tiny-qwen2.5-vl"
+PX = 112
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    spec = ModelSpec(id=TINY, image_px=PX, dtype="float32")
+    return models.load_full_model(spec, device="cpu"), models.load_model_processor(spec)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """Synthetic TextVQA rows (JPEG bytes at other sizes than PX, so the resize matters), with
+    questions of very different token lengths."""
+    table = synthetic.generate_table(7, seed=3, image_px=160).to_pylist()
+    extra = ["", " Please look closely at every part of the picture before you answer this one.",
+             " Read it.", " What does the largest piece of text in the middle of the image say exactly?"]
+    for i, r in enumerate(table):
+        r["question"] = r["question"] + extra[i % len(extra)]
+    return table
+
+
+def test_batch_size_auto_picks_by_device_and_a_number_wins():
+    assert G.resolve_batch_size("auto", "cuda") == G.resolve_batch_size("auto", "cuda:1") == 64
+    assert G.resolve_batch_size("auto", "cpu") == 8
+    assert G.resolve_batch_size(5, "cuda") == 5
+
+
+def test_batches_are_longest_first_stable_and_cover_every_row():
+    batches = G.length_sorted_batches([3, 9, 3, 1, 9, 5], 4)
+    assert batches == [[1, 4, 5, 0], [2, 3]]
+    assert G.length_sorted_batches([], 4) == []
+
+
+def test_fast_inputs_equal_the_processor_bitwise(tiny, rows):
+    _, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    chunk = rows[:4]
+    images = [resize_image(r["image"], PX) for r in chunk]
+    want = processor(text=[prompt_text(processor, r["question"]) for r in chunk], images=images,
+                     return_tensors="pt", padding=True, **image_processor_kwargs(PX))
+    got = G.text_inputs(processor, G.prompt_texts(processor, [r["question"] for r in chunk], PX))
+    u8 = torch.from_numpy(np.stack([G._decode(r, PX) for r in chunk]))
+    got["pixel_values"], got["image_grid_thw"] = Patchifier(processor.image_processor)(u8)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert int(got["attention_mask"].sum(1).min()) < got["attention_mask"].shape[1]  # really padded
+
+
+def test_fast_image_features_equal_hf(tiny, rows):
+    model, processor = tiny
+    u8 = torch.from_numpy(np.stack([G._decode(r, PX) for r in rows[:3]]))
+    px, grid = Patchifier(processor.image_processor)(u8)
+    inner = model.model
+    features = G._FastImageFeatures(model, "cpu", 3)
+    try:
+        assert inner.get_image_features == features._features  # this instance only
+        with torch.inference_mode():
+            want = type(inner).get_image_features(inner, px, grid, return_dict=True).pooler_output
+            for _ in range(2):  # HF's forward records the layout, then the batched replay
+                got = inner.get_image_features(px, grid).pooler_output
+                assert len(got) == len(want) == 3
+                for g, w in zip(got, want):
+                    assert g.shape == w.shape and (g - w).abs().max().item() <= 1e-5
+    finally:
+        features.remove()
+    assert "get_image_features" not in inner.__dict__
+    assert features.fast.stats["hf_calls"] == 1 and features.fast.stats["fast_calls"] == 1
+
+
+def test_greedy_answers_equal_the_reference_path_in_row_order(tiny, rows, monkeypatch):
+    model, processor = tiny
+    gen = GenerationSpec(max_new_tokens=6)
+    calls = []
+    real = fast_tower.FastTower.__call__
+    monkeypatch.setattr(fast_tower.FastTower, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    seen = []
+    # batch 3 over 7 rows of mixed lengths: three batches (the last short), each sorted and padded
+    fast = G.generate_answers(model, processor, rows, PX, 3, gen, "cpu", progress=seen.append)
+    assert len(calls) == 3 and sorted(seen) == [1, 3, 3]
+    ref = G.generate_answers(model, processor, rows, PX, 3, gen, "cpu", fast=False)
+    one_by_one = G.generate_answers_reference(model, processor, rows, PX, 1, gen, "cpu")
+    assert len(calls) == 3  # the reference never goes through FastTower
+    assert fast == ref == one_by_one
+    assert len(fast) == 7 and any(fast) and len(set(fast)) > 1  # real, varied answers
+    assert "get_image_features" not in model.model.__dict__
+    assert G.generate_answers(model, processor, [], PX, 3, gen, "cpu") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,n", [("all", 9), (None, 9), (4, 4)])
+def test_evaluate_limit_all_and_questions_per_s(tmp_path, limit, n):
+    import json
+
+    import lance
+    import pyarrow as pa
+
+    from vlmspec.compiler.model import EvalSpec
+    from vlmspec.runtime.eval.evaluate import evaluate
+    from vlmspec.runtime.eval.job import EvalJob
+    from vlmspec.runtime.train.job import SliceRecord
+
+    table = synthetic.generate_table(12, seed=5, image_px=PX)
+    ds = lance.write_dataset(table, str(tmp_path / "t.lance"))
+    addrs = ds.to_table(columns=[], with_row_address=True).column("_rowaddr").to_numpy()
+    sides = ["train"] * 3 + ["eval"] * 9
+    lance.write_dataset(pa.table({"row_addr": pa.array(addrs.astype(np.uint64)), "split": sides}),
+                        str(tmp_path / "slice.lance"))
+    job = EvalJob("h", str(tmp_path / "t.lance"), "id", SliceRecord(str(tmp_path / "slice.lance"), ds.version),
+                  ModelSpec(id=TINY, image_px=PX, dtype="float32"),
+                  EvalSpec(compare=["base"], limit=limit, batch_size=5, generation={"max_new_tokens": 4}),
+                  None, None, tmp_path / "eval")
+    out = evaluate(job, device="cpu")
+    assert out["n"] == n and out["batch_size"] == 5
+    assert out["questions_per_s"]["base"] > 0
+    assert f"base {out['accuracy']['base']:.3f} ({out['questions_per_s']['base']:.1f} q/s)" in out["summary"]
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["questions_per_s"] == out["questions_per_s"]
+    assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == n
