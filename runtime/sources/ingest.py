@@ -28,6 +28,8 @@ from .. import lance_io
 from .parallel import ingest_workers, ordered_map, synthetic_batches, thread_pool
 
 COMMIT_ROWS = 16_384
+SPAN_ROWS = 1024
+"""Rows of one read of a `save_to_disk` folder (a pool's unit of work; the batch the old iterator cut)."""
 
 
 @dataclass
@@ -154,7 +156,7 @@ def _hf_batches(ing, workers: int = 1) -> Iterator[pa.RecordBatch]:
         ds = _hf_from_disk(ing)
         if ds._indices is None:  # memory-mapped Arrow, no index mapping: slice it directly
             table = ds.data.table
-            spans = [(table, a, ing.columns) for a in range(0, table.num_rows, 1024)]
+            spans = [(table, a, SPAN_ROWS, ing.columns) for a in range(0, table.num_rows, SPAN_ROWS)]
             if workers <= 1 or len(spans) <= 1:
                 for span in spans:
                     yield from _hf_span(*span)
@@ -181,9 +183,9 @@ def _hf_batches(ing, workers: int = 1) -> Iterator[pa.RecordBatch]:
         raise _hub_problem(ing, f"streaming it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def _hf_span(table: pa.Table, start: int, columns: list[str] | None) -> list[pa.RecordBatch]:
-    """Rows [start, start+1024) of a saved dataset, normalised (a zero-copy slice of mapped files)."""
-    tbl = table.slice(start, 1024)
+def _hf_span(table: pa.Table, start: int, rows: int, columns: list[str] | None) -> list[pa.RecordBatch]:
+    """Rows [start, start+rows) of a saved dataset, normalised (a zero-copy slice of mapped files)."""
+    tbl = table.slice(start, rows)
     return [_normalise(b) for b in (tbl.select(columns) if columns else tbl).to_batches()]
 
 
