@@ -128,10 +128,15 @@ def iter_source(source: SourceSpec, start: int = 0, workers: int = 1) -> Iterato
 
 
 def _parquet_batches(files: list[str], columns: list[str] | None, workers: int) -> Iterator[pa.RecordBatch]:
-    """Row group by row group, file by file (decoding one is a GIL-free Arrow read: threads)."""
+    """Row group by row group, file by file (decoding one is a GIL-free Arrow read: threads), each
+    cast to the first file's schema, as one Arrow dataset over the files would give them."""
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    groups = [(f, i, columns) for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    schema = pads.dataset(files, format="parquet").schema
+    if columns:
+        schema = pa.schema([schema.field(c) for c in columns])
+    groups = [(f, i, schema) for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
     if workers <= 1 or len(groups) <= 1:
         for g in groups:
             yield from _row_group(*g)
@@ -141,11 +146,15 @@ def _parquet_batches(files: list[str], columns: list[str] | None, workers: int) 
             yield from part
 
 
-def _row_group(path: str, i: int, columns: list[str] | None) -> list[pa.RecordBatch]:
+def _row_group(path: str, i: int, schema: pa.Schema) -> list[pa.RecordBatch]:
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path).read_row_group(i, columns=columns)
-    return [_normalise(b) for b in table.to_batches(max_chunksize=1024)]
+    f = pq.ParquetFile(path)
+    have = set(f.schema_arrow.names)
+    t = f.read_row_group(i, columns=[n for n in schema.names if n in have])
+    cols = [t.column(fl.name).cast(fl.type) if fl.name in have else pa.nulls(t.num_rows, fl.type) for fl in schema]
+    t = pa.Table.from_arrays(cols, schema=schema)
+    return [_normalise(b) for b in t.to_batches(max_chunksize=1024)]
 
 
 def _hf_batches(ing, workers: int = 1) -> Iterator[pa.RecordBatch]:

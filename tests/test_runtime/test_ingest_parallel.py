@@ -136,3 +136,17 @@ def test_synthetic_hf_folder_is_byte_identical_for_any_worker_count(tmp_path):
     assert ds.num_rows == 300 and ds.features["image"] == datasets.Image()
     assert ds.with_format("arrow")[:5].column("image").to_pylist()[0]["bytes"] == \
         generate_table(1, seed=3, image_px=64).column("image")[0].as_py()
+
+
+def test_parquet_files_with_columns_in_another_order_read_as_the_first_file(tmp_path, rows):
+    pqdir = tmp_path / "pq"
+    pqdir.mkdir()
+    part = rows.slice(0, 40).select(["question_id", "question", "image"])
+    pq.write_table(part.slice(0, 20), pqdir / "a.parquet")
+    pq.write_table(part.slice(20).select(["image", "question_id"]), pqdir / "b.parquet")  # no `question`
+    for w in (1, 2):
+        I.ingest(_source(tmp_path / f"w{w}.lance", {"from": "parquet", "path": str(pqdir)}), workers=w)
+    t = _contents(tmp_path / "w2.lance")[1]
+    assert t.column_names == ["question_id", "question", "image"]
+    assert t.column("question").to_pylist() == part.column("question").to_pylist()[:20] + [None] * 20
+    assert t.equals(_contents(tmp_path / "w1.lance")[1])
