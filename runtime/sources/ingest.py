@@ -25,7 +25,7 @@ from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.model import SourceSpec
 
 from .. import lance_io
-from .parallel import ingest_workers, ordered_map, synthetic_batches, thread_pool
+from .parallel import ingest_workers, synthetic_batches, threaded_parts
 
 COMMIT_ROWS = 16_384
 SPAN_ROWS = 1024
@@ -137,13 +137,7 @@ def _parquet_batches(files: list[str], columns: list[str] | None, workers: int) 
     if columns:
         schema = pa.schema([schema.field(c) for c in columns])
     groups = [(f, i, schema) for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
-    if workers <= 1 or len(groups) <= 1:
-        for g in groups:
-            yield from _row_group(*g)
-        return
-    with thread_pool(min(workers, len(groups))) as pool:
-        for part in ordered_map(_row_group, groups, pool, ahead=2 * workers):
-            yield from part
+    return threaded_parts(_row_group, groups, workers)
 
 
 def _row_group(path: str, i: int, schema: pa.Schema) -> list[pa.RecordBatch]:
@@ -166,13 +160,7 @@ def _hf_batches(ing, workers: int = 1) -> Iterator[pa.RecordBatch]:
         if ds._indices is None:  # memory-mapped Arrow, no index mapping: slice it directly
             table = ds.data.table
             spans = [(table, a, SPAN_ROWS, ing.columns) for a in range(0, table.num_rows, SPAN_ROWS)]
-            if workers <= 1 or len(spans) <= 1:
-                for span in spans:
-                    yield from _hf_span(*span)
-                return
-            with thread_pool(min(workers, len(spans))) as pool:
-                for part in ordered_map(_hf_span, spans, pool, ahead=2 * workers):
-                    yield from part
+            yield from threaded_parts(_hf_span, spans, workers)
             return
         for tbl in ds.with_format("arrow").iter(batch_size=1024):
             yield from tbl.select(ing.columns).to_batches() if ing.columns else tbl.to_batches()

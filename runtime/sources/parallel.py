@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-__all__ = ["MAX_WORKERS", "SYNTHETIC_BATCH", "ingest_workers", "ordered_map", "synthetic_batches"]
+__all__ = ["MAX_WORKERS", "SYNTHETIC_BATCH", "ingest_workers", "ordered_map", "synthetic_batches", "threaded_parts"]
 
 MAX_WORKERS = 32
 """Beyond this, one writer (Lance append commits are sequential) is the bottleneck anyway."""
@@ -57,6 +57,18 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 
 def thread_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmspec-ingest")
+
+
+def threaded_parts(fn: Callable[..., list[Any]], items: list[tuple], workers: int) -> Iterator[Any]:
+    """Every element of `fn(*item)` for each item in order: on a thread pool when there are
+    several workers and items, else inline (the same elements either way)."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield from fn(*item)
+        return
+    with thread_pool(min(workers, len(items))) as pool:
+        for part in ordered_map(fn, items, pool, ahead=2 * workers):
+            yield from part
 
 
 def _synthetic_batch(rows: int, seed: int, image_px: int, start: int) -> pa.RecordBatch:
