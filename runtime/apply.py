@@ -245,7 +245,7 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
     plan = result.plan_before
     ingest_step = plan.ingest
     if ingest_step is not None and ingest_step.todo:
-        _run_ingest(prep, result, reporter)
+        _run_ingest(prep, result, reporter, workers)
         _save(result.record)
         prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace,
                        device=device)
@@ -278,10 +278,11 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
             _save(result.record)
 
 
-def _run_ingest(prep: Prepared, result: ApplyResult, reporter: Reporter) -> None:
+def _run_ingest(prep: Prepared, result: ApplyResult, reporter: Reporter, workers: int | None) -> None:
     spec, table = prep.loaded.spec, prep.loaded.spec.source.table
     result.current = "ingest"
-    run = ingest(spec.source, reporter, total=prep.plan.expected_rows)
+    # Ingest runs here whatever the executor: `--workers`, else `executor.workers`, else every core.
+    run = ingest(spec.source, reporter, total=prep.plan.expected_rows, workers=workers or spec.executor.workers)
     node = prep.compiled.stage("ingest")
     ds = lance_io.open_dataset(table)
     history.record_step(table, "ingest", node.fingerprint, ds.version, ds.count_rows(), {"recipe": node.recipe})

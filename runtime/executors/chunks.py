@@ -20,8 +20,8 @@ from ..invoke import RowError, RowFailure, compute, describe, load_udf
 if TYPE_CHECKING:  # not at run time: worker processes must not pay for importing the compiler
     from vlmspec.compiler.compile import ColumnNode
 
-__all__ = ["Batches", "Chunk", "EMITTED", "WorkerNode", "compute_chunk", "first_batch", "node_path",
-           "pending_chunks", "read_chunk", "run_chunk"]
+__all__ = ["Batches", "Chunk", "EMITTED", "MIN_CHUNK_ROWS", "WorkerNode", "compute_chunk", "first_batch",
+           "node_path", "pending_chunks", "read_chunk", "run_chunk", "spread_chunks"]
 
 
 @dataclass
@@ -46,6 +46,25 @@ def pending_chunks(ds: lance.LanceDataset, name: str, chunk_rows: int) -> list[C
                                      fix="Compact the table (lance `optimize.compact_files`) and apply again"))
         for off in range(0, rows[fid], chunk_rows):
             chunks.append(Chunk(fid, off, min(chunk_rows, rows[fid] - off)))
+    return chunks
+
+
+MIN_CHUNK_ROWS = 32
+"""The smallest chunk `spread_chunks` cuts: below it a chunk's read and hand-off cost more than its rows."""
+
+
+def spread_chunks(ds: lance.LanceDataset, name: str, workers: int, largest: int) -> list[Chunk]:
+    """Pending chunks of at most `largest` rows, cut smaller (down to MIN_CHUNK_ROWS) until there are
+    about two per worker: a table of few fragments (3,072 rows in 3) still keeps 16 workers busy.
+    Chunks are row ranges inside fragments; `FragmentSink` buffers a fragment's chunks and commits
+    the fragment once whole, so commits, checkpoints and resume stay per fragment. A UDF sees
+    smaller batches then (cut at chunk ends, as at fragment ends already): values of a row-wise UDF
+    are the same bytes."""
+    chunks = pending_chunks(ds, name, largest)
+    if workers > 1 and len(chunks) < 2 * workers:
+        rows = max(MIN_CHUNK_ROWS, -(-sum(c.limit for c in chunks) // (2 * workers)))
+        if rows < largest:
+            chunks = pending_chunks(ds, name, rows)
     return chunks
 
 

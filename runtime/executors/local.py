@@ -27,7 +27,8 @@ import pyarrow as pa
 from .. import lance_io
 from ..arrow_types import to_pyarrow
 from ..invoke import RowFailure, instantiate
-from .chunks import Chunk, WorkerNode, compute_chunk, first_batch, pending_chunks, read_chunk, run_chunk
+from .chunks import (Chunk, WorkerNode, compute_chunk, first_batch, pending_chunks, read_chunk, run_chunk,
+                     spread_chunks)
 
 if TYPE_CHECKING:
     from vlmspec.compiler.compile import ColumnNode
@@ -56,9 +57,10 @@ class LocalExecutor:
         n = (place.workers if place is not None and place.workers else None) or workers or self.workers
         parallel = place.where == "processes" if place is not None else \
             n > 1 and node.parallel and not node.uses_model
-        # Small chunks for the pool (enough to keep every worker busy), large ones in process
-        # (fewer, longer UDF calls; a whole fragment per chunk at the usual sizes).
-        chunks = pending_chunks(ds, node.name, node.batch_size * (4 if parallel else 64))
+        # Small chunks for the pool (at least two a worker, however few fragments), large ones in
+        # process (fewer, longer UDF calls; a whole fragment per chunk at the usual sizes).
+        chunks = spread_chunks(ds, node.name, n, node.batch_size * 4) if parallel else \
+            pending_chunks(ds, node.name, node.batch_size * 64)
         sink.start(sum(c.limit for c in chunks))
         if parallel and len(chunks) > 1:
             self._run_parallel(uri, ds.version, node, chunks, n, sink.add)

@@ -40,7 +40,7 @@ from vlmspec.compiler.errors import ApplyError, Problem
 from .. import lance_io
 from ..backfill import FragmentSink
 from ..invoke import instantiate
-from .chunks import Chunk, WorkerNode, compute_chunk, pending_chunks, run_chunk
+from .chunks import Chunk, WorkerNode, compute_chunk, pending_chunks, run_chunk, spread_chunks
 
 INSTALL = "pip install 'vlmspec[ray]'"
 TASK_RETRIES = 3
@@ -193,7 +193,7 @@ class RayExecutor:
         n = place.workers if place is not None and place.workers else self.parallelism(node, workers)
         chunks = pending_chunks(ds, node.name, max([*sink.frag_rows.values(), 1]))  # whole fragments
         if n > 1 and len(chunks) < 2 * n:
-            chunks = pending_chunks(ds, node.name, node.batch_size * 4)
+            chunks = spread_chunks(ds, node.name, n, node.batch_size * 4)
         sink.start(sum(c.limit for c in chunks))
         version, storage = ds.version, ds.data_storage_version
         if self.uses_actors(node):

@@ -3,13 +3,15 @@
 Rows are identified by the spec's `source.key` (e.g. `question_id`): a re-run skips keys already
 in the table, so it never duplicates or drops rows, and new source rows become a planned append.
 Rows are committed every `COMMIT_ROWS` rows, so a killed ingest keeps what it committed.
-Image bytes are stored exactly as they come (no re-encode).
+Image bytes are stored exactly as they come (no re-encode). Batches are made or read on a pool and
+committed by one writer thread, in source order (`parallel.py`).
 """
 
 from __future__ import annotations
 
 import glob
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,8 +25,11 @@ from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.model import SourceSpec
 
 from .. import lance_io
+from .parallel import ingest_workers, synthetic_batches, threaded_parts
 
 COMMIT_ROWS = 16_384
+SPAN_ROWS = 1024
+"""Rows of one read of a `save_to_disk` folder (a pool's unit of work; the batch the old iterator cut)."""
 
 
 @dataclass
@@ -98,40 +103,66 @@ def _normalise(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, names=names)
 
 
-def iter_source(source: SourceSpec, start: int = 0) -> Iterator[pa.RecordBatch]:
-    """Source rows as Arrow batches (bounded memory). `start` skips rows known to be present."""
+def iter_source(source: SourceSpec, start: int = 0, workers: int = 1) -> Iterator[pa.RecordBatch]:
+    """Source rows as Arrow batches (bounded memory). `start` skips rows known to be present.
+    `workers` > 1 makes or reads batches on a pool (`parallel.py`); the batches, and their order,
+    are the same for any `workers`."""
     ing = source.ingest
     if ing.kind == "synthetic":
-        from .synthetic import generate
-
-        yield from generate(ing.rows - start, seed=ing.seed, image_px=ing.image_px, start=start)
+        yield from synthetic_batches(ing.rows - start, ing.seed, ing.image_px, start=start, workers=workers)
         return
     if ing.kind == "parquet":
-        import pyarrow.dataset as pads
-
         files = _parquet_files(ing.path)
         if not files:
             raise ApplyError(Problem(f"no Parquet files at `{ing.path}`", "source.ingest.path",
                                      fix="Point `path` at a file, a directory or a glob"))
-        batches = pads.dataset(files, format="parquet").to_batches(columns=ing.columns, batch_size=1024)
+        batches = _parquet_batches(files, ing.columns, workers)
     elif ing.kind == "lance":
         ds = lance.dataset(ing.uri, version=ing.version)
         batches = ds.to_batches(columns=ing.columns, batch_size=1024)
     elif ing.kind == "huggingface":
-        batches = _hf_batches(ing)
+        batches = _hf_batches(ing, workers)
     else:  # pragma: no cover - the spec model admits no other kind
         raise AssertionError(ing.kind)
     yield from _limit(batches, ing.limit)
 
 
-def _hf_batches(ing) -> Iterator[pa.RecordBatch]:
+def _parquet_batches(files: list[str], columns: list[str] | None, workers: int) -> Iterator[pa.RecordBatch]:
+    """Row group by row group, file by file (decoding one is a GIL-free Arrow read: threads), each
+    cast to the first file's schema, as one Arrow dataset over the files would give them."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    schema = pads.dataset(files, format="parquet").schema
+    if columns:
+        schema = pa.schema([schema.field(c) for c in columns])
+    groups = [(f, i, schema) for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    return threaded_parts(_row_group, groups, workers)
+
+
+def _row_group(path: str, i: int, schema: pa.Schema) -> list[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    have = set(f.schema_arrow.names)
+    t = f.read_row_group(i, columns=[n for n in schema.names if n in have])
+    cols = [t.column(fl.name).cast(fl.type) if fl.name in have else pa.nulls(t.num_rows, fl.type) for fl in schema]
+    t = pa.Table.from_arrays(cols, schema=schema)
+    return [_normalise(b) for b in t.to_batches(max_chunksize=1024)]
+
+
+def _hf_batches(ing, workers: int = 1) -> Iterator[pa.RecordBatch]:
     """A dataset id through `datasets` streaming, or a `save_to_disk` directory (same layout)."""
     import datasets
 
     if _hf_local(ing.dataset):
         ds = _hf_from_disk(ing)
-        ds = ds.with_format("arrow")
-        for tbl in ds.iter(batch_size=1024):
+        if ds._indices is None:  # memory-mapped Arrow, no index mapping: slice it directly
+            table = ds.data.table
+            spans = [(table, a, SPAN_ROWS, ing.columns) for a in range(0, table.num_rows, SPAN_ROWS)]
+            yield from threaded_parts(_hf_span, spans, workers)
+            return
+        for tbl in ds.with_format("arrow").iter(batch_size=1024):
             yield from tbl.select(ing.columns).to_batches() if ing.columns else tbl.to_batches()
         return
     from ..hub import hub_unreachable
@@ -147,6 +178,12 @@ def _hf_batches(ing) -> Iterator[pa.RecordBatch]:
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         # Rows committed before a broken stream are kept; the next apply appends the rest.
         raise _hub_problem(ing, f"streaming it failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _hf_span(table: pa.Table, start: int, rows: int, columns: list[str] | None) -> list[pa.RecordBatch]:
+    """Rows [start, start+rows) of a saved dataset, normalised (a zero-copy slice of mapped files)."""
+    tbl = table.slice(start, rows)
+    return [_normalise(b) for b in (tbl.select(columns) if columns else tbl).to_batches()]
 
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
@@ -205,11 +242,16 @@ def existing_keys(uri: str, key: str) -> pa.Array | None:
     return ds.to_table(columns=[key]).column(key).combine_chunks()
 
 
-def ingest(source: SourceSpec, reporter=None, total: int | None = None) -> IngestRun:
-    """Append source rows whose key is not in the table yet, committing every COMMIT_ROWS rows."""
+def ingest(source: SourceSpec, reporter=None, total: int | None = None, workers: int | None = None) -> IngestRun:
+    """Append source rows whose key is not in the table yet, committing every COMMIT_ROWS rows.
+
+    `workers` (default: every core, capped) make or read source batches on a pool; one writer
+    thread commits behind them, one commit in flight and in order, so a kill keeps every commit
+    before the one in flight, and the rows and fragments are the same for any `workers`."""
     t0 = time.perf_counter()
     run = IngestRun()
     uri, key = source.table, source.key
+    workers = ingest_workers(workers)
     have = existing_keys(uri, key)
     start = 0
     if source.ingest.kind == "synthetic" and have is not None:
@@ -218,41 +260,50 @@ def ingest(source: SourceSpec, reporter=None, total: int | None = None) -> Inges
         reporter.start("ingest", max((total or 0) - (len(have) if have is not None else 0), 0))
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
-    target_schema = lance_io.open_dataset(uri).schema if have is not None else None
+    target = [lance_io.open_dataset(uri).schema if have is not None else None]
 
-    def commit() -> None:
-        nonlocal pending, pending_rows, target_schema
-        if not pending:
-            return
-        table = pa.Table.from_batches(pending)
-        if target_schema is not None:
+    def write(batches: list[pa.RecordBatch]) -> None:
+        table = pa.Table.from_batches(batches)
+        if target[0] is not None:
             # Append only the raw columns; derived columns read as null in new fragments.
-            table = table.select([n for n in table.schema.names if n in target_schema.names])
+            table = table.select([n for n in table.schema.names if n in target[0].names])
         mode = "append" if lance_io.open_dataset(uri) is not None else "create"
-        ds = lance.write_dataset(table, uri, mode=mode, max_rows_per_file=source.rows_per_fragment)
-        target_schema = ds.schema
-        pending, pending_rows = [], 0
+        target[0] = lance.write_dataset(table, uri, mode=mode, max_rows_per_file=source.rows_per_fragment).schema
 
-    for batch in iter_source(source, start):
-        batch = _normalise(batch)
-        if key not in batch.schema.names:
-            raise ApplyError(Problem(f"the source has no key column `{key}`", "source.key",
-                                     fix=f"Set `source.key` to one of: {', '.join(batch.schema.names)}"))
-        if have is not None and len(have):
-            keep = pc.invert(pc.is_in(batch.column(key), value_set=have))
-            n_before = batch.num_rows
-            batch = batch.filter(keep)
-            run.skipped += n_before - batch.num_rows
-        if not batch.num_rows:
-            continue
-        pending.append(batch)
-        pending_rows += batch.num_rows
-        run.rows += batch.num_rows
-        if reporter:
-            reporter.advance("ingest", batch.num_rows)
-        if pending_rows >= max(COMMIT_ROWS, source.rows_per_fragment):
-            commit()
-    commit()
+    # The writer encodes and commits one group while the next is read or made (Lance releases the
+    # GIL); waiting on the previous write before queueing the next keeps commits in source order.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmspec-ingest-writer")
+    in_flight = None
+    try:
+        for batch in iter_source(source, start, workers):
+            batch = _normalise(batch)
+            if key not in batch.schema.names:
+                raise ApplyError(Problem(f"the source has no key column `{key}`", "source.key",
+                                         fix=f"Set `source.key` to one of: {', '.join(batch.schema.names)}"))
+            if have is not None and len(have):
+                keep = pc.invert(pc.is_in(batch.column(key), value_set=have))
+                n_before = batch.num_rows
+                batch = batch.filter(keep)
+                run.skipped += n_before - batch.num_rows
+            if not batch.num_rows:
+                continue
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            run.rows += batch.num_rows
+            if reporter:
+                reporter.advance("ingest", batch.num_rows)
+            if pending_rows >= max(COMMIT_ROWS, source.rows_per_fragment):
+                if in_flight is not None:
+                    in_flight.result()
+                in_flight = writer.submit(write, pending)
+                pending, pending_rows = [], 0
+        if in_flight is not None:
+            in_flight.result()
+            in_flight = None
+        if pending:
+            write(pending)
+    finally:
+        writer.shutdown(wait=True)  # a failure never leaves a write running behind the caller
     if reporter:
         reporter.finish("ingest")
     run.seconds = time.perf_counter() - t0

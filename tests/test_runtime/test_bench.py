@@ -73,3 +73,13 @@ def test_bench_backfill(tmp_path):
             "dhash_vs_bare_w2", "noop_apply", "noop_ratio", "tier1_text.length"} <= data["derived"].keys()
     assert data["details"]["dhash_values_equal"] is True  # vlmspec and the bare loop hash the same images
     assert data["details"]["noop_tables"]["2000"]["did_work"] is False
+
+
+def test_bench_apply_data(tmp_path):
+    data = run_bench(["apply-data", "--rows", "40", "--image-px", "64", "--workers", "1,2", "--repeats", "1",
+                      "--rows-per-fragment", "16", "--workdir", str(tmp_path / "work")], tmp_path)
+    assert {"generate", "ingest_w1", "dhash_w1", "apply_w1", "ingest_w2", "dhash_w2", "apply_w2"} <= \
+        data["figures"].keys()
+    assert {"ingest_rows_per_s", "dhash_rows_per_s"} <= data["derived"].keys()
+    assert data["derived"]["ingest_rows_per_s"]["target"] == ">= 1,000 on 16 cores"
+    assert data["details"]["folder_bytes"] > 0

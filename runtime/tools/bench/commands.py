@@ -80,6 +80,26 @@ def backfill_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of t
     _report(res, out)
 
 
+@bench_app.command("apply-data")
+def apply_data_cmd(rows: int = typer.Option(1024, "--rows", min=1, help="Rows of the synthetic HF folder."),
+                   image_px: int = typer.Option(560, "--image-px", min=64, help="Size of the synthetic images."),
+                   workers: Optional[str] = typer.Option(None, "--workers",
+                                                         help="Worker counts (default: 1 and all cores)."),
+                   repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repeats per figure."),
+                   rows_per_fragment: int = typer.Option(1024, "--rows-per-fragment", min=16),
+                   workdir: Optional[Path] = typer.Option(None, "--workdir",
+                                                          help="Scratch directory (default: a new temporary one)."),
+                   out: Path = OutOpt) -> None:
+    """Ingest rows/s from a local HF folder and dhash rows/s, through `vlmspec apply`, over workers."""
+    _quiet_lance()
+    from . import apply_data
+
+    cores = os.cpu_count() or 1
+    res = apply_data.measure_ingest(rows, image_px, _opt_ints(workers, "--workers") or sorted({1, cores}), repeats,
+                                    out, rows_per_fragment=rows_per_fragment, workdir=workdir)
+    _report(res, out)
+
+
 @bench_app.command("ray")
 def ray_cmd(rows: int = typer.Option(2000, "--rows", min=1, help="Rows of the synthetic table."),
             image_px: int = typer.Option(256, "--image-px", min=64, help="Size of the synthetic images."),

@@ -1,0 +1,69 @@
+"""Tier-2 chunks are cut inside fragments when fragments are fewer than the workers: every worker
+gets work, commits stay per fragment, and the values are the same bytes as one chunk a fragment."""
+
+from __future__ import annotations
+
+import lance
+import pyarrow as pa
+import pytest
+
+from vlmspec.compiler.load import load_spec
+from vlmspec.runtime import lance_io
+from vlmspec.runtime.apply import prepare
+from vlmspec.runtime.backfill import backfill_column
+from vlmspec.runtime.executors.chunks import MIN_CHUNK_ROWS, pending_chunks, spread_chunks
+from vlmspec.runtime.sources.ingest import ingest
+
+pytestmark = pytest.mark.slow
+
+
+def _covers(chunks, frag_rows: dict[int, int]) -> bool:
+    seen: dict[int, list[tuple[int, int]]] = {}
+    for c in chunks:
+        seen.setdefault(c.frag_id, []).append((c.offset, c.limit))
+    for fid, spans in seen.items():
+        pos = 0
+        for off, lim in sorted(spans):
+            if off != pos:
+                return False
+            pos += lim
+        if pos != frag_rows[fid]:
+            return False
+    return set(seen) == {f for f, n in frag_rows.items() if n}
+
+
+def test_few_fragments_are_cut_into_two_chunks_a_worker(tmp_path):
+    uri = str(tmp_path / "t.lance")
+    ds = lance.write_dataset(pa.table({"id": pa.array(range(3072), pa.int64())}), uri, max_rows_per_file=1024)
+    assert len(ds.get_fragments()) == 3
+    rows = lance_io.fragment_rows(ds)
+    assert len(pending_chunks(ds, "x", 1024)) == 3  # before: 3 chunks for 16 workers
+    chunks = spread_chunks(ds, "x", 16, 1024)
+    assert len(chunks) >= 32 and max(c.limit for c in chunks) <= 96 and _covers(chunks, rows)
+    assert len(spread_chunks(ds, "x", 1, 1024)) == 3  # one worker: nothing to spread
+    assert len(spread_chunks(ds, "x", 2, 256)) == 12  # enough chunks already: left as they are
+    tiny = spread_chunks(ds, "x", 1000, 1024)
+    assert min(c.limit for c in tiny) == MIN_CHUNK_ROWS and _covers(tiny, rows)
+
+
+def test_dhash_in_many_sub_fragment_chunks_equals_one_chunk_a_fragment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: spread\nsource:\n  table: t.lance\n  rows_per_fragment: 64\n"
+                    "  ingest: {from: synthetic, rows: 192, image_px: 64}\n"
+                    "features:\n  tier2:\n    dhash: {udf: image.dhash, inputs: [image]}\n")
+    loaded = load_spec(spec)
+    ingest(loaded.spec.source, workers=1)
+    node = {c.name: c for c in prepare(loaded, allow_destructive=True).compiled.columns}["dhash"]
+    uri = str(tmp_path / "t.lance")
+    ds = lance.dataset(uri)
+    assert len(ds.get_fragments()) == 3 and len(spread_chunks(ds, "dhash", 4, 1024)) == 6
+
+    one = backfill_column(uri, node, workers=1)
+    ref = lance.dataset(uri).to_table(columns=["id", "dhash"])
+    lance.dataset(uri).drop_columns(["dhash"])
+    many = backfill_column(uri, node, workers=4)
+    ds = lance.dataset(uri)
+    assert ds.to_table(columns=["id", "dhash"]).equals(ref)
+    assert (one.rows, one.fragments) == (many.rows, many.fragments) == (192, 3)  # one commit a fragment
+    assert sorted(lance_io.fragment_fill(ds)["dhash"]) == [f.fragment_id for f in ds.get_fragments()]
