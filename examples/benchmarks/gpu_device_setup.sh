@@ -1,27 +1,29 @@
 # Source this on a bare GPU machine (the workplace's CUDA image: torch, transformers, peft, pyarrow,
-# but no vlmspec, pydantic, pylance or bitsandbytes) from the repository root, before
-# `python3 -m vlmspec.runtime.cli bench gpu ...` / `python3 -m vlmspec.runtime.cli bench reads ...`
-# (the CLI module runs as a script, so no console script is needed; typer and rich are in the image).
-# Wheels travel in the git-ignored .gpu/ folder: .gpu/whl (pydantic, sqlglot, lance-namespace),
-# .gpu/pylance.tar.xz (pylance unpacked, xz) and .gpu/bnb*/*.whl (bitsandbytes; the first one found), as available.
+# typer, rich, but no vlmspec, pydantic, pylance, lancedb or bitsandbytes) from the repository root,
+# before `python3 -m vlmspec.runtime.cli bench ...` or `python3 -m pytest ...` (the CLI module runs as
+# a script, so no console script is needed).
+#
+# The dependencies travel as the tarballs `../shared/tools/pack-gpu-deps.sh` makes in the git-ignored
+# .gpu/ folder (pylance, lancedb, small: pydantic, bitsandbytes, imagehash, sqlglot, ...), plus
+# .gpu/extra.tar.xz where present (datasets, pandas, pynvml, pytest, hypothesis). One call carries at
+# most 64 MiB, so carry one or two tarballs per call, back to back on a warm machine: each call
+# unpacks whatever tarball it carried into .gpusite/site (ignored, and outside .gpu/, whose contents
+# each call replaces with what it carries, so it survives on a warm machine).
 export PYTHONUNBUFFERED=1 LANCE_LOG=error
-mkdir -p /tmp/site /tmp/pkg/vlmspec
-ln -sfn "$PWD/compiler" /tmp/pkg/vlmspec/compiler
-ln -sfn "$PWD/runtime" /tmp/pkg/vlmspec/runtime
-if [ -d .gpu/whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --find-links .gpu/whl --target /tmp/site \
-    pydantic pydantic-core annotated-types typing-inspection sqlglot lance-namespace lance-namespace-urllib3-client \
-    2>&1 | grep -v -i warning | tail -3
-fi
-if [ -f .gpu/pylance.tar.xz ] && [ ! -f /tmp/site/lance/__init__.py ]; then tar xJf .gpu/pylance.tar.xz -C /tmp/site; fi
-if ls .gpu/bnb*/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/bitsandbytes ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $(ls .gpu/bnb*/*.whl | head -1) 2>&1 | tail -2
-fi
-export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p .gpusite/site .gpusite/pkg/vlmspec
+for t in .gpu/*.tar.xz; do
+  [ -f "$t" ] || continue
+  stamp=".gpusite/site/.unpacked-$(basename "$t" .tar.xz)"
+  [ -f "$stamp" ] || { tar xJf "$t" -C .gpusite/site && touch "$stamp" && echo "unpacked $t"; }
+done
+ln -sfn "$PWD/compiler" .gpusite/pkg/vlmspec/compiler
+ln -sfn "$PWD/runtime" .gpusite/pkg/vlmspec/runtime
+export PYTHONPATH=$PWD/.gpusite/pkg:$PWD/.gpusite/site${PYTHONPATH:+:$PYTHONPATH}
 python3 - <<'PY'
 import importlib, platform
 v = {"python": platform.python_version()}
-for m in ("torch", "transformers", "peft", "pyarrow", "pydantic", "lance", "bitsandbytes", "pynvml"):
+for m in ("torch", "transformers", "peft", "pyarrow", "pydantic", "lance", "lancedb", "bitsandbytes",
+          "datasets", "pynvml", "pytest"):
     try:
         v[m] = getattr(importlib.import_module(m), "__version__", "?")
     except Exception as e:
