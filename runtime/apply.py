@@ -406,7 +406,7 @@ def _run_eval(prep: Prepared, result: ApplyResult, step: Evaluate, device: str |
     from .eval.job import EvalJob
 
     t0 = time.perf_counter()
-    out = evaluate(EvalJob.from_prepared(prep), device=device, reporter=reporter)
+    out = evaluate(EvalJob.from_prepared(prep, result.record.run_id), device=device, reporter=reporter)
     table = prep.loaded.spec.source.table
     history.record_step(table, "eval", step.fingerprint, out["table_version"], out["n"],
                         {"recipe": step.node.recipe, **{k: v for k, v in out.items() if k != "rows"}})

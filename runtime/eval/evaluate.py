@@ -99,6 +99,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         "model": {"id": model_spec.id, "revision": model_spec.revision, "image_px": model_spec.image_px},
         "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
         "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
+        "run_id": job.run_id, "adapter": job.adapter if "tuned" in preds else None,
     }
     if "base" in scores and "tuned" in scores:
         boot = paired_bootstrap(scores["base"], scores["tuned"], resamples=ev.bootstrap, seed=ev.seed)

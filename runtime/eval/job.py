@@ -37,9 +37,11 @@ class EvalJob:
     """The trained adapter directory (None without a train section)."""
     out: Path
     fingerprint: str = ""
+    run_id: str = ""
+    """The apply run that evaluates (`vlmspec log`), printed in the report's provenance."""
 
     @classmethod
-    def from_prepared(cls, prep: Any) -> "EvalJob":
+    def from_prepared(cls, prep: Any, run_id: str = "") -> "EvalJob":
         spec = prep.loaded.spec
         ev, tr = spec.eval, spec.train
         train_out = output_dir(spec.name, tr) if tr is not None else None
@@ -49,4 +51,4 @@ class EvalJob:
         return cls(prep.loaded.source_hash, spec.source.table, spec.source.key,
                    SliceRecord.recorded(spec.source.table, need="eval"), spec.model, ev, quant,
                    str(train_out / "adapter") if train_out is not None else None, out,
-                   node.fingerprint if node is not None else "")
+                   node.fingerprint if node is not None else "", run_id)

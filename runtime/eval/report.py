@@ -103,7 +103,27 @@ def _header(results: dict, rows: list[dict]) -> dict[str, Any]:
         "confidence": confidence,
         "excludes_zero": excludes,
         "p_value": _num(_pick(results, "p_value")),
+        "provenance": _provenance(results),
     }
+
+
+# Where the numbers came from, so a report pasted into a PR or a doc can be traced back to the exact
+# spec, table version, run and adapter (`vlmspec log` lists runs by these ids).
+_PROVENANCE = (("spec_hash", "Spec hash"), ("table", "Table"), ("table_version", "Table version"),
+               ("run_id", "Run"), ("adapter", "Adapter"))
+
+
+def _provenance(results: dict) -> list[tuple[str, str]]:
+    out = []
+    for key, label in _PROVENANCE:
+        v = results.get(key)
+        if v not in (None, ""):
+            out.append((label, str(v)))
+    model = results.get("model")
+    if isinstance(model, dict) and model.get("id"):
+        rev = f"@{model['revision']}" if model.get("revision") else ""
+        out.insert(0, ("Model", f"{model['id']}{rev}"))
+    return out
 
 
 def _pct(value: float | None) -> str:
@@ -208,6 +228,7 @@ def _markdown(h: dict, sections, thumb_refs: dict[int, str | None]) -> str:
     ]
     if h["p_value"] is not None:
         out.append(f"- **Bootstrap p-value (one-sided, lift <= 0):** {h['p_value']:.4f}")
+    out += [f"- **{label}:** `{_md_cell(v).replace('`', '&#96;')}`" for label, v in h["provenance"]]
     for title, blurb, items in sections:
         out += ["", f"## {title}", "", f"_{blurb}; {len(items)} shown._", ""]
         if not items:
@@ -275,6 +296,7 @@ def _html(h: dict, sections, thumbs: dict[int, bytes | None]) -> str:
     ]
     if h["p_value"] is not None:
         out.append(f"<dt>p-value</dt><dd>{h['p_value']:.4f} (one-sided, lift &lt;= 0)</dd>")
+    out += [f"<dt>{_h(label)}</dt><dd><code>{_h(v)}</code></dd>" for label, v in h["provenance"]]
     out.append("</dl>")
     for title, blurb, items in sections:
         out.append(f"<h2>{_h(title)}</h2><p><em>{_h(blurb)}; {len(items)} shown.</em></p>")

@@ -127,7 +127,7 @@ def test_evaluate_limit_all_and_questions_per_s(tmp_path, limit, n):
     job = EvalJob("h", str(tmp_path / "t.lance"), "id", SliceRecord(str(tmp_path / "slice.lance"), ds.version),
                   ModelSpec(id=TINY, image_px=PX, dtype="float32"),
                   EvalSpec(compare=["base"], limit=limit, batch_size=5, generation={"max_new_tokens": 4}),
-                  None, None, tmp_path / "eval")
+                  None, None, tmp_path / "eval", run_id="run-1")
     out = evaluate(job, device="cpu")
     assert out["n"] == n and out["batch_size"] == 5
     assert out["questions_per_s"]["base"] > 0
@@ -135,6 +135,9 @@ def test_evaluate_limit_all_and_questions_per_s(tmp_path, limit, n):
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert saved["questions_per_s"] == out["questions_per_s"]
     assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == n
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"- **Table version:** `{ds.version}`" in report and "- **Run:** `run-1`" in report
+    assert "- **Spec hash:** `h`" in report and "Adapter" not in report  # base only: no adapter evaluated
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run on the GPU machine)")

@@ -249,3 +249,18 @@ def test_write_report_tolerates_bad_image(tmp_path):
     paths = write_report({"n": 1}, rows, tmp_path)
     assert "(no image)" in paths["html"].read_text()
     assert not (tmp_path / "thumbs").exists()
+
+
+def test_report_carries_its_provenance(tmp_path):
+    """A report pasted elsewhere names the spec, table version, run, model and adapter it came from."""
+    results = {"n": 1, "spec_hash": "abc123", "table": "data/t.lance", "table_version": 7,
+               "run_id": "20261205-101010-ab12", "adapter": "runs/x/adapter",
+               "model": {"id": "Qwen/Qwen2.5-VL-3B-Instruct", "revision": "main"}}
+    paths = write_report(results, _rows()[:1], tmp_path)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    for label, value in (("Spec hash", "abc123"), ("Table version", "7"), ("Run", "20261205-101010-ab12"),
+                         ("Adapter", "runs/x/adapter"), ("Model", "Qwen/Qwen2.5-VL-3B-Instruct@main")):
+        assert f"- **{label}:** `{value}`" in md
+        assert f"<dt>{label}</dt><dd><code>{value}</code></dd>" in page
+    bare = write_report({"n": 1}, _rows()[:1], tmp_path / "bare")["markdown"].read_text()
+    assert "Spec hash" not in bare  # nothing made up where the results name nothing
