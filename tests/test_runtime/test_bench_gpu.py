@@ -117,3 +117,24 @@ def test_kernel_gap_summary_names_what_the_launching_thread_did():
     assert big["gap_ms"] == 5.0 and big["next_kernel"] == "sdpa" and big["launched_ms_after_gap_start"] == 4.95
     assert big["host_ops_ms"] == {"cudaStreamSynchronize": 3.95, "vlmspec.decode_wait": 0.9,
                                   "cudaLaunchKernel": 0.005}
+
+
+@pytest.mark.slow
+def test_bench_apply_model_folder_keeps_the_shipped_tokenizers_token_ids(tmp_path, monkeypatch):
+    """The 3B-shape folder ships the tiny tokenizer, so its config must carry that tokenizer's
+    image/vision token ids: `save_pretrained` rewrote them with the 3B ids once, and every SFT
+    prompt then had "0 <|image_pad|> tokens" for the model (the bench's GPU apply failed at train).
+    Checked on the tiny sizes under the `3b` name, with the 3B ids, which is the same code path."""
+    from pathlib import Path
+
+    from vlmspec.runtime.tools.bench import apply_e2e
+    from vlmspec.runtime.tools.bench.gpu import _common
+    from vlmspec.runtime.vlm.models import resolve_model_path
+
+    monkeypatch.setitem(_common.SHAPES, "3b", {**_common.SHAPES["tiny"], "ids": _common.SHAPES["3b"]["ids"]})
+    folder = Path(apply_e2e.model_folder("3b", tmp_path))
+    tiny = json.loads((Path(resolve_model_path("vlmspec:tiny-qwen2.5-vl")) / "config.json").read_text())
+    saved = json.loads((folder / "config.json").read_text())
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert saved[k] == tiny[k] != _common.SHAPES["3b"]["ids"][k], k
+    assert any(folder.glob("model*.safetensors"))
