@@ -138,3 +138,22 @@ def test_bench_apply_model_folder_keeps_the_shipped_tokenizers_token_ids(tmp_pat
     for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         assert saved[k] == tiny[k] != _common.SHAPES["3b"]["ids"][k], k
     assert any(folder.glob("model*.safetensors"))
+
+
+@pytest.mark.slow
+def test_bench_apply_runs_the_users_command_round_by_round_on_the_tiny_shape(tmp_path):
+    """`vlmspec bench apply` end to end on the CPU: each round is a real `vlmspec apply` process, the
+    LoRA-only change reruns only train and eval, `--replace` recomputes only the vision column, and
+    the results carry the derived targets (the GPU ones say they were not measured)."""
+    res = CliRunner().invoke(app, ["bench", "apply", "--shape", "tiny", "--rows", "64", "--image-px", "112",
+                                   "--steps", "4", "--eval", "4", "--rounds", "cold,lora,tower",
+                                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    d = json.loads((tmp_path / "out" / "apply_e2e.json").read_text())
+    det = d["details"]
+    assert det["cold_rc"] == det["lora_rc"] == det["tower_rc"] == 0
+    assert [s["stage"] for s in det["cold_stages"]][-3:] == ["curate", "train", "eval"]
+    assert [s["stage"] for s in det["lora_stages"]] == ["train", "eval"]
+    assert [s["stage"] for s in det["tower_stages"]] == ["vision_tower_hiddens"]
+    assert d["derived"]["apply_s"]["met"] is True and d["derived"]["busy_pct"]["value"] is None
+    assert (tmp_path / "out" / "apply_e2e.md").is_file()
