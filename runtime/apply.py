@@ -244,20 +244,30 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
     workers, device = opts.workers, opts.device
     plan = result.plan_before
     ingest_step = plan.ingest
-    if ingest_step is not None and ingest_step.todo:
-        _run_ingest(prep, result, reporter, workers)
-        _save(result.record)
-        prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace,
-                       device=device)
-        plan = select(prep.plan, opts.targets, opts.until)
-    steps = [s for s in plan.steps if s.todo and not isinstance(s, Ingest)]
     errors_log = lance_io.sidecar_dir(prep.loaded.spec.source.table) / "errors.jsonl"
     with ExitStack() as stack:
         # One executor (a local spawn pool, or a Ray cluster joined once) for every column of this
-        # apply, and only when a column has work: ingest, train and eval never need one.
+        # apply, and only when a column has work: ingest, train and eval never need one. When the
+        # plan already has columns to compute, it opens before ingest and its CPU workers start
+        # while ingest runs (`prewarm`), so the first tier-2 column does not pay their start-up.
         ex = None
+
+        def executor():
+            nonlocal ex
+            if ex is None:
+                ex = stack.enter_context(open_executor(prep.loaded.spec.executor, workers, device))
+            return ex
+
+        if ingest_step is not None and ingest_step.todo:
+            _prewarm(executor, plan, workers)
+            _run_ingest(prep, result, reporter, workers)
+            _save(result.record)
+            prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace,
+                           device=device)
+            plan = select(prep.plan, opts.targets, opts.until)
+        steps = [s for s in plan.steps if s.todo and not isinstance(s, Ingest)]
         if any(isinstance(s, Backfill) for s in steps):
-            ex = stack.enter_context(open_executor(prep.loaded.spec.executor, workers, device))
+            executor()
         for step in steps:
             result.current = step.name
             match step:
@@ -276,6 +286,17 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
                 case _:
                     assert_never(step)
             _save(result.record)
+
+
+def _prewarm(executor, plan, workers: int | None) -> None:
+    """Open the executor and start its CPU workers for the columns the plan places on processes."""
+    steps = [s for s in plan.steps if isinstance(s, Backfill) and s.todo and s.place is not None
+             and s.place.where == "processes"]
+    if not steps:
+        return
+    ex = executor()
+    if hasattr(ex, "prewarm"):
+        ex.prewarm([s.node for s in steps], steps[0].place.workers or workers)
 
 
 def _run_ingest(prep: Prepared, result: ApplyResult, reporter: Reporter, workers: int | None) -> None:
@@ -309,10 +330,12 @@ def _backfill_one(prep: Prepared, result: ApplyResult, step: Backfill, ex, worke
                           executor=ex)
     # setup_s (model load + compile) and the compile cache's warm/cold start are what a second
     # apply of the column should no longer pay; `vlmspec bench apply` reads them from here.
-    warmup = (run.udf_stats or {}).get("warmup")
+    stats = run.udf_stats or {}
+    warmup = stats.get("warmup")
     record.add_step(node.name, step.kind, run.rows, run.seconds, fingerprint=node.fingerprint,
                     udf=node.udf, errors=run.errors, fragments=run.fragments, setup_s=round(run.setup_s, 2),
-                    **({"warmup": warmup} if warmup else {}))
+                    **({"warmup": warmup} if warmup else {}),
+                    **({"setup_parts": stats["setup"]} if stats.get("setup") else {}))
     if run.rows_per_s:
         history.record_throughput(table, node.udf, run.rows_per_s)
     text = f"{node.name}: {run.rows:,} rows in {run.seconds:.1f} s"

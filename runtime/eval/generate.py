@@ -26,8 +26,17 @@ import numpy as np
 
 __all__ = ["generate_answers", "generate_answers_reference", "resolve_batch_size"]
 
-CUDA_BATCH = 64
-"""`eval.batch_size: auto` on CUDA: large batches keep the GPU busy through short greedy answers."""
+CUDA_BATCH = 128
+"""`eval.batch_size: auto` on CUDA: a decode step of the 4-bit 3B model is bound by reading its
+weights, so it costs about the same at 64 or 128 rows: the wider batch halves the cost per question
+(the KV cache of 128 x ~470 tokens is ~2 GiB)."""
+
+COMPILE_MIN_QUESTIONS = 2000
+"""Compile the eval's vision tower only for evaluations at least this large. Compiled it runs
+~170 images/s at the 3B shape against ~85 eager (`gpu_tower.json`), i.e. it saves ~6 ms a question,
+but compiling costs ~12 s per model in a fresh process (the whole apply bench, cold round): it
+pays from about 2,000 questions (TextVQA's 5,000-question val split), and a 100-400-question eval
+spent most of its time compiling (6.3 q/s base, `apply_e2e.json`)."""
 CPU_BATCH = 8
 """`eval.batch_size: auto` elsewhere: CPU generation gains little from width and pays in memory."""
 
@@ -92,7 +101,7 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
     batches = length_sorted_batches([len(ids) for ids in tok(texts)["input_ids"]], batch_size)
     patchify = Patchifier(processor.image_processor)
     answers: list[str | None] = [None] * len(rows)
-    tower = _FastImageFeatures(model, device, batch_size)
+    tower = _FastImageFeatures(model, device, batch_size, compile=len(rows) >= COMPILE_MIN_QUESTIONS)
     pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
     try:
         ahead = _decode_batch(pool, rows, batches[0], image_px)
@@ -159,7 +168,7 @@ class _FastImageFeatures:
     """Installs `FastTower` as this model's image encoder (an instance attribute on its
     `Qwen2_5_VLModel`, shadowing the class method) until `remove()`."""
 
-    def __init__(self, model, device: str, batch_size: int):
+    def __init__(self, model, device: str, batch_size: int, compile: bool = True):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
         from ..vlm.fast_tower import FastTower
@@ -170,10 +179,11 @@ class _FastImageFeatures:
         self.inner = inner
         self.visual = inner.visual
         self.merge_unit = int(self.visual.spatial_merge_size) ** 2
-        # Compiled on CUDA (as the tier-3 column): one block compile per batch size, a few seconds
-        # once per process. No CUDA graph: the tower is a small share of generation time, and graph
-        # outputs would be overwritten by the next batch's replay.
-        self.compiled = str(device).startswith("cuda")
+        # Compiled on CUDA (as the tier-3 column) when `compile` (a large eval: see
+        # COMPILE_MIN_QUESTIONS): one block compile per batch size, once per model. No CUDA graph:
+        # the tower is a small share of generation time, and graph outputs would be overwritten by
+        # the next batch's replay. Eager or compiled, it is the same batched-attention fast path.
+        self.compiled = compile and str(device).startswith("cuda")
         self.fast = FastTower(self.visual, compile=self.compiled, compile_sizes={int(batch_size)})
         inner.get_image_features = self._features
 

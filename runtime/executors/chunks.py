@@ -96,6 +96,13 @@ class WorkerNode:
 _WORKER_CACHE: dict[Any, Any] = {}
 
 
+def warm_worker(node: WorkerNode) -> None:
+    """Import a builtin UDF's module (and what it imports: PIL, imagehash, ...) into this worker's
+    cache ahead of its first chunk; `LocalExecutor.prewarm` runs it while ingest is still going."""
+    if node.udf != node.impl and node.impl not in _WORKER_CACHE:
+        _WORKER_CACHE[node.impl] = load_udf(node)
+
+
 def run_chunk(uri: str, version: int, node: WorkerNode, chunk: Chunk, batch_size: int):
     """Compute one chunk in a worker process; returns (chunk, values, failures) or the row error."""
     if node.udf == node.impl:

@@ -67,3 +67,32 @@ def test_dhash_in_many_sub_fragment_chunks_equals_one_chunk_a_fragment(tmp_path,
     assert ds.to_table(columns=["id", "dhash"]).equals(ref)
     assert (one.rows, one.fragments) == (many.rows, many.fragments) == (192, 3)  # one commit a fragment
     assert sorted(lance_io.fragment_fill(ds)["dhash"]) == [f.fragment_id for f in ds.get_fragments()]
+
+
+def test_apply_starts_the_tier2_workers_while_ingest_runs(tmp_path, monkeypatch):
+    """The spawn pool's start-up (~1 s a worker) used to be paid inside the first tier-2 column;
+    apply now opens the executor before ingest and warms every worker with the column's UDF module."""
+    from vlmspec.runtime import apply as A
+    from vlmspec.runtime.executors import local
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: warm\nsource:\n  table: t.lance\n  rows_per_fragment: 64\n"
+                    "  ingest: {from: synthetic, rows: 128, image_px: 64}\n"
+                    "features:\n  tier2:\n    dhash: {udf: image.dhash, inputs: [image]}\n")
+    events, futures = [], []
+    prewarm, run_ingest = local.LocalExecutor.prewarm, A._run_ingest
+
+    def spy_prewarm(self, nodes, workers=None):
+        events.append(("prewarm", [n.name for n in nodes], workers))
+        futures.extend(prewarm(self, nodes, workers))
+        events.append(("processes", len(self._pool._processes)))  # spawned at submit, not at first chunk
+        return futures
+
+    monkeypatch.setattr(local.LocalExecutor, "prewarm", spy_prewarm)
+    monkeypatch.setattr(A, "_run_ingest", lambda *a, **k: (events.append(("ingest",)), run_ingest(*a, **k))[1])
+    A.apply(load_spec(spec), workers=2)
+    assert events == [("prewarm", ["dhash"], 2), ("processes", 2), ("ingest",)]
+    assert len(futures) == 2 and all(f.done() and f.exception() is None for f in futures)
+    hashes = lance.dataset(str(tmp_path / "t.lance")).to_table(columns=["dhash"]).column("dhash")
+    assert hashes.null_count == 0 and len(hashes) == 128

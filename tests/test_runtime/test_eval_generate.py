@@ -38,9 +38,32 @@ def rows():
 
 
 def test_batch_size_auto_picks_by_device_and_a_number_wins():
-    assert G.resolve_batch_size("auto", "cuda") == G.resolve_batch_size("auto", "cuda:1") == 64
+    assert G.resolve_batch_size("auto", "cuda") == G.resolve_batch_size("auto", "cuda:1") == 128
     assert G.resolve_batch_size("auto", "cpu") == 8
     assert G.resolve_batch_size(5, "cuda") == 5
+
+
+def test_the_eval_tower_compiles_only_for_large_evals(tiny, rows, monkeypatch):
+    """Compiling costs ~12 s a model; a few hundred questions run the eager fast path instead."""
+    model, processor = tiny
+    seen = []
+
+    class Recording(G._FastImageFeatures):
+        def __init__(self, *a, compile=True, **kw):
+            seen.append(compile)
+            super().__init__(*a, compile=compile, **kw)
+
+    monkeypatch.setattr(G, "_FastImageFeatures", Recording)
+    gen = GenerationSpec(max_new_tokens=2)
+    G.generate_answers(model, processor, rows[:2], PX, 2, gen, "cpu")
+    monkeypatch.setattr(G, "COMPILE_MIN_QUESTIONS", 2)
+    G.generate_answers(model, processor, rows[:2], PX, 2, gen, "cpu")
+    assert seen == [False, True]
+    features = Recording(model, "cpu", 2, compile=True)
+    try:
+        assert features.compiled is False  # never on the CPU, whatever the size
+    finally:
+        features.remove()
 
 
 def test_batches_are_longest_first_stable_and_cover_every_row():

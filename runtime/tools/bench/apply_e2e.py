@@ -199,6 +199,8 @@ def stage_table(run: dict[str, Any]) -> list[dict[str, Any]]:
                 m: round(res["n"] / sec, 2) for m, sec in res.get("seconds", {}).items() if sec}
         if s.get("warmup"):
             row["warmup"] = s["warmup"]
+        if s.get("setup_parts"):
+            row["setup_parts"] = s["setup_parts"]
         if "setup_s" in s:
             row["setup_s"] = s["setup_s"]
         rows.append(row)
