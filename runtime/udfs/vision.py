@@ -149,7 +149,7 @@ class VisionTower:
 
         zeros = self._torch.zeros((next(iter(sizes)), self.image_px, self.image_px, 3), dtype=self._torch.uint8)
         try:
-            for _ in range(2):  # the first call records the layout (HF's forward), the second compiles and captures
+            for _ in range(2):  # records the layout, compiles and captures; the second call is a plain replay
                 self._tower(zeros)
         except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
             if not compiled:

@@ -57,7 +57,7 @@ def test_equal_chunks():
 ])
 def test_fast_tower_equals_hf(tower, px, batched):
     fast = FastTower(tower)
-    for seed in range(3):  # first call: HF itself (captures the layout); then the replay
+    for seed in range(3):  # first call records the layout (one image, tiled); every call replays
         x, grid = _pixels(3, px, seed)
         with torch.no_grad():
             want = tower(x, grid_thw=grid)
@@ -66,9 +66,51 @@ def test_fast_tower_equals_hf(tower, px, batched):
         assert (got.pooler_output - want.pooler_output).abs().max().item() <= 1e-5
         assert (got.last_hidden_state - want.last_hidden_state).abs().max().item() <= 1e-5
         assert want.pooler_output.abs().mean().item() > 1e-2  # not a trivially flat output
-    (layout,) = fast.layouts.values()
+    layout = fast.layouts[_key(grid)]
     assert layout.chunks == batched
-    assert fast.stats["hf_calls"] == 1 and fast.stats["fast_calls"] == 2
+    assert fast.stats["hf_calls"] == 0 and fast.stats["fast_calls"] == 3
+    assert fast.stats["recorded_images"] == 3  # one image, plus the 2-image check of the tiling
+
+
+def _key(grid: torch.Tensor) -> tuple:
+    return (tuple(tuple(int(v) for v in r) for r in grid.tolist()), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("px", [112, 224, 168])
+def test_a_batch_layout_is_one_images_tiled(tower, px):
+    """Recording one image and tiling it gives exactly what HF's forward over the whole batch
+    records (permutation, cu_seqlens, rotary tables, chunk counts)."""
+    from vlmspec.runtime.vlm.fast_tower import _same_layout
+
+    x, grid = _pixels(5, px, 0)
+    tiled, recorded = FastTower(tower), FastTower(tower)
+    recorded._tiling_ok = False  # records the batch itself, as before tiling
+    with torch.no_grad():
+        a, b = tiled(x, grid), recorded(x, grid)
+    assert _same_layout(tiled.layouts[_key(grid)], recorded.layouts[_key(grid)])
+    assert tiled.stats["hf_calls"] == 0 and recorded.stats["hf_calls"] == 1
+    assert torch.equal(a.pooler_output, b.pooler_output)
+
+
+def test_a_layout_that_does_not_tile_is_recorded_whole(tower, monkeypatch):
+    from vlmspec.runtime.vlm import fast_tower
+
+    real = fast_tower._tile
+
+    def wrong(one, n, key):  # a transformers whose layout is not per image would look like this
+        t = real(one, n, key)
+        t.perm = t.perm.flip(0)
+        return t
+
+    monkeypatch.setattr(fast_tower, "_tile", wrong)
+    fast = FastTower(tower)
+    x, grid = _pixels(3, 112, 0)
+    with pytest.warns(UserWarning, match="not one image's tiled"):
+        with torch.no_grad():
+            got = fast(x, grid)
+            want = tower(x, grid_thw=grid)
+    assert fast._tiling_ok is False and fast.stats["hf_calls"] == 1
+    assert (got.pooler_output - want.pooler_output).abs().max().item() <= 1e-5
 
 
 def test_fast_tower_mixed_sizes_and_plain_tower_untouched(tower):
@@ -141,11 +183,11 @@ def test_compiled_fast_tower_is_within_bf16_tolerance_of_hf(tower):
     fast = FastTower(bf, compile=True, allow_cpu_compile=True)
     x, grid = _pixels(2, 224, 7)
     with torch.no_grad():
-        fast(x.bfloat16(), grid)  # HF's forward, recording the layout
+        fast(x.bfloat16(), grid)  # records the layout (one image, tiled) and compiles
         got = fast(x.bfloat16(), grid).pooler_output.float()
         want = bf(x.bfloat16(), grid_thw=grid).pooler_output.float()
         exact = tower(x, grid_thw=grid).pooler_output
-    assert fast.stats["compiled_calls"] == 1
+    assert fast.stats["compiled_calls"] == 2
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
