@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from vlmspec.compiler.errors import ApplyError, Problem
 from vlmspec.compiler.paths import shown
 
-from .generate import generate_answers, resolve_batch_size
+from .generate import generate_answers, generate_compared, resolve_batch_size
 from .job import EvalJob
 from .metrics import paired_bootstrap, vqa_accuracy
 
@@ -68,37 +69,43 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         raise ApplyError(Problem("the held-out split is empty", "split", fix="Raise `split.fraction`"))
     out_dir = job.out
     processor = load_model_processor(model_spec)
-    preds: dict[str, list[str]] = {}
-    timing: dict[str, float] = {}
-    speed: dict[str, float] = {}  # questions/s of generation alone (not the model load), for benchmarks
+    timing: dict[str, float] = {}  # generation seconds per compared model (not the load)
     batch_size = resolve_batch_size(ev.batch_size, device)
-    for name in ev.compare:
-        adapter = None
-        if name == "tuned":
-            adapter = Path(job.adapter) if job.adapter else None
-            if adapter is None or not (adapter / "adapter_config.json").exists():
-                raise ApplyError(Problem(f"no trained adapter at `{adapter}`", "eval.compare",
-                                         fix="Run the train step first (`vlmspec apply`)"))
-        t0 = time.perf_counter()
-        model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
-                                quant=job.quant)
-        if reporter:
+    adapter = None
+    if "tuned" in ev.compare:
+        adapter = Path(job.adapter) if job.adapter else None
+        if adapter is None or not (adapter / "adapter_config.json").exists():
+            raise ApplyError(Problem(f"no trained adapter at `{adapter}`", "eval.compare",
+                                     fix="Run the train step first (`vlmspec apply`)"))
+    # ONE load for every compared model: `tuned` is the base with the trained adapter on, `base`
+    # the same weights with it off (peft's `disable_adapter`: the LoRA layers return their base
+    # layer's output, so it is the base model's arithmetic). Both then share the tower's layout,
+    # warm-up and each batch's image features (`generate_compared`).
+    t0 = time.perf_counter()
+    model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
+                            quant=job.quant)
+    load_s = round(time.perf_counter() - t0, 2)
+    variants = {name: (model.disable_adapter if name == "base" and adapter is not None else nullcontext)
+                for name in ev.compare}
+    if reporter:
+        for name in ev.compare:
             reporter.start(f"eval {name}", len(rows), unit="questions")
-        t1 = time.perf_counter()
-        preds[name] = generate_answers(model, processor, rows, model_spec.image_px, batch_size,
-                                       ev.generation, device,
-                                       progress=(lambda n, t=f"eval {name}": reporter.advance(t, n)) if reporter else None)
-        speed[name] = round(len(rows) / max(time.perf_counter() - t1, 1e-9), 2)
-        if reporter:
+    preds = generate_compared(model, variants, processor, rows, model_spec.image_px, batch_size, ev.generation,
+                              device, seconds=timing,
+                              progress=(lambda name, n: reporter.advance(f"eval {name}", n)) if reporter else None)
+    if reporter:
+        for name in ev.compare:
             reporter.finish(f"eval {name}")
-        timing[name] = round(time.perf_counter() - t0, 2)
-        del model
+    del model
+    timing = {m: round(v, 2) for m, v in timing.items()}
+    # questions/s of generation alone, per model; the shared tower is in the first model's time
+    speed = {m: round(len(rows) / max(v, 1e-9), 2) for m, v in timing.items()}
     scores = {m: [vqa_accuracy(p, r["answers"]) for p, r in zip(preds[m], rows)] for m in preds}
     results: dict[str, Any] = {
         "metric": ev.metric, "n": len(rows), "table": uri, "table_version": version,
         "model": {"id": model_spec.id, "revision": model_spec.revision, "image_px": model_spec.image_px},
         "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
-        "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
+        "load_seconds": load_s, "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
         "run_id": job.run_id, "adapter": job.adapter if "tuned" in preds else None,
     }
     if "base" in scores and "tuned" in scores:

@@ -8,7 +8,10 @@ The fast path computes what the reference computes, faster:
   arithmetic as tensor ops, tested bitwise equal), and the model's vision tower runs as
   `FastTower` (the tier-3 column's batched-attention replay, compiled on CUDA);
 * prompts are tokenized with the image pads already expanded (what the processor does), and
-  questions are sorted by prompt length so a batch pads little; answers come back in row order.
+  questions are sorted by prompt length so a batch pads little; answers come back in row order;
+* `generate_compared` answers with several variants of one loaded model (base = LoRA adapter
+  disabled, tuned = enabled): one model load, one tower layout and warm-up, and each batch's
+  image features computed once for all variants (the tower is frozen, so they are the same).
 
 The tower is swapped in through an instance attribute on this model's `Qwen2_5_VLModel`
 (`get_image_features`), removed afterwards: `model.generate` still builds the M-RoPE positions,
@@ -18,13 +21,15 @@ the image-token scatter and the cache itself, and no transformers global is touc
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["generate_answers", "generate_answers_reference", "resolve_batch_size"]
+__all__ = ["generate_answers", "generate_answers_reference", "generate_compared", "resolve_batch_size"]
 
 CUDA_BATCH = 128
 """`eval.batch_size: auto` on CUDA: a decode step of the 4-bit 3B model is bound by reading its
@@ -89,8 +94,27 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
     """
     if not fast:
         return generate_answers_reference(model, processor, rows, image_px, batch_size, generation, device, progress)
+    return generate_compared(model, {"model": nullcontext}, processor, rows, image_px, batch_size, generation,
+                             device, progress=(lambda name, n: progress(n)) if progress else None)["model"]
+
+
+def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, rows: list[dict[str, Any]],
+                      image_px: int, batch_size: int, generation, device: str, progress=None,
+                      seconds: dict[str, float] | None = None) -> dict[str, list[str]]:
+    """Answers of several variants of ONE loaded model (e.g. `base` with the LoRA adapter disabled
+    and `tuned` with it on), batch by batch: each batch's images are decoded, patchified and run
+    through the vision tower once, and every variant generates from those image features. The
+    tower is frozen (LoRA trains the language side only), so its output is the same for every
+    variant, and computing it once is computing the same thing.
+
+    `variants` maps a name to a context-manager factory entered around that variant's generation
+    (`model.disable_adapter` for the base, `nullcontext` for the model as loaded). `progress(name,
+    n)` is told of each batch; `seconds[name]` gets each variant's generation time (the shared
+    tower is timed in the first variant's, which runs it).
+    """
+    answers = {name: [None] * len(rows) for name in variants}
     if not rows:
-        return []
+        return answers  # type: ignore[return-value]
     import torch
 
     from ..vlm.patchify import Patchifier
@@ -100,9 +124,9 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
     texts = prompt_texts(processor, [r["question"] for r in rows], image_px)
     batches = length_sorted_batches([len(ids) for ids in tok(texts)["input_ids"]], batch_size)
     patchify = Patchifier(processor.image_processor)
-    answers: list[str | None] = [None] * len(rows)
     tower = _FastImageFeatures(model, device, batch_size, compile=len(rows) >= COMPILE_MIN_QUESTIONS)
     pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
+    cuda = str(device).startswith("cuda")
     try:
         ahead = _decode_batch(pool, rows, batches[0], image_px)
         for k, idx in enumerate(batches):
@@ -113,12 +137,20 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
             pixels, grid = patchify(torch.from_numpy(u8).to(device))
             inputs.update(pixel_values=pixels, image_grid_thw=grid)
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            out = _generate(model, inputs, generation, tok.pad_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-                answers[i] = text.strip()
-            if progress:
-                progress(len(idx))
+            tower.share(inputs["pixel_values"])  # the tensor generate passes to the tower
+            for name, enter in variants.items():
+                t = time.perf_counter()
+                with enter():
+                    out = _generate(model, inputs, generation, tok.pad_token_id)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):  # syncs
+                    answers[name][i] = text.strip()
+                if cuda:
+                    torch.cuda.synchronize()
+                if seconds is not None:
+                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+                if progress:
+                    progress(name, len(idx))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         tower.remove()
@@ -185,10 +217,26 @@ class _FastImageFeatures:
         # the next batch's replay. Eager or compiled, it is the same batched-attention fast path.
         self.compiled = compile and str(device).startswith("cuda")
         self.fast = FastTower(self.visual, compile=self.compiled, compile_sizes={int(batch_size)})
+        self._shared: tuple | None = None  # (pixel_values, output) of the batch `share` named
         inner.get_image_features = self._features
+
+    def share(self, pixel_values) -> None:
+        """From now on, calls with this very `pixel_values` tensor (one batch, generated by several
+        variants of the model) get the first call's output; other tensors are computed."""
+        self._shared = (pixel_values, None)
 
     def _features(self, pixel_values, image_grid_thw=None, **kwargs):
         """`Qwen2_5_VLModel.get_image_features` through FastTower: same output object."""
+        shared = self._shared
+        if shared is not None and shared[0] is pixel_values:
+            if shared[1] is not None:
+                return shared[1]
+            out = self._compute(pixel_values, image_grid_thw)
+            self._shared = (pixel_values, out)
+            return out
+        return self._compute(pixel_values, image_grid_thw)
+
+    def _compute(self, pixel_values, image_grid_thw):
         import torch
 
         px = pixel_values.type(self.visual.dtype)
@@ -208,4 +256,5 @@ class _FastImageFeatures:
         return out
 
     def remove(self) -> None:
+        self._shared = None
         self.inner.__dict__.pop("get_image_features", None)
