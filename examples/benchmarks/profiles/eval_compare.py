@@ -1,0 +1,109 @@
+"""Eval variants at the 3B shape (random weights) on one GPU, each in a fresh process as `vlmspec
+apply` runs it: one 4-bit load with a LoRA adapter, `generate_compared` of base (adapter off) and
+tuned, on `--questions` 560-px questions. Varies the batch size and whether LM attention may use
+cuDNN's SDPA (which builds a plan per new shape: every decode step's KV length, every batch's
+prompt length). Not a benchmark with targets: it picks the defaults that `vlmspec bench apply` then
+measures. Run on the GPU machine after `source examples/benchmarks/gpu_device_setup.sh`:
+
+    python3 examples/benchmarks/profiles/eval_compare.py --out $OUT/eval_compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True)}
+
+
+def one(cfg: str, work: Path, questions: int) -> dict:
+    import torch
+
+    from vlmspec.runtime.eval import generate as G
+    from vlmspec.runtime.sources.synthetic import generate as synth
+    from vlmspec.runtime.vlm.models import load_full_model, load_model_processor
+
+    batch, cudnn = CONFIGS[cfg]
+    if not cudnn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        real = G._generate
+
+        def no_cudnn(*a, **k):
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                return real(*a, **k)
+
+        G._generate = no_cudnn
+    folder = str(work / "model-3b")
+    rows = []
+    for b in synth(questions, seed=1, image_px=560, batch_rows=256):
+        d = b.to_pydict()
+        rows += [{"image": d["image"][i], "question": d["question"][i]} for i in range(b.num_rows)]
+    spec = SimpleNamespace(id=folder, revision=None, dtype="auto", trust_remote_code=False, image_px=560)
+    gen = SimpleNamespace(max_new_tokens=16, do_sample=False, temperature=1.0)
+    quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    processor = load_model_processor(spec)
+    t = time.perf_counter()
+    model = load_full_model(spec, device="cuda", adapter_dir=str(work / "adapter"), quant=quant)
+    load = time.perf_counter() - t
+    seconds: dict = {}
+    t = time.perf_counter()
+    G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows, 560, batch,
+                        gen, "cuda", seconds=seconds)
+    wall = time.perf_counter() - t
+    return {"cfg": cfg, "load_s": round(load, 2), "wall_s": round(wall, 2),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "qps": {k: round(len(rows) / v, 1) for k, v in seconds.items()},
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="eval_compare.json")
+    ap.add_argument("--work", default=".bench-apply")
+    ap.add_argument("--questions", type=int, default=315)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--one", default=None)
+    args = ap.parse_args()
+    work = Path(args.work).resolve()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, work, args.questions)), flush=True)
+        return
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from vlmspec.runtime.tools.bench.apply_e2e import model_folder
+    from vlmspec.runtime.vlm.models import load_full_model
+
+    t = time.perf_counter()
+    folder = model_folder("3b", work)
+    out = {"gpu": torch.cuda.get_device_name(0), "model_s": round(time.perf_counter() - t, 1), "runs": []}
+    if not (work / "adapter" / "adapter_config.json").exists():
+        spec = SimpleNamespace(id=folder, revision=None, dtype="auto", trust_remote_code=False, image_px=560)
+        m = get_peft_model(load_full_model(spec, device="cuda", quant={"bits": 4, "type": "nf4", "double_quant": True,
+                                                                       "compute_dtype": "bfloat16"}),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=1e-3)
+        m.save_pretrained(str(work / "adapter"))
+        del m
+        torch.cuda.empty_cache()
+    for cfg in args.configs.split(","):
+        p = subprocess.run([sys.executable, __file__, "--one", cfg, "--work", str(work), "--questions",
+                            str(args.questions)], capture_output=True, text=True, timeout=300)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        r = json.loads(line[7:]) if line else {"cfg": cfg, "error": (p.stderr or p.stdout)[-1500:]}
+        out["runs"].append(r)
+        print(json.dumps(r), flush=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    main()
