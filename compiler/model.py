@@ -397,7 +397,8 @@ class EvalSpec(SpecModel):
     bootstrap: int = Field(2000, ge=100, le=1_000_000)
     """Paired bootstrap resamples for the lift's confidence interval."""
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
-    """Questions per generate call; `auto`: 64 on CUDA, 8 on CPU (not fingerprinted: answers do not
+    """Questions per generate call; `auto`: 256 on CUDA GPUs of 64 GiB or more, 128 on smaller
+    ones, 8 on CPU (not fingerprinted: answers do not
     depend on it beyond floating-point rounding)."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     """Decoding settings."""

@@ -37,8 +37,17 @@ def rows():
     return table
 
 
-def test_batch_size_auto_picks_by_device_and_a_number_wins():
-    assert G.resolve_batch_size("auto", "cuda") == G.resolve_batch_size("auto", "cuda:1") == 128
+def test_batch_size_auto_picks_by_device_and_a_number_wins(monkeypatch):
+    import types
+
+    import torch
+
+    gib = {"n": 80}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=gib["n"] * 2**30))
+    assert G.resolve_batch_size("auto", "cuda") == G.resolve_batch_size("auto", "cuda:1") == 256
+    gib["n"] = 24  # a smaller card keeps the KV cache of the narrower batch
+    assert G.resolve_batch_size("auto", "cuda") == 128
     assert G.resolve_batch_size("auto", "cpu") == 8
     assert G.resolve_batch_size(5, "cuda") == 5
 
