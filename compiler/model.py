@@ -409,10 +409,12 @@ class EvalSpec(SpecModel):
 class ExecutorSpec(SpecModel):
     """Where steps run."""
 
-    kind: Literal["local", "ray"] = "local"
-    """`local`: in-process; `ray`: tasks and actors on a Ray cluster."""
+    kind: Literal["local", "ray", "geneva"] = "local"
+    """`local`: in-process; `ray`: tasks and actors on a Ray cluster; `geneva`: each column as a
+    Geneva backfill (`pip install 'vlmspec[geneva]'`)."""
     address: str | None = None
-    """Ray address (`auto`, `ray://host:10001`, or `local` to start one)."""
+    """Ray address (`auto`, `ray://host:10001`, or `local` to start one); under `geneva` also
+    `kuberay:<cluster>` for a Geneva cluster defined with Geneva's cluster API."""
     workers: int | None = Field(None, ge=1, le=100_000)
     """Parallel workers for CPU UDFs (default: all cores)."""
 

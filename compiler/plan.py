@@ -32,7 +32,7 @@ UNTIL = ("ingest", "features", "curate", "train", "eval")
 class Placement:
     """Where a column's chunks run: data the executor obeys and the plan prints."""
 
-    where: Literal["in-process", "processes", "cpu tasks", "cpu actor", "gpu actors"]
+    where: Literal["in-process", "processes", "cpu tasks", "cpu actor", "gpu actors", "geneva"]
     workers: int | None = None
     """How many run at once (None: as many as the executor finds)."""
     gpus_each: float = 0
@@ -43,6 +43,8 @@ class Placement:
             return f"gpu actors{n} ({self.gpus_each:g} GPU each)"
         if self.where == "cpu actor":
             return "cpu actor x1"
+        if self.where == "geneva":  # Geneva appliers (Ray actors) of one backfill job
+            return f"geneva{n}" + (f" ({self.gpus_each:g} GPU each)" if self.gpus_each else "")
         return "in-process" if self.where == "in-process" else f"{self.where}{n}"
 
 
@@ -379,7 +381,7 @@ def _executor(compiled: Compiled, facts: Mapping[str, Any] | None) -> dict[str, 
     only what the spec says."""
     spec = compiled.spec.executor
     ex = {"kind": spec.kind, "address": spec.address, "workers": spec.workers, **(facts or {})}
-    if ex["kind"] == "ray":
+    if ex["kind"] in ("ray", "geneva"):
         ex["address"] = ex.get("address") or "local"
     return ex
 
@@ -398,6 +400,15 @@ def placement(node: ColumnNode, ex: Mapping[str, Any]) -> Placement:
         n = max(int(cpus // node.cpus), 1) if cpus else None
         n = min(n, workers) if n and workers else (n or workers)
         return Placement("cpu tasks", n)
+    if ex["kind"] == "geneva":  # one Geneva job per column; its appliers hold the UDF (a model once each)
+        if node.gpus:
+            n = max(int(gpus // node.gpus), 1) if gpus else None
+            n = min(n, workers) if n and workers else n
+            return Placement("geneva", n, node.gpus)
+        if node.uses_model:
+            return Placement("geneva", 1)
+        n = max(int(cpus // node.cpus), 1) if cpus else None
+        return Placement("geneva", min(n, workers) if n and workers else (n or workers))
     n = workers or cpus
     if node.parallel and not node.uses_model and n != 1:
         return Placement("processes", n)
@@ -410,7 +421,7 @@ def _gpu_check(node: ColumnNode, ex: Mapping[str, Any], problems: list[Problem],
     if not node.gpus or have is None:
         return
     need = f"{node.gpus:g} GPU{'' if node.gpus == 1 else 's'}"
-    if ex["kind"] == "ray" and have < node.gpus:
+    if ex["kind"] in ("ray", "geneva") and have < node.gpus:
         addr = ex.get("address")
         where = "the local Ray cluster (this machine)" if addr == "local" else f"the Ray cluster at `{addr}`"
         problems.append(Problem(

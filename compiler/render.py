@@ -107,6 +107,20 @@ def executor_line(plan: Plan) -> str:
         if workers:
             parts.append(f"at most {workers} workers")
         return f"Executor  ray ({', '.join(parts)})"
+    if ex.get("kind") == "geneva":
+        addr = ex.get("address") or "local"
+        parts = ["local Ray context" if addr == "local" else addr]
+        if ex.get("cpus") is not None:
+            parts.append(f"{ex['cpus']:g} CPUs")
+        if ex.get("gpus"):
+            parts.append(f"{ex['gpus']:g} GPUs")
+        if workers:
+            parts.append(f"at most {workers} workers")
+        line = f"Executor  geneva ({', '.join(parts)})"
+        checked = ex.get("geneva_plan")
+        if checked:  # Geneva's own plan_backfill of the columns it would resume, cross-checked
+            line += "\n          " + "; ".join(checked)
+        return line
     n = workers or ex.get("cpus")
     return "Executor  local" + (f" ({n} worker process{'es' if n != 1 else ''})" if n else "")
 

@@ -90,6 +90,12 @@ def prepare(loaded: LoadedSpec, *, allow_destructive: bool = False, workers: int
                 **(_device_facts(device) if spec.train is not None else {})}
     plan = build_plan(compiled, state, allow_destructive=allow_destructive, executor=executor,
                       replace_steps=tuple(replace_steps))
+    if spec.executor.kind == "geneva" and state.exists:
+        from .executors.geneva_exec import cross_check
+
+        checked = cross_check(spec.source.table, plan.columns)
+        if checked:
+            plan = replace(plan, executor={**plan.executor, "geneva_plan": checked})
     return Prepared(loaded, compiled, state, plan)
 
 

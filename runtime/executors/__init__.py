@@ -7,6 +7,9 @@ each completed fragment, mark complete); an executor only places the chunks, as 
 - `local` (`local.LocalExecutor`): this process, plus a spawn process pool for CPU UDFs.
 - `ray` (`ray_exec.RayExecutor`): CPU UDFs as Ray tasks, model/GPU UDFs on Ray actors. Ray is an
   optional extra (`pip install 'vlmspec[ray]'`) and is imported only when a spec asks for it.
+- `geneva` (`geneva_exec.GenevaExecutor`): each column handed to Geneva's backfill (on Ray), with our
+  UDF code as the Geneva UDF. A proprietary optional extra (`pip install 'vlmspec[geneva]'`),
+  imported only when a spec asks for it.
 `chunks.py` is what they share: the unit of work and how one is computed.
 """
 
@@ -25,6 +28,12 @@ def open_executor(spec: Any, workers: int | None = None, device: str | None = No
         with local_session(workers or (spec.workers if spec is not None else None), device) as ex:
             yield ex
         return
+    if spec.kind == "geneva":
+        from .geneva_exec import geneva_session
+
+        with geneva_session(spec.address, workers or spec.workers, device=device) as ex:
+            yield ex
+        return
     from .ray_exec import ray_session
 
     with ray_session(spec.address, workers or spec.workers, device=device) as ex:
@@ -39,6 +48,10 @@ def executor_facts(spec: Any, needs_gpus: bool) -> dict[str, Any]:
         from .ray_exec import cluster_facts
 
         return cluster_facts(spec.address, needs_gpus=needs_gpus)
+    if spec.kind == "geneva":
+        from .geneva_exec import cluster_facts as geneva_facts
+
+        return geneva_facts(spec.address, needs_gpus=needs_gpus)
     return {"gpus": local_gpus()} if needs_gpus else {}
 
 

@@ -339,7 +339,7 @@ def test_wrong_types_and_values_in_plain_words():
         "s.yaml:7:35 model.trust_remote_code: expected `true` or `false`, got `maybe`.",
         "s.yaml:7:49 model.dtype: must be one of `auto`, `bfloat16`, `float16`, `float32`, got `bf16`. "
         "Did you mean `bfloat16`?" + DOT,
-        "s.yaml:8:12 executor.kind: must be one of `local`, `ray`, got a list.",
+        "s.yaml:8:12 executor.kind: must be one of `local`, `ray`, `geneva`, got a list.",
         "s.yaml:8:34 executor.workers: must be at least 1, got `0`.",
         "s.yaml:9:19 curation.limit: expected a whole number, got `1.5`.",
     ]
