@@ -144,12 +144,17 @@ def test_bench_apply_model_folder_keeps_the_shipped_tokenizers_token_ids(tmp_pat
 def test_bench_apply_runs_the_users_command_round_by_round_on_the_tiny_shape(tmp_path):
     """`vlmspec bench apply` end to end on the CPU: each round is a real `vlmspec apply` process, the
     LoRA-only change reruns only train and eval, `--replace` recomputes only the vision column, and
-    the results carry the derived targets (the GPU ones say they were not measured)."""
-    res = CliRunner().invoke(app, ["bench", "apply", "--shape", "tiny", "--rows", "64", "--image-px", "112",
-                                   "--steps", "4", "--eval", "4", "--rounds", "cold,lora,tower",
-                                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    the results carry the derived targets (the GPU ones say they were not measured). A second run
+    without `cold` goes on from the first one's table (the GPU machine's 10-minute calls)."""
+    args = ["bench", "apply", "--shape", "tiny", "--rows", "64", "--image-px", "112", "--steps", "4", "--eval", "4",
+            "--work", str(tmp_path / "work")]
+    res = CliRunner().invoke(app, [*args, "--rounds", "cold,lora", "--out", str(tmp_path / "first")])
+    assert res.exit_code == 0, res.output
+    assert "tower_rc" not in json.loads((tmp_path / "first" / "apply_e2e.json").read_text())["details"]
+    res = CliRunner().invoke(app, [*args, "--rounds", "tower", "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     d = json.loads((tmp_path / "out" / "apply_e2e.json").read_text())
+    assert any("ran in an earlier call" in n for n in d["notes"])
     det = d["details"]
     assert det["cold_rc"] == det["lora_rc"] == det["tower_rc"] == 0
     assert [s["stage"] for s in det["cold_stages"]][-3:] == ["curate", "train", "eval"]

@@ -224,20 +224,35 @@ def run(rows: int, image_px: int, steps: int, eval_limit: int, out: Path, work: 
                      {"rows": rows, "image_px": image_px, "steps": steps, "eval_limit": eval_limit, "shape": shape,
                       "spec": "specs/textvqa.yaml (defaults; data, model, rows, steps and eval size set)"})
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    source = synthetic_hf_dataset(work / "hf-source", rows, image_px=image_px, seed=0, workers=workers)
-    res.details["source_s"] = round(time.time() - t0, 2)
+    table = work / "data" / "textvqa.lance"
+    saved = work / "rounds.json"
+    # Without `cold`, the rounds go on from an earlier call's table and records (a GPU call is capped
+    # at 10 minutes: the cold round and the LoRA change fill one, the tower and shapes rounds the next).
+    earlier = json.loads(saved.read_text()) if "cold" not in rounds and saved.exists() and table.exists() else None
+    if earlier is not None and (earlier["config"]["rows"], earlier["config"]["steps"]) != (rows, steps):
+        raise SystemExit(f"{saved} holds rounds of {earlier['config']['rows']} rows / {earlier['config']['steps']} "
+                         "steps; run with the same --rows and --steps, or add `cold` to --rounds")
+    if earlier is None:
+        t0 = time.time()
+        source = synthetic_hf_dataset(work / "hf-source", rows, image_px=image_px, seed=0, workers=workers)
+        res.details["source_s"] = round(time.time() - t0, 2)
+    else:
+        source = work / "hf-source"
+        res.details.update(earlier["details"])
+        res.notes.append(f"rounds {', '.join(earlier['runs'])} ran in an earlier call on this machine; "
+                         f"this one ran {', '.join(rounds)}")
     t0 = time.time()
     model = model_folder(shape, work)
-    res.details["model_s"] = round(time.time() - t0, 2)
+    res.details.setdefault("model_s", round(time.time() - t0, 2))
     tokens = 512 if shape == "3b" else 96
     spec = write_spec(work, source, model, rows, image_px, steps, eval_limit, tokens)
-    table = work / "data" / "textvqa.lance"
-    shutil.rmtree(table, ignore_errors=True)  # always a cold first round: a new table
-    shutil.rmtree(work / "data" / "textvqa.vlmspec", ignore_errors=True)
-    shutil.rmtree(work / "runs", ignore_errors=True)
-    runs: dict[str, dict[str, Any]] = {}
-    estimates: list[dict[str, Any]] = []
+    if earlier is None:
+        shutil.rmtree(table, ignore_errors=True)  # always a cold first round: a new table
+        shutil.rmtree(work / "data" / "textvqa.vlmspec", ignore_errors=True)
+        shutil.rmtree(work / "runs", ignore_errors=True)
+        saved.unlink(missing_ok=True)
+    runs: dict[str, dict[str, Any]] = dict(earlier["runs"]) if earlier else {}
+    estimates: list[dict[str, Any]] = list(earlier["estimates"]) if earlier else []
 
     def left() -> float:
         return deadline_s - (time.time() - started)
@@ -264,6 +279,8 @@ def run(rows: int, image_px: int, steps: int, eval_limit: int, out: Path, work: 
                                                                                  tr["peak_gib"], 1)})
         _derive(res, runs, estimates, rows)
         res.write(out)
+        saved.write_text(json.dumps({"config": {"rows": rows, "steps": steps}, "runs": runs, "estimates": estimates,
+                                     "details": res.details}))
         return r
 
     if "cold" in rounds:

@@ -292,7 +292,8 @@ def apply_cmd(rows: int = typer.Option(12288, "--rows", min=16, help="Rows of th
               eval_limit: int = typer.Option(400, "--eval", min=1, help="Eval questions per model."),
               shape: str = typer.Option("3b", "--shape", help="`3b` (random weights) or `tiny` (CPU runs)."),
               rounds: str = typer.Option("cold,lora,tower,shapes", "--rounds",
-                                         help="Comma-separated: cold, lora, tower, shapes."),
+                                         help="Comma-separated: cold, lora, tower, shapes. Without cold, goes on from the "
+                                              "table and rounds an earlier run left in --work."),
               deadline_s: float = typer.Option(1e9, "--deadline-s", help="Skip rounds that would start after this."),
               work: Path = typer.Option(Path(".bench-apply"), "--work",
                                         help="Folder for the source, model and table (kept between runs)."),
