@@ -242,7 +242,9 @@ def geneva_session(address: str | None, workers: int | None = None, *, device: s
             stack.callback(db_ctx.close)
         else:
             try:
-                ray.init(address=addr, logging_level=logging.WARNING)
+                # Worker logs stay on the cluster: failures reach the user as our errors, and Geneva's
+                # job driver is chatty (progress, dashboard probes).
+                ray.init(address=addr, logging_level=logging.WARNING, log_to_driver=False)
             except Exception as e:
                 raise ApplyError(Problem(f"cannot reach the Ray cluster at `{addr}`: {type(e).__name__}: {e}",
                                          "executor.address",
@@ -313,6 +315,9 @@ class GenevaExecutor:
         pending = {f: n for f, n in rows.items() if n and f not in done}
         sink.start(sum(pending.values()))
         spool = _spool_dir(uri, node)
+        # A killed run's row errors of fragments it committed were spooled but never logged: log them
+        # now (those rows are not recomputed); the rest are recomputed and spooled again.
+        self._record_errors(spool, uri, node, sink, only=done)
         _clear(spool)
         column = _GenevaColumn(node, model_spec, device or self.device, str(spool))
         udf = _geneva_udf(self.geneva, column, node)
@@ -344,6 +349,8 @@ class GenevaExecutor:
             raise
         except Exception as e:  # the job failed: a row under `fail`, a UDF that cannot build, a lost actor
             self._raise_failure(uri, node, sink, e)
+        finally:
+            _release_tracker(job)
         self._advance(uri, node, sink, pending, counted)
         status = str(getattr(result, "status", "DONE"))
         if "DONE" not in status.upper():
@@ -389,28 +396,43 @@ class GenevaExecutor:
             return {}
         for p in sorted(spool.glob("meta.*.json")):
             return dict(json.loads(p.read_text()))
-        # Nothing was pending (a resume that found every fragment filled): build the UDF here for it.
-        if load_udf(node) is not None and isinstance(load_udf(node), type):
-            fn, meta = instantiate(node, model_spec, "cpu")
-            if hasattr(fn, "close"):
-                fn.close()
-            return meta
-        return {}
+        # Nothing was pending (a kill after the last commit, before the fingerprint): the UDF's
+        # metadata comes from building it here, on the CPU, as Ray's executor asks its actor.
+        fn, meta = instantiate(node, model_spec, "cpu")
+        if hasattr(fn, "close"):
+            fn.close()
+        return meta
 
-    def _record_errors(self, spool: Path, uri: str, node: Any, sink: Any) -> None:
+    def _record_errors(self, spool: Path, uri: str, node: Any, sink: Any, only: set[int] | None = None) -> None:
         """Row errors the workers spooled, into `errors.jsonl` as the local executor writes them (each
-        row once: Geneva may retry a task)."""
+        row once: Geneva may retry a task); `only` these fragments where given."""
         from ..backfill import _log_errors
 
         seen: dict[int, str] = {}
         for r in _read_errors(spool):
-            seen.setdefault(int(r["row_addr"]), r["error"])
+            if r.get("row_addr") is not None and (only is None or int(r["row_addr"]) >> 32 in only):
+                seen.setdefault(int(r["row_addr"]), r["error"])
         by_frag: dict[int, list[RowFailure]] = {}
         for addr, err in sorted(seen.items()):
             by_frag.setdefault(addr >> 32, []).append(RowFailure(addr & 0xFFFFFFFF, err))
         for frag, failures in by_frag.items():
             sink.run.errors += len(failures)
             _log_errors(sink.errors_log, sink.column, node.fingerprint, frag, failures, uri, sink.key)
+
+
+def _release_tracker(job) -> None:
+    """Geneva's job tracker is an actor this process owns (0.1 CPU, restarted if it dies) that
+    outlives its job until this process exits: one per column would pile up and, on a small
+    cluster, starve the next column's workers (seen: a Ray column waiting forever for its second
+    actor). The job's record is saved by then; stop it."""
+    import ray
+
+    try:
+        from geneva.runners.ray.naming import job_tracker_name
+
+        ray.kill(ray.get_actor(job_tracker_name(job.job_id)), no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone, or a Geneva that names it otherwise
+        pass
 
 
 def _wait(job, seconds: float) -> bool:

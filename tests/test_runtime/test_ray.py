@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import collections
 import hashlib
 import logging
@@ -350,6 +352,9 @@ def test_bench_ray_writes_json_and_markdown(cluster, tmp_path):
     assert {"dhash_local_w1", "dhash_local_w2", "dhash_ray_w1", "dhash_ray_w2", "apply_local",
             "apply_ray", "tower_local_w1", "tower_local_w2"} <= set(data["figures"])
     assert "ray_init" not in data["figures"]  # the module's cluster was reused, not started
+    if importlib.util.find_spec("geneva") is not None:  # the Geneva rows beside them, on the same cluster
+        assert {"dhash_geneva_w1", "dhash_geneva_w2", "apply_geneva"} <= set(data["figures"])
+        assert {"geneva_vs_local_w2", "apply_overhead_geneva"} <= set(data["derived"])
     assert {"local_scaling_w2", "ray_scaling_w2", "tower_local_scaling_w2", "apply_overhead"} <= set(data["derived"])
     # The module's cluster has no GPU slots: the tier-3 column asking for one is refused by the plan
     # and its Ray figures are skipped; without `resources` it would get a single CPU actor.

@@ -20,6 +20,9 @@
     tier-2 feature columns of (a)'s spec under `executor: {kind: local}` and `{kind: ray}`, with the
     cluster already up, plus what starting the local cluster adds (`address: local`, started and
     shut down by the apply itself; `--no-cold` skips it).
+(d) Where Geneva is installed (`pip install 'vlmspec[geneva]'`), the Geneva executor beside both in
+    (a), (b) and (c), on the same cluster: one Geneva backfill job per column, its appliers (Ray
+    actors) started per job, so its figures include that start-up, as (b)'s Ray actors do.
 Columns are dropped (untimed) before each run. Rounds interleave the variants, rotating their
 order, so load from other work hits all alike; the values are checked byte-identical across all of them.
 """
@@ -81,6 +84,9 @@ def _drop(uri: str, names: list[str]) -> None:
     have = [n for n in names if n in ds.schema.names]
     if have:
         ds.drop_columns(have)
+    # Geneva keeps a checkpoint per finished fragment, keyed by UDF version and source files: a
+    # column dropped and backfilled again with the same recipe would be read back, not computed.
+    shutil.rmtree(Path(uri) / "_ckp", ignore_errors=True)
 
 
 def _values(uri: str, names: list[str]) -> dict[str, list]:
@@ -175,6 +181,23 @@ class _Probe:
         return _probe_threads()
 
 
+def _geneva(workers_list: list[int], device: str | None = None) -> dict[int, Any]:
+    """A Geneva executor per worker count on the bench's cluster; {} without the extra."""
+    try:
+        from ...executors.geneva_exec import GenevaExecutor, import_geneva
+
+        geneva = import_geneva()
+    except Exception:  # noqa: BLE001 - the extra is optional: the Geneva rows are left out
+        return {}
+    return {w: GenevaExecutor(geneva, "local", w, device=device) for w in workers_list}
+
+
+def _geneva_version() -> str:
+    from importlib.metadata import version
+
+    return version("geneva")
+
+
 def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Path, *,
         rows_per_fragment: int = 256, cold: bool = True, workdir: Path | None = None,
         tier3_rows: int = 512, tier3_rows_per_fragment: int = 64) -> Results:
@@ -203,10 +226,14 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
     med = statistics.median
     try:
         uri = str(tmp / "t.lance")
-        specs = {kind: tmp / f"{kind}.yaml" for kind in ("local", "ray")}
+        gexecutors = _geneva(workers_list)
+        specs = {kind: tmp / f"{kind}.yaml" for kind in ("local", "ray", *(("geneva",) if gexecutors else ()))}
         specs["local"].write_text(_spec(Path(uri), rows, image_px, rows_per_fragment, f"{{kind: local, workers: {top}}}"))
         specs["ray"].write_text(_spec(Path(uri), rows, image_px, rows_per_fragment,
                                       f"{{kind: ray, address: local, workers: {top}}}"))
+        if gexecutors:
+            specs["geneva"].write_text(_spec(Path(uri), rows, image_px, rows_per_fragment,
+                                             f"{{kind: geneva, workers: {top}}}"))
         loaded = {k: load_spec(p) for k, p in specs.items()}
         t0 = time.perf_counter()
         apply(loaded["local"], until="ingest")
@@ -225,6 +252,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 warnings.filterwarnings("ignore", message="lance is not fork-safe")
                 s, _, lb, la = timed(lambda: ray.init(
                     num_cpus=top, num_gpus=top if tier3_rows else None, include_dashboard=False,
+                    log_to_driver=False,  # the workers' model-loading bars and Geneva's job progress
                     logging_level=logging.WARNING))
             res.figure("ray_init", f"ray.init() of a local cluster ({top} CPUs)", "s").add(s, lb, la)
         cluster = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
@@ -240,8 +268,10 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
 
         def scaling(prefix: str, took: dict, kinds: tuple[str, ...]) -> None:
             for w in workers_list:
-                if ("local", w) in took and ("ray", w) in took:
-                    paired.setdefault(f"{prefix}ray_vs_local_w{w}", []).append(took[("local", w)] / took[("ray", w)])
+                for other in ("ray", "geneva"):
+                    if ("local", w) in took and (other, w) in took:
+                        paired.setdefault(f"{prefix}{other}_vs_local_w{w}", []).append(
+                            took[("local", w)] / took[(other, w)])
                 if w != w1:
                     for k in kinds:
                         if (k, w) in took and (k, w1) in took:
@@ -253,11 +283,20 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         _drop(uri, ["dhash"])
         s, *_ = timed(lambda: backfill_column(uri, dnode, workers=top, executor=executors[top]))
         res.details["ray_first_column_s"] = round(s, 3)
+        if gexecutors:  # Geneva's first job: its workers import geneva (untimed, as Ray's first column)
+            _drop(uri, ["dhash"])
+            s, *_ = timed(lambda: backfill_column(uri, dnode, workers=top, executor=gexecutors[top]))
+            res.details["geneva_first_column_s"] = round(s, 3)
         local = {w: res.figure(f"dhash_local_w{w}", f"image.dhash, local executor, workers={w}"
                                + (" (in process)" if w == 1 else " (shared pool up)"), "images/s",
                                higher_is_better=True, seconds=[]) for w in workers_list}
         onray = {w: res.figure(f"dhash_ray_w{w}", f"image.dhash, Ray tasks, workers={w} (cluster up)", "images/s",
                                higher_is_better=True, seconds=[]) for w in workers_list}
+        ongeneva = {w: res.figure(f"dhash_geneva_w{w}", f"image.dhash, Geneva backfill, workers={w} (cluster up; "
+                                  "appliers started per job)", "images/s", higher_is_better=True, seconds=[])
+                    for w in workers_list} if gexecutors else {}
+        figs2 = {"local": local, "ray": onray, "geneva": ongeneva}
+        kinds2 = ("local", "ray", *(("geneva",) if gexecutors else ()))
         with _local_pools() as use_pool:
             if top > 1:
                 _drop(uri, ["dhash"])
@@ -266,18 +305,19 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
 
             def one(kind: str, w: int) -> float:
                 _drop(uri, ["dhash"])
-                ex = executors[w] if kind == "ray" else (use_pool(w) if w > 1 else None)
+                ex = executors[w] if kind == "ray" else gexecutors[w] if kind == "geneva" else \
+                    (use_pool(w) if w > 1 else None)
                 s, _, lb, la = timed(lambda: backfill_column(uri, dnode, workers=w, executor=ex))
-                fig = (onray if kind == "ray" else local)[w]
+                fig = figs2[kind][w]
                 fig.add(rows / s, lb, la)
                 fig.extra["seconds"].append(s)
                 # kept to check that every executor and worker count wrote the same values
                 values[f"dhash_{kind}_w{w}"] = _values(uri, ["dhash"])["dhash"]
                 return s
 
-            variants = [(k, w) for k in ("local", "ray") for w in workers_list]
+            variants = [(k, w) for k in kinds2 for w in workers_list]
             for r in range(repeats):
-                scaling("", {v: one(*v) for v in rotate(variants, r)}, ("local", "ray"))
+                scaling("", {v: one(*v) for v in rotate(variants, r)}, kinds2)
 
         # --- (b) tier 3 -----------------------------------------------------------------------
         tower_ok, tower_ray = True, False
@@ -321,6 +361,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 res.notes.append(f"The Ray cluster this run joined has {cluster.get('GPU', 0):g} GPU slots (< {top}): "
                                  "the tier-3 Ray figures were skipped.")
             texecutors = {w: RayExecutor(w, device="cpu") for w in workers_list}
+            tgeneva = _geneva(workers_list, device="cpu") if tower_ray else {}
 
             # Warm-up, untimed: the driver imports torch/transformers and reads the model once.
             with _torch_threads(w1):
@@ -332,9 +373,10 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
             def tfig(kind: str, w: int, steady: bool):
                 where = (f"local executor, in process, {w} torch + {w} decode thread{'s' if w > 1 else ''}"
                          if kind == "local" else
-                         f"Ray, {w} actor{'s' if w > 1 else ''} x 1 CPU (logical GPU slots)")
+                         f"{'Ray' if kind == 'ray' else 'Geneva'}, {w} actor{'s' if w > 1 else ''} x 1 CPU "
+                         "(logical GPU slots)")
                 what = ("steady state (after each worker's first chunk)" if steady else
-                        "end to end" + (" (incl. actor start-up)" if kind == "ray" else ""))
+                        "end to end" + (" (incl. actor start-up)" if kind != "local" else ""))
                 return res.figure(f"tower_{kind}_w{w}{'_steady' if steady else ''}",
                                   f"{TOWER}, {where}, {what}", "rows/s", higher_is_better=True,
                                   **({} if steady else {"seconds": [], "first_chunk_s": []}))
@@ -348,8 +390,9 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                                                                      device="cpu", workers=w, reporter=clock))
                     k = 1
                 else:
+                    ex = texecutors[w] if kind == "ray" else tgeneva[w]
                     s, _, lb, la = timed(lambda: backfill_column(turi, gnode, model_spec=model_spec, device="cpu",
-                                                                 workers=w, reporter=clock, executor=texecutors[w]))
+                                                                 workers=w, reporter=clock, executor=ex))
                     k = w
                 fig = tfig(kind, w, False)
                 fig.add(tier3_rows / s, lb, la)
@@ -361,7 +404,7 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                 values[f"tower_{kind}_w{w}"] = _digest(turi, TOWER)
                 return s
 
-            kinds = ("local", "ray") if tower_ray else ("local",)
+            kinds = ("local", "ray", *(("geneva",) if tgeneva else ())) if tower_ray else ("local",)
             tvariants = [(k, w) for k in kinds for w in workers_list]
             for r in range(repeats):
                 scaling("tower_", {v: tone(*v) for v in rotate(tvariants, r)}, kinds)
@@ -371,9 +414,11 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         plan_local = res.figure("apply_local", f"apply() of {len(FEATURE_COLUMNS)} feature columns, local "
                                 f"executor (workers={top})", "s")
         plan_ray = res.figure("apply_ray", f"apply() of the same columns, Ray executor (workers={top}, cluster up)", "s")
+        plan_geneva = res.figure("apply_geneva", f"apply() of the same columns, Geneva executor (workers={top}, "
+                                 "cluster up)", "s") if gexecutors else None
         for r in range(repeats):
-            order = [("local", plan_local), ("ray", plan_ray)]
-            for kind, fig in (order if r % 2 == 0 else order[::-1]):
+            order = [("local", plan_local), ("ray", plan_ray), *([("geneva", plan_geneva)] if gexecutors else [])]
+            for kind, fig in rotate(order, r):
                 _drop(uri, FEATURE_COLUMNS)
                 s, result, lb, la = timed(lambda: apply(loaded[kind], until="features"))
                 assert result.record.status == "ok"
@@ -413,10 +458,14 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
         for w in workers_list:
             ratio(f"ray_vs_local_w{w}", f"tier 2 (dhash) throughput, Ray / local, workers={w}",
                   how=f"medians {onray[w].median:,.0f} vs {local[w].median:,.0f} images/s", digits=3)
+            if ongeneva:
+                ratio(f"geneva_vs_local_w{w}", f"tier 2 (dhash) throughput, Geneva / local, workers={w}",
+                      how=f"medians {ongeneva[w].median:,.0f} vs {local[w].median:,.0f} images/s", digits=3)
         if tier3_rows:
             for w in workers_list[1:]:
                 ideal = f"ideal {w / w1:g}x on idle cores"
-                for kind, name in (("local", "local (threads)"), ("ray", "Ray (actors)")):
+                for kind, name in (("local", "local (threads)"), ("ray", "Ray (actors)"),
+                                   ("geneva", "Geneva (appliers)")):
                     ratio(f"tower_{kind}_scaling_w{w}", f"tier 3 (vision tower) scaling, {name}: {w} / {w1} "
                           "workers, end to end", ideal)
                     a, b = (res.figures.get(f"tower_{kind}_w{x}_steady") for x in (w1, w))
@@ -425,19 +474,35 @@ def run(rows: int, image_px: int, workers_list: list[int], repeats: int, out: Pa
                                    f"{w} / {w1} workers, steady state", round(b.median / a.median, 2), unit="x",
                                    target=ideal, how=f"medians {b.median:,.0f} vs {a.median:,.0f} rows/s")
             for w in workers_list:
-                lf, rf = res.figures[f"tower_local_w{w}"], res.figures.get(f"tower_ray_w{w}")
-                if rf is not None:
-                    ratio(f"tower_ray_vs_local_w{w}", f"tier 3 (vision tower) throughput, Ray / local, workers={w}, "
-                          "end to end", how=f"medians {rf.median:,.0f} vs {lf.median:,.0f} rows/s", digits=3)
+                lf = res.figures[f"tower_local_w{w}"]
+                for kind, name in (("ray", "Ray"), ("geneva", "Geneva")):
+                    rf = res.figures.get(f"tower_{kind}_w{w}")
+                    if rf is not None:
+                        ratio(f"tower_{kind}_vs_local_w{w}", f"tier 3 (vision tower) throughput, {name} / local, "
+                              f"workers={w}, end to end", how=f"medians {rf.median:,.0f} vs {lf.median:,.0f} rows/s",
+                              digits=3)
         over = plan_ray.median - plan_local.median
         res.derive("apply_overhead", "Ray executor overhead on the whole apply (cluster up)", round(over, 2),
                    unit="s", how=f"{plan_ray.median:.2f} s vs {plan_local.median:.2f} s local "
                                  f"({plan_ray.median / plan_local.median:.2f}x)")
+        if plan_geneva is not None:
+            res.derive("apply_overhead_geneva", "Geneva executor overhead on the whole apply (cluster up)",
+                       round(plan_geneva.median - plan_local.median, 2), unit="s",
+                       how=f"{plan_geneva.median:.2f} s vs {plan_local.median:.2f} s local "
+                           f"({plan_geneva.median / plan_local.median:.2f}x)")
         if "apply_ray_cold" in res.figures:
             cold_s = res.figures["apply_ray_cold"].median
             res.derive("apply_overhead_cold", "Ray executor overhead incl. starting the local cluster",
                        round(cold_s - plan_local.median, 2), unit="s",
                        how=f"{cold_s:.2f} s vs {plan_local.median:.2f} s local ({cold_s / plan_local.median:.2f}x)")
+        if not gexecutors:
+            res.notes.append("Geneva is not installed here (`pip install 'vlmspec[geneva]'`): no Geneva rows.")
+        else:
+            res.notes.append(f"Geneva: one `backfill` job per column on the same cluster (geneva "
+                             f"{_geneva_version()}), our UDF code as the Geneva UDF, a fragment committed as it "
+                             "finishes; each job starts its appliers (Ray actors) and its own job tracking, which "
+                             f"its figures include. Its first column took {res.details['geneva_first_column_s']} s, "
+                             "untimed.")
         res.derive("values_equal", "values byte-identical across executors and worker counts (tier 1, 2, 3)",
                    "yes" if equal else "no", target="yes", met=equal)
 
