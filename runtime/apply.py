@@ -28,6 +28,7 @@ from .backfill import backfill_column
 from .progress import NullReporter, Reporter
 from .executors import open_executor
 from .guards import check_saved_plan, storage_errno, storage_error
+from .interrupt import kept_ctrl_c
 from .lock import table_lock
 from .sources.ingest import ingest, source_info
 
@@ -266,7 +267,8 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
 
         if ingest_step is not None and ingest_step.todo:
             _prewarm(executor, plan, workers)
-            _run_ingest(prep, result, reporter, workers)
+            with kept_ctrl_c():  # lance's write drops a Ctrl-C it saw while blocking
+                _run_ingest(prep, result, reporter, workers)
             _save(result.record)
             prep = prepare(prep.loaded, allow_destructive=True, workers=workers, replace_steps=opts.replace,
                            device=device)
@@ -276,22 +278,28 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
             executor()
         for step in steps:
             result.current = step.name
-            match step:
-                case Drop():
-                    _run_drop(prep, result, step)
-                case Backfill():
-                    _backfill_one(prep, result, step, ex, workers, device, reporter, errors_log)
-                case BuildSlice():
-                    _run_slice(prep, result)
-                case Train():
-                    _run_train(prep, result, step, device, reporter, ranked)
-                case Evaluate():
-                    _run_eval(prep, result, step, device, reporter)
-                case Ingest():  # ran above, before the re-plan
-                    raise AssertionError("ingest after the re-plan")
-                case _:
-                    assert_never(step)
+            with kept_ctrl_c():
+                _run_step(prep, result, step, ex, workers, device, reporter, errors_log, ranked)
             _save(result.record)
+
+
+def _run_step(prep: Prepared, result: ApplyResult, step: Any, ex: Any, workers: int | None, device: str | None,
+              reporter: Reporter, errors_log: Path, ranked: tuple | None) -> None:
+    match step:
+        case Drop():
+            _run_drop(prep, result, step)
+        case Backfill():
+            _backfill_one(prep, result, step, ex, workers, device, reporter, errors_log)
+        case BuildSlice():
+            _run_slice(prep, result)
+        case Train():
+            _run_train(prep, result, step, device, reporter, ranked)
+        case Evaluate():
+            _run_eval(prep, result, step, device, reporter)
+        case Ingest():  # ran above, before the re-plan
+            raise AssertionError("ingest after the re-plan")
+        case _:
+            assert_never(step)
 
 
 def _prewarm(executor, plan, workers: int | None) -> None:
