@@ -207,7 +207,9 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"`vlmspec bench {data['benchmark']}` — {data['started']}, {data['seconds']} s in all. "
              "Generated from the JSON next to this file; rerun the command to refresh.", "",
              f"- Machine: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), "
-             f"{m['ram_gib']} GiB RAM; {m['platform']}",
+             f"{m['ram_gib']} GiB RAM"
+             + (f"; GPU: {m['gpu']} ({m['gpu_memory_gib']} GiB)" if m.get("gpu") else "")
+             + f"; {m['platform']}",
              f"- Load average at the end (1/5/15 min): {', '.join(str(x) for x in m['loadavg'])}",
              "- Libraries: " + ", ".join(f"{k} {v}" for k, v in lib.items()),
              "- Settings: " + ", ".join(f"`{k}={v}`" for k, v in data["settings"].items()), ""]
