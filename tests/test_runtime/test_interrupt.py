@@ -10,6 +10,22 @@ import pytest
 from vlmspec.runtime.interrupt import kept_ctrl_c
 
 
+@pytest.fixture(autouse=True)
+def python_handles_ctrl_c():
+    """As in a terminal's foreground process. A suite started in the background (`cmd &` in a
+    script, nohup) inherits SIGINT ignored, and the guard then rightly does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with kept_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def _swallowed_ctrl_c() -> None:
     """What lance's Rust bindings do: check signals while blocking, then drop the error."""
     try:
