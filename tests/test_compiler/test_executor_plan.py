@@ -99,3 +99,25 @@ def test_ray_missing_is_a_clear_error(monkeypatch):
         executor_facts(ExecutorSpec(kind="ray", address="auto"), needs_gpus=False)
     # The local executor never imports Ray.
     assert executor_facts(ExecutorSpec(kind="local"), needs_gpus=False) == {}
+
+
+def test_geneva_placement_and_header_from_cluster_facts():
+    plan = _plan({"kind": "geneva", "workers": 6}, {"cpus": 16, "gpus": 2})
+    assert render_plan(plan).splitlines()[1] == "Executor  geneva (local Ray context, 16 CPUs, 2 GPUs, at most 6 workers)"
+    # CPU columns: one applier per CPU, capped by workers; a GPU column: one per GPU slot; a model
+    # column without GPUs: one applier (the model loaded once).
+    assert _placements(plan) == {"ocr_token_count": "geneva x6", "dhash": "geneva x6",
+                                 "vision_tower_hiddens": "geneva x2 (1 GPU each)", "sft_tokens": "geneva x1"}
+    with pytest.raises(CompileError, match="needs 1 GPU per worker but the local Ray cluster .this machine. has none"):
+        _plan({"kind": "geneva"}, {"cpus": 2, "gpus": 0})
+
+
+def test_a_local_plan_never_imports_geneva():
+    """Geneva is proprietary: only a spec that asks for it may import it."""
+    import subprocess
+
+    code = ("import sys; from vlmspec.compiler.load import load_spec; from vlmspec.runtime.apply import prepare; "
+            "prepare(load_spec('specs/quickstart.yaml')); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'geneva'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
