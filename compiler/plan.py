@@ -386,6 +386,13 @@ def _executor(compiled: Compiled, facts: Mapping[str, Any] | None) -> dict[str, 
     return ex
 
 
+def geneva_appliers(cpus: float, cpus_each: float, own: float = 0.5) -> int:
+    """How many appliers of `cpus_each` fit beside Geneva's own actors on `cpus` (at least one).
+    Those hold ~0.5 CPU in a job (driver and tracker 0.1 each, 0.1 per fragment writer, up to three
+    seen): on 2 CPUs a second 1-CPU applier would wait for the whole job."""
+    return max(int((cpus - own) // cpus_each), 1)
+
+
 def placement(node: ColumnNode, ex: Mapping[str, Any]) -> Placement:
     """Where a column's chunks run under the executor: the one statement of the rule (the runtime
     obeys the result)."""
@@ -401,14 +408,15 @@ def placement(node: ColumnNode, ex: Mapping[str, Any]) -> Placement:
         n = min(n, workers) if n and workers else (n or workers)
         return Placement("cpu tasks", n)
     if ex["kind"] == "geneva":  # one Geneva job per column; its appliers hold the UDF (a model once each)
+        room = geneva_appliers(cpus, node.cpus) if cpus else None
         if node.gpus:
             n = max(int(gpus // node.gpus), 1) if gpus else None
+            n = min(n, room) if n and room else n
             n = min(n, workers) if n and workers else n
             return Placement("geneva", n, node.gpus)
         if node.uses_model:
             return Placement("geneva", 1)
-        n = max(int(cpus // node.cpus), 1) if cpus else None
-        return Placement("geneva", min(n, workers) if n and workers else (n or workers))
+        return Placement("geneva", min(room, workers) if room and workers else (room or workers))
     n = workers or cpus
     if node.parallel and not node.uses_model and n != 1:
         return Placement("processes", n)

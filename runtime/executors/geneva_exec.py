@@ -291,13 +291,16 @@ class GenevaExecutor:
             return place.workers
         import ray
 
+        from vlmspec.compiler.plan import geneva_appliers
+
         res = ray.cluster_resources()
+        room = geneva_appliers(res.get("CPU", 1.0), node.cpus)  # beside Geneva's own actors, as the plan
         if node.gpus:
-            n = max(1, int(res.get("GPU", 0.0) // node.gpus))
+            n = min(max(1, int(res.get("GPU", 0.0) // node.gpus)), room)
         elif node.uses_model:
             n = 1
         else:
-            n = max(1, int(res.get("CPU", 1.0) // node.cpus))
+            n = room
         cap = workers or self.workers
         return min(n, cap) if cap else n
 

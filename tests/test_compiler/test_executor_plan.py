@@ -108,6 +108,11 @@ def test_geneva_placement_and_header_from_cluster_facts():
     # column without GPUs: one applier (the model loaded once).
     assert _placements(plan) == {"ocr_token_count": "geneva x6", "dhash": "geneva x6",
                                  "vision_tower_hiddens": "geneva x2 (1 GPU each)", "sft_tokens": "geneva x1"}
+    # Geneva's own actors (driver, tracker, writers) hold about half a CPU: on 2 CPUs one 1-CPU
+    # applier fits, and the plan says so rather than a second that would wait for the whole job.
+    assert _placements(_plan({"kind": "geneva"}, {"cpus": 2, "gpus": 2}))["dhash"] == "geneva x1"
+    assert _placements(_plan({"kind": "geneva"}, {"cpus": 2, "gpus": 2}))["vision_tower_hiddens"] == \
+        "geneva x1 (1 GPU each)"
     with pytest.raises(CompileError, match="needs 1 GPU per worker but the local Ray cluster .this machine. has none"):
         _plan({"kind": "geneva"}, {"cpus": 2, "gpus": 0})
 

@@ -62,7 +62,8 @@ def test_geneva_columns_are_byte_identical_to_local(cluster, tmp_path):
     plan = prepare(load_spec(spec)).plan
     assert render_plan(plan).splitlines()[1].startswith("Executor  geneva (local Ray context")
     places = {s.name: s.placement for s in plan.columns}
-    assert places["dhash"] == "geneva x2" and places["vision_tower_hiddens"] == "geneva x1"
+    # 2 CPUs: one 1-CPU applier beside Geneva's own actors (`plan.geneva_appliers`).
+    assert places["dhash"] == "geneva x1" and places["vision_tower_hiddens"] == "geneva x1"
     result = apply(load_spec(spec))
     assert result.record.status == "ok"
     # Geneva's per-job trackers (0.1 CPU each, owned by this process) are stopped with their jobs:
