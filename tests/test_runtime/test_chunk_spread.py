@@ -32,6 +32,19 @@ def _covers(chunks, frag_rows: dict[int, int]) -> bool:
     return set(seen) == {f for f, n in frag_rows.items() if n}
 
 
+def test_fragments_fewer_than_chunks_wanted_are_cut_into_even_parts(tmp_path):
+    """12 fragments for 16 workers (the 12,288-row bench): ~4 equal chunks a worker, so the last
+    wave is short; cut at most `largest` rows as before, a fragment's chunks differ by a row at most."""
+    uri = str(tmp_path / "t.lance")
+    ds = lance.write_dataset(pa.table({"id": pa.array(range(12 * 1024), pa.int64())}), uri, max_rows_per_file=1024)
+    rows = lance_io.fragment_rows(ds)
+    chunks = spread_chunks(ds, "x", 16, 1024)
+    assert len(chunks) >= 64 and _covers(chunks, rows)
+    assert max(c.limit for c in chunks) - min(c.limit for c in chunks) <= 1
+    per_worker = -(-len(chunks) // 16) * max(c.limit for c in chunks)  # rows of the busiest worker
+    assert per_worker <= 1.15 * sum(rows.values()) / 16
+
+
 def test_few_fragments_are_cut_into_two_chunks_a_worker(tmp_path):
     uri = str(tmp_path / "t.lance")
     ds = lance.write_dataset(pa.table({"id": pa.array(range(3072), pa.int64())}), uri, max_rows_per_file=1024)
