@@ -368,7 +368,7 @@ class _Compiler:
             self.check_train(types)
             recipe = tr.model_dump(mode="json", exclude={"output_dir", "log_every", "num_workers",
                                                          "loader_threads", "checkpoint_every", "compile",
-                                                         "report_to", "gradient_checkpointing"})
+                                                         "report_to", "gradient_checkpointing", "fuse_accum"})
             recipe["inputs"] = {tr.hiddens: need("train.hiddens", tr.hiddens), tr.tokens: need("train.tokens", tr.tokens)}
             recipe["model"] = {"id": spec.model.id, "revision": spec.model.revision}
             recipe["curate"], recipe["split"] = curate_fp, split_fp

@@ -344,6 +344,13 @@ class TrainSpec(SpecModel):
     """Recompute activations in backward to save memory. `auto` (default): only when the step's
     estimated peak (shown by `vlmspec plan`) would not fit the device's free memory. Not part of
     the fingerprint (it changes speed and memory, not the result beyond floating-point noise)."""
+    fuse_accum: bool | Literal["auto"] = "auto"
+    """Run an optimizer step's `grad_accum` micro-batches as fewer, larger passes (`true`: one pass of
+    `batch_size x grad_accum` rows). The loss is token-weighted over the whole step either way, so
+    the gradient is the same up to floating-point rounding (LoRA dropout draws its masks per pass);
+    one pass dequantizes the 4-bit weights and launches the kernels once instead of `grad_accum`
+    times. `auto` (default): on CUDA, the most micro-batches per pass whose estimated peak fits the
+    device's free memory (`vlmspec plan` shows it); one per pass elsewhere. Not in the fingerprint."""
     checkpoint_every: int = Field(50, ge=1)
     """Save adapter + optimizer state every N optimizer steps (for resume)."""
     log_every: int = Field(10, ge=1)

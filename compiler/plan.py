@@ -484,8 +484,9 @@ def _downstream(compiled: Compiled, state: TableState, expected: int, ingest: tu
         kind, reason = _stage_state(tr, state)
         step_choice = _train_choice(compiled, ex)
         if kind != "up_to_date" and "cuda" in ex:  # only where the runtime said what the device is
+            o = compiled.spec.train.optim
             reason += "; " + step_choice.describe(compiled.spec.train.quant.bits, compiled.spec.train.lora.r,
-                                                  compiled.spec.train.optim.batch_size)
+                                                  o.batch_size, o.grad_accum)
         out.append(Train("train", kind, reason, expected if kind != "up_to_date" else 0, tr.fingerprint,
                          ingest + slice_step + _derived(tr.reads, compiled), node=tr, choice=step_choice))
     ev = compiled.stage("eval")

@@ -74,6 +74,15 @@ class TrainJob:
     fresh: bool = False
     """Train from scratch: ignore an adapter or checkpoint saved under the same fingerprint
     (`apply --replace train`)."""
+    fuse: int = 0
+    """Micro-batches a pass, as the plan resolved `train.fuse_accum` (0: from the spec alone)."""
+
+    @property
+    def micro_per_pass(self) -> int:
+        """Micro-batches run as one forward/backward (divides `grad_accum`)."""
+        if self.fuse:
+            return self.fuse
+        return self.train.optim.grad_accum if self.train.fuse_accum is True else 1
 
     @property
     def out(self) -> Path:
@@ -85,11 +94,13 @@ class TrainJob:
         spec, node = prep.loaded.spec, prep.compiled.stage("train")
         tr = spec.train
         step = prep.plan.step("train")
+        fuse = 0
         if step is not None and step.choice is not None:
             # `auto` as the plan resolved it for this device: the run does what the plan showed.
             tr = tr.model_copy(update={"gradient_checkpointing": step.choice.checkpointing,
                                        "compile": step.choice.compile})
+            fuse = step.choice.fuse
         cols = {c: (prep.compiled.column(c).fingerprint if prep.compiled.column(c) else "")
                 for c in (tr.hiddens, tr.tokens)}
         return cls(prep.loaded.file, prep.loaded.source_hash, spec.name, spec.source.table,
-                   SliceRecord.recorded(spec.source.table), spec.model, tr, node.fingerprint, cols)
+                   SliceRecord.recorded(spec.source.table), spec.model, tr, node.fingerprint, cols, fuse=fuse)

@@ -247,6 +247,20 @@ class CachedBatch:
     def pin_memory(self) -> "CachedBatch":  # DataLoader(pin_memory=True) calls this
         return self.map(lambda t: t.pin_memory())
 
+    @staticmethod
+    def cat(parts: list["CachedBatch"]) -> "CachedBatch":
+        """Micro-batches as one batch of all their rows, in order (on whichever device they are)."""
+        if len(parts) == 1:
+            return parts[0]
+        cols = [torch.cat([getattr(p, f) for p in parts]) for f in
+                ("vision_hiddens", "input_ids", "attention_mask", "labels")]
+        steps = [p.step for p in parts]
+        if any(s is None for s in steps):
+            return CachedBatch(*cols)
+        from ..vlm.cached import StepInputs
+
+        return CachedBatch(*cols, step=StepInputs.cat(steps))
+
 
 class CachedCollate:
     """RecordBatch of (hiddens, tokens struct) -> CachedBatch; picklable for spawned workers.

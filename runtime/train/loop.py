@@ -27,7 +27,7 @@ from .. import history, lance_io
 from ..progress import NullReporter, Reporter
 from .checkpoint import load_checkpoint, save_checkpoint, seed_all, set_rng_state
 from .job import SliceRecord, TrainJob
-from .loader import iterate_epochs, make_loader
+from .loader import CachedBatch, iterate_epochs, make_loader
 from .model import build_model, compile_layers, lora_target_regex
 
 __all__ = ["Slice", "lora_target_regex", "pinned_slice", "plot_loss", "run_training"]
@@ -118,6 +118,9 @@ def _setup(job: TrainJob, device: str | None) -> _Run:
                                  "train.optim.batch_size", fix="Use a multiple of `train.devices`"))
     grid = (1, job.model.image_px // 14, job.model.image_px // 14)  # patches; merged tokens are 2x2 of them
     per_step = opt.batch_size * opt.grad_accum
+    if opt.grad_accum % job.micro_per_pass:
+        raise ApplyError(Problem(f"{job.micro_per_pass} micro-batches a pass do not divide grad_accum {opt.grad_accum}",
+                                 "train.fuse_accum", fix="Use `fuse_accum: auto`"))
     total = opt.steps or max(1, math.ceil(opt.epochs * len(sl.train) / per_step))
     if len(sl.train) < opt.batch_size:
         raise ApplyError(Problem(f"the training slice has {len(sl.train)} rows, fewer than one batch",
@@ -227,8 +230,12 @@ def _fit(run: _Run, m: _Model, stop_after: int | None, reporter: Reporter) -> bo
             raise ApplyError(Problem("a training step has no label tokens", "train",
                                      fix="Check `sft_tokens` (max_tokens too small for the answers?)"))
         step_loss = torch.zeros((), device=device)
-        for _, _, b in micro:
-            b = b.to(device)
+        # `fuse` micro-batches a pass (`train.fuse_accum`): concatenated on the device, the same rows
+        # in the same order; the loss below is token-weighted over the step either way.
+        fuse = run.job.micro_per_pass
+        on_device = [b.to(device) for _, _, b in micro]
+        for i in range(0, len(on_device), fuse):
+            b = CachedBatch.cat(on_device[i:i + fuse])
             # No host sync in here: the loader checked the rows and precomputed positions and label
             # slots, so the CPU queues the next micro-batch while the GPU still runs this one.
             k = b.step.n_labels
@@ -337,7 +344,7 @@ def _save(run: _Run, m: _Model) -> dict[str, Any]:
     adapter = run.out / "adapter"
     result = {"table_version": run.sl.version, "rows": int(len(run.sl.train)), "steps": m.step,
               "final_loss": m.extra["final_loss"], "adapter": str(adapter), "seconds": round(m.elapsed, 2),
-              "devices": run.nranks}
+              "devices": run.nranks, "micro_batches_per_pass": job.micro_per_pass}
     if m.elapsed > 0:  # the whole fit, loader included: what the user's training ran at
         result["samples_per_s"] = round(m.step * run.per_step / m.elapsed, 2)
     if str(run.device).startswith("cuda"):  # checked against the plan's estimate by `vlmspec bench apply`

@@ -121,6 +121,23 @@ class StepInputs:
         return StepInputs(fn(self.position_ids), fn(self.label_index), fn(self.label_targets), self.n_labels,
                           self.right_padded)
 
+    @staticmethod
+    def cat(parts: list["StepInputs"]) -> "StepInputs":
+        """Micro-batches' inputs as one batch of all their rows, in order (`train.fuse_accum`).
+        Label positions are per row, so they carry over; rows get the widest part's slot count
+        (extra slots unused)."""
+        if len(parts) == 1:
+            return parts[0]
+        k = max(p.label_index.shape[1] for p in parts)
+
+        def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+            return t if t.shape[1] == k else torch.cat([t, t.new_full((t.shape[0], k - t.shape[1]), fill)], dim=1)
+
+        return StepInputs(torch.cat([p.position_ids for p in parts], dim=1),
+                          torch.cat([widen(p.label_index, 0) for p in parts]),
+                          torch.cat([widen(p.label_targets, IGNORE_INDEX) for p in parts]),
+                          sum(p.n_labels for p in parts), all(p.right_padded for p in parts))
+
 
 def step_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, image_token_id: int,
                 image_tokens: int, llm_grid: tuple[int, int], min_slots: int = 8) -> StepInputs:
