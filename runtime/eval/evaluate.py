@@ -22,7 +22,48 @@ from .generate import generate_answers, generate_compared, resolve_batch_size
 from .job import EvalJob
 from .metrics import paired_bootstrap, vqa_accuracy
 
-__all__ = ["eval_rows", "evaluate", "evaluate_from_spec", "generate_answers", "vqa_accuracy"]
+__all__ = ["BaseAnswers", "eval_rows", "evaluate", "evaluate_from_spec", "generate_answers", "vqa_accuracy"]
+
+
+class BaseAnswers:
+    """The base model's greedy answers, kept beside the table and keyed by everything they depend
+    on: the model (id, revision, the training quantisation it is loaded in), image size, decoding
+    settings, each question's text and image bytes, and the code that prompts and generates. A
+    LoRA-only change re-evaluates the tuned model alone; the base would answer the same again.
+    Sampled answers are never kept (they are a draw, not a fact about the model)."""
+
+    CODE = ("eval/generate.py", "vlm/prompt.py", "vlm/patchify.py", "vlm/fast_tower.py", "vlm/models.py")
+
+    def __init__(self, job: EvalJob, rows: list[dict[str, Any]]):
+        import hashlib
+
+        from vlmspec.compiler.fingerprint import digest
+
+        from .. import lance_io
+
+        h = hashlib.blake2b(digest_size=16)
+        for r in rows:
+            for part in (str(r["question"]).encode(), bytes(r["image"] or b"")):
+                h.update(len(part).to_bytes(8, "little") + part)
+        root = Path(__file__).resolve().parents[1]
+        code = hashlib.blake2b(b"".join((root / f).read_bytes() for f in self.CODE), digest_size=16).hexdigest()
+        m = job.model
+        self.key = digest({"model": [m.id, m.revision, m.image_px], "quant": job.quant.model_dump() if job.quant else None,
+                           "generation": job.eval.generation.model_dump(), "rows": h.hexdigest(), "code": code})
+        self.path = lance_io.sidecar_dir(job.table) / "eval-base" / f"{self.key}.json"
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            got = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return got if got.get("key") == self.key else None
+
+    def save(self, answers: list[str], seconds: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "answers": answers, "seconds": seconds}))
+        tmp.replace(self.path)  # whole or absent: a crash never leaves half a file to reuse
 
 
 def eval_rows(job: EvalJob) -> tuple[list[dict[str, Any]], int, str]:
@@ -77,26 +118,39 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         if adapter is None or not (adapter / "adapter_config.json").exists():
             raise ApplyError(Problem(f"no trained adapter at `{adapter}`", "eval.compare",
                                      fix="Run the train step first (`vlmspec apply`)"))
-    # ONE load for every compared model: `tuned` is the base with the trained adapter on, `base`
-    # the same weights with it off (peft's `disable_adapter`: the LoRA layers return their base
-    # layer's output, so it is the base model's arithmetic). Both then share the tower's layout,
-    # warm-up and each batch's image features (`generate_compared`).
-    t0 = time.perf_counter()
-    model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
-                            quant=job.quant)
-    load_s = round(time.perf_counter() - t0, 2)
-    variants = {name: (model.disable_adapter if name == "base" and adapter is not None else nullcontext)
-                for name in ev.compare}
+    kept = BaseAnswers(job, rows) if "base" in ev.compare and not ev.generation.do_sample else None
+    reused = kept.load() if kept is not None else None
+    run = [name for name in ev.compare if not (name == "base" and reused is not None)]
     if reporter:
         for name in ev.compare:
             reporter.start(f"eval {name}", len(rows), unit="questions")
-    preds = generate_compared(model, variants, processor, rows, model_spec.image_px, batch_size, ev.generation,
-                              device, seconds=timing,
-                              progress=(lambda name, n: reporter.advance(f"eval {name}", n)) if reporter else None)
+    preds: dict[str, list[str]] = {}
+    load_s = 0.0
+    if run:
+        # ONE load for every compared model: `tuned` is the base with the trained adapter on, `base`
+        # the same weights with it off (peft's `disable_adapter`: the LoRA layers return their base
+        # layer's output, so it is the base model's arithmetic). Both then share the tower's layout,
+        # warm-up and each batch's image features (`generate_compared`).
+        t0 = time.perf_counter()
+        model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
+                                quant=job.quant)
+        load_s = round(time.perf_counter() - t0, 2)
+        variants = {name: (model.disable_adapter if name == "base" and adapter is not None else nullcontext)
+                    for name in run}
+        preds = generate_compared(model, variants, processor, rows, model_spec.image_px, batch_size, ev.generation,
+                                  device, seconds=timing,
+                                  progress=(lambda name, n: reporter.advance(f"eval {name}", n)) if reporter else None)
+        del model
+    if reused is not None:
+        preds["base"] = reused["answers"]  # no time of this run: its q/s is not reported again
+        if reporter:
+            reporter.advance("eval base", len(rows))
+    elif kept is not None:
+        kept.save(preds["base"], timing["base"])
+    preds = {name: preds[name] for name in ev.compare}
     if reporter:
         for name in ev.compare:
             reporter.finish(f"eval {name}")
-    del model
     timing = {m: round(v, 2) for m, v in timing.items()}
     # questions/s of generation alone, per model; the shared tower is in the first model's time
     speed = {m: round(len(rows) / max(v, 1e-9), 2) for m, v in timing.items()}
@@ -107,6 +161,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
         "load_seconds": load_s, "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
         "run_id": job.run_id, "adapter": job.adapter if "tuned" in preds else None,
+        "reused": ["base"] if reused is not None else [],
     }
     if "base" in scores and "tuned" in scores:
         boot = paired_bootstrap(scores["base"], scores["tuned"], resamples=ev.bootstrap, seed=ev.seed)
@@ -121,7 +176,8 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
     paths = write_report(results, report_rows, out_dir)
     (out_dir / "predictions.jsonl").write_text("".join(
         json.dumps({k: v for k, v in r.items() if k != "image"}) + "\n" for r in report_rows))
-    summary = "eval: " + ", ".join(f"{m} {a:.3f} ({speed[m]:.1f} q/s)" for m, a in results["accuracy"].items())
+    summary = "eval: " + ", ".join(f"{m} {a:.3f} ({'answers kept from an earlier run' if m in results['reused'] else f'{speed[m]:.1f} q/s'})"
+                                   for m, a in results["accuracy"].items())
     if "lift" in results:
         summary += (f"; lift {100 * results['lift']:+.1f} pp (95% CI {100 * results['ci_low']:+.1f} to "
                     f"{100 * results['ci_high']:+.1f}) on {len(rows)} questions -> {shown(str(paths['markdown']))}")

@@ -72,9 +72,19 @@ def run_training(job: TrainJob, device: str | None = None, stop_after: int | Non
     """The loop itself, in this process (one rank when distributed)."""
     run = _setup(job, device)
     model = _load(run)
-    if not _fit(run, model, stop_after, reporter or NullReporter()):
-        return {"stopped_at": model.step}
-    return _save(run, model)
+    try:
+        if not _fit(run, model, stop_after, reporter or NullReporter()):
+            return {"stopped_at": model.step}
+        return _save(run, model)
+    finally:
+        # The eval runs next in this process: hand back the model, the optimizer state and the CUDA
+        # graph's private pool (a fused pass's activations: tens of GiB at the 3B shape) now.
+        del model
+        if str(run.device).startswith("cuda"):
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 # -- setup ----------------------------------------------------------------------------------

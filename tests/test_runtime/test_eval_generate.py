@@ -172,6 +172,43 @@ def test_evaluate_limit_all_and_questions_per_s(tmp_path, limit, n):
     assert "- **Spec hash:** `h`" in report and "Adapter" not in report  # base only: no adapter evaluated
 
 
+@pytest.mark.slow
+def test_base_answers_are_kept_and_reused_until_what_they_depend_on_changes(tmp_path, monkeypatch):
+    """A second eval of the same questions with the same model and decoding (a LoRA-only change)
+    reuses the base model's answers instead of generating them again; other decoding does not."""
+    import lance
+    import pyarrow as pa
+
+    from vlmspec.compiler.model import EvalSpec
+    from vlmspec.runtime.eval import evaluate as E
+    from vlmspec.runtime.eval.job import EvalJob
+    from vlmspec.runtime.train.job import SliceRecord
+
+    table = synthetic.generate_table(8, seed=6, image_px=PX)
+    ds = lance.write_dataset(table, str(tmp_path / "t.lance"))
+    addrs = ds.to_table(columns=[], with_row_address=True).column("_rowaddr").to_numpy()
+    lance.write_dataset(pa.table({"row_addr": pa.array(addrs.astype(np.uint64)), "split": ["eval"] * 8}),
+                        str(tmp_path / "slice.lance"))
+
+    def job(tokens: int) -> EvalJob:
+        return EvalJob("h", str(tmp_path / "t.lance"), "id", SliceRecord(str(tmp_path / "slice.lance"), ds.version),
+                       ModelSpec(id=TINY, image_px=PX, dtype="float32"),
+                       EvalSpec(compare=["base"], batch_size=4, generation={"max_new_tokens": tokens}),
+                       None, None, tmp_path / "eval")
+
+    first = E.evaluate(job(4), device="cpu")
+    assert first["reused"] == [] and first["questions_per_s"]["base"] > 0
+    import vlmspec.runtime.vlm.models as models_mod
+
+    monkeypatch.setattr(models_mod, "load_full_model", lambda *a, **k: pytest.fail("the base model was loaded again"))
+    again = E.evaluate(job(4), device="cpu")
+    assert again["reused"] == ["base"] and again["accuracy"] == first["accuracy"]
+    assert "base" not in again["questions_per_s"] and "answers kept from an earlier run" in again["summary"]
+    monkeypatch.undo()
+    other = E.evaluate(job(5), device="cpu")  # other decoding: generated afresh
+    assert other["reused"] == [] and other["questions_per_s"]["base"] > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run on the GPU machine)")
 def test_fast_path_on_cuda_equals_the_reference_path(rows):
     """The same checks on the GPU, where FastTower's batched attention and the decode prefetch run
