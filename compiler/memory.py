@@ -1,6 +1,7 @@
 """How a training step will run, decided before it runs: its peak GPU memory estimated from the
 model's config, and from that the `auto` choices of `train.gradient_checkpointing`,
-`train.fuse_accum` and `train.compile`. Pure arithmetic on plain values; the runtime passes in the device's memory.
+`train.fuse_accum` and `train.compile`. Pure arithmetic on plain values; the runtime passes in the
+device's memory.
 
 The activation constants are calibrated on measured H200 peaks at the Qwen2.5-VL-3B shape
 (`gpu_trainstep.json`, `gpu_qlora.json`: eager steps, sequence 512, 400 image tokens) and scale
@@ -105,9 +106,8 @@ def choose(train: Any, shape: TextShape | None, seq: int, batch: int, *, cuda: b
     """Resolve `auto`: checkpoint only when the step would not fit the device's free memory, fuse
     as many micro-batches into one pass as fit beside that, and run the fastest mode known to
     capture for the configuration. Explicit settings win. `batch` is one device's micro-batch."""
-    accum = int(getattr(train.optim, "grad_accum", 1))
-    fuse = train.fuse_accum
-    fuse = (accum if fuse else 1) if fuse != "auto" else 1
+    accum = train.optim.grad_accum
+    fuse = accum if train.fuse_accum is True else 1  # `auto` starts unfused, then fuses what fits
     gc = train.gradient_checkpointing
     if gc == "auto":
         if shape is None or not free:

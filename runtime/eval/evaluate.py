@@ -27,14 +27,15 @@ __all__ = ["BaseAnswers", "eval_rows", "evaluate", "evaluate_from_spec", "genera
 
 class BaseAnswers:
     """The base model's greedy answers, kept beside the table and keyed by everything they depend
-    on: the model (id, revision, the training quantisation it is loaded in), image size, decoding
-    settings, each question's text and image bytes, and the code that prompts and generates. A
+    on: the model section (id, revision, image size, dtype, ...), the training quantisation it is
+    loaded in, the kind of device (`auto` dtypes differ by it), decoding settings, each question's
+    text and image bytes, and the code that prompts and generates. A
     LoRA-only change re-evaluates the tuned model alone; the base would answer the same again.
     Sampled answers are never kept (they are a draw, not a fact about the model)."""
 
     CODE = ("eval/generate.py", "vlm/prompt.py", "vlm/patchify.py", "vlm/fast_tower.py", "vlm/models.py")
 
-    def __init__(self, job: EvalJob, rows: list[dict[str, Any]]):
+    def __init__(self, job: EvalJob, rows: list[dict[str, Any]], device: str):
         import hashlib
 
         from vlmspec.compiler.fingerprint import digest
@@ -47,9 +48,10 @@ class BaseAnswers:
                 h.update(len(part).to_bytes(8, "little") + part)
         root = Path(__file__).resolve().parents[1]
         code = hashlib.blake2b(b"".join((root / f).read_bytes() for f in self.CODE), digest_size=16).hexdigest()
-        m = job.model
-        self.key = digest({"model": [m.id, m.revision, m.image_px], "quant": job.quant.model_dump() if job.quant else None,
-                           "generation": job.eval.generation.model_dump(), "rows": h.hexdigest(), "code": code})
+        self.key = digest({"model": job.model.model_dump(mode="json"), "device": str(device).split(":")[0],
+                           "quant": job.quant.model_dump(mode="json") if job.quant else None,
+                           "generation": job.eval.generation.model_dump(mode="json"), "rows": h.hexdigest(),
+                           "code": code})
         self.path = lance_io.sidecar_dir(job.table) / "eval-base" / f"{self.key}.json"
 
     def load(self) -> dict[str, Any] | None:
@@ -59,10 +61,10 @@ class BaseAnswers:
             return None
         return got if got.get("key") == self.key else None
 
-    def save(self, answers: list[str], seconds: float) -> None:
+    def save(self, answers: list[str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "answers": answers, "seconds": seconds}))
+        tmp.write_text(json.dumps({"key": self.key, "answers": answers}))
         tmp.replace(self.path)  # whole or absent: a crash never leaves half a file to reuse
 
 
@@ -118,7 +120,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         if adapter is None or not (adapter / "adapter_config.json").exists():
             raise ApplyError(Problem(f"no trained adapter at `{adapter}`", "eval.compare",
                                      fix="Run the train step first (`vlmspec apply`)"))
-    kept = BaseAnswers(job, rows) if "base" in ev.compare and not ev.generation.do_sample else None
+    kept = BaseAnswers(job, rows, device) if "base" in ev.compare and not ev.generation.do_sample else None
     reused = kept.load() if kept is not None else None
     run = [name for name in ev.compare if not (name == "base" and reused is not None)]
     if reporter:
@@ -146,7 +148,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         if reporter:
             reporter.advance("eval base", len(rows))
     elif kept is not None:
-        kept.save(preds["base"], timing["base"])
+        kept.save(preds["base"])
     preds = {name: preds[name] for name in ev.compare}
     if reporter:
         for name in ev.compare:

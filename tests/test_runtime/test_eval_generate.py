@@ -4,6 +4,8 @@ within fp32 tolerance) and the same greedy answers, in row order, on the shipped
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -207,6 +209,11 @@ def test_base_answers_are_kept_and_reused_until_what_they_depend_on_changes(tmp_
     monkeypatch.undo()
     other = E.evaluate(job(5), device="cpu")  # other decoding: generated afresh
     assert other["reused"] == [] and other["questions_per_s"]["base"] > 0
+    rows = E.eval_rows(job(4))[0]
+    key = E.BaseAnswers(job(4), rows, "cpu").key
+    assert E.BaseAnswers(job(4), rows, "cuda:0").key != key  # `auto` dtypes differ by device
+    bf16 = dataclasses.replace(job(4), model=ModelSpec(id=TINY, image_px=PX, dtype="bfloat16"))
+    assert E.BaseAnswers(bf16, rows, "cpu").key != key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run on the GPU machine)")
