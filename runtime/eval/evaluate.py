@@ -128,20 +128,44 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
             reporter.start(f"eval {name}", len(rows), unit="questions")
     preds: dict[str, list[str]] = {}
     load_s = 0.0
+    timing_parts: dict[str, float | None] = {}  # the tower's start before the load, its GPU seconds
     if run:
         # ONE load for every compared model: `tuned` is the base with the trained adapter on, `base`
         # the same weights with it off (peft's `disable_adapter`: the LoRA layers return their base
         # layer's output, so it is the base model's arithmetic). Both then share the tower's layout,
         # warm-up and each batch's image features (`generate_compared`).
+        features = None
+        if str(device).startswith("cuda"):
+            # The tower alone loads in well under a second; its work for the first batches is then
+            # queued on a side stream and runs on the GPU while the host loads the language model
+            # (seconds of CPU work, the GPU idle). Same weights, dtype and code as the model's own
+            # tower, so the same features (`ImageFeatures`).
+            from ..vlm.models import load_vision_tower
+            from .generate import COMPILE_MIN_QUESTIONS, ImageFeatures
+
+            t0 = time.perf_counter()
+            features = ImageFeatures(load_vision_tower(model_spec, device=device), processor, rows,
+                                     model_spec.image_px, batch_size, device,
+                                     compile=len(rows) >= COMPILE_MIN_QUESTIONS)
+            for k in range(ImageFeatures.AHEAD):
+                features.queue(k)
+            timing_parts["tower_start_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
                                 quant=job.quant)
         load_s = round(time.perf_counter() - t0, 2)
         variants = {name: (model.disable_adapter if name == "base" and adapter is not None else nullcontext)
                     for name in run}
-        preds = generate_compared(model, variants, processor, rows, model_spec.image_px, batch_size, ev.generation,
-                                  device, seconds=timing,
-                                  progress=(lambda name, n: reporter.advance(f"eval {name}", n)) if reporter else None)
+        try:
+            preds = generate_compared(model, variants, processor, rows, model_spec.image_px, batch_size,
+                                      ev.generation, device, seconds=timing, features=features,
+                                      progress=(lambda name, n: reporter.advance(f"eval {name}", n)) if reporter
+                                      else None)
+        finally:
+            if features is not None:
+                timing_parts["tower_gpu_s"] = features.tower_seconds()
+                features.close()
+                features = None
         del model
     if reused is not None:
         preds["base"] = reused["answers"]  # no time of this run: its q/s is not reported again
@@ -161,7 +185,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         "metric": ev.metric, "n": len(rows), "table": uri, "table_version": version,
         "model": {"id": model_spec.id, "revision": model_spec.revision, "image_px": model_spec.image_px},
         "accuracy": {m: float(np.mean(s)) for m, s in scores.items()}, "seconds": timing,
-        "load_seconds": load_s, "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
+        "load_seconds": load_s, **timing_parts, "questions_per_s": speed, "batch_size": batch_size, "spec_hash": job.spec_hash,
         "run_id": job.run_id, "adapter": job.adapter if "tuned" in preds else None,
         "reused": ["base"] if reused is not None else [],
     }

@@ -2,11 +2,14 @@
 
 The fast path computes what the reference computes, faster:
 
-* images are decoded and resized with `prompt.resize_image` on a thread pool one batch ahead, so
-  the CPU prepares batch k+1 while the GPU generates batch k (Pillow releases the GIL);
+* images are decoded and resized with `prompt.resize_image` on a thread pool two batches ahead
+  (Pillow releases the GIL);
 * `Patchifier` turns the uint8 batch into `pixel_values` on the device (the image processor's
-  arithmetic as tensor ops, tested bitwise equal), and the model's vision tower runs as
-  `FastTower` (the tier-3 column's batched-attention replay, compiled on CUDA);
+  arithmetic as tensor ops, tested bitwise equal), and the vision tower runs as `FastTower` (the
+  tier-3 column's batched-attention replay, compiled on CUDA for large evals);
+* on CUDA a batch's copy, patchify and tower are queued on a side stream ahead of its generation
+  (`ImageFeatures`): the first batches' under the language model's load (`evaluate` loads the
+  tower alone first), each later one's under the previous batch's generation;
 * prompts are tokenized with the image pads already expanded (what the processor does), and
   questions are sorted by prompt length so a batch pads little; answers come back in row order;
 * `generate_compared` answers with several variants of one loaded model (base = LoRA adapter
@@ -116,7 +119,8 @@ def generate_answers(model, processor, rows: list[dict[str, Any]], image_px: int
 
 def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, rows: list[dict[str, Any]],
                       image_px: int, batch_size: int, generation, device: str, progress=None,
-                      seconds: dict[str, float] | None = None) -> dict[str, list[str]]:
+                      seconds: dict[str, float] | None = None,
+                      features: "ImageFeatures | None" = None) -> dict[str, list[str]]:
     """Answers of several variants of ONE loaded model (e.g. `base` with the LoRA adapter disabled
     and `tuned` with it on), batch by batch: each batch's images are decoded, patchified and run
     through the vision tower once, and every variant generates from those image features. The
@@ -125,40 +129,40 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
 
     `variants` maps a name to a context-manager factory entered around that variant's generation
     (`model.disable_adapter` for the base, `nullcontext` for the model as loaded). `progress(name,
-    n)` is told of each batch; `seconds[name]` gets each variant's generation time (the shared
-    tower is timed in the first variant's, which runs it).
+    n)` is told of each batch; `seconds[name]` gets each variant's generation time (a wait for a
+    batch's tower, where it has not finished in the background, is in the first variant's).
+    `features`: an `ImageFeatures` already started for these rows (see `evaluate`, which starts
+    it before the model loads); None starts one on this model's tower.
     """
     answers = {name: [None] * len(rows) for name in variants}
     if not rows:
         return answers  # type: ignore[return-value]
     import torch
 
-    from ..vlm.patchify import Patchifier
-
     tok = processor.tokenizer
     tok.padding_side = "left"
-    texts = prompt_texts(processor, [r["question"] for r in rows], image_px)
-    batches = length_sorted_batches([len(ids) for ids in tok(texts)["input_ids"]], batch_size)
-    patchify = Patchifier(processor.image_processor)
-    tower = _FastImageFeatures(model, device, batch_size, compile=len(rows) >= COMPILE_MIN_QUESTIONS)
-    pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
+    hook = _FastImageFeatures(model, device, batch_size, compile=False)  # computes only what was not prefetched
+    if features is not None and features.dtype != hook.visual.dtype:
+        features.close()  # features of a tower in another dtype are not this model's: compute them here
+        features = None
+    own = features is None
+    if own:
+        features = ImageFeatures(hook.visual, processor, rows, image_px, batch_size, device,
+                                 compile=len(rows) >= COMPILE_MIN_QUESTIONS)
     cuda = str(device).startswith("cuda")
     try:
-        ahead = _decode_batch(pool, rows, batches[0], image_px)
-        for k, idx in enumerate(batches):
-            u8 = np.stack([f.result() for f in ahead])
-            if k + 1 < len(batches):  # decode the next batch while this one generates
-                ahead = _decode_batch(pool, rows, batches[k + 1], image_px)
-            inputs = text_inputs(processor, [texts[i] for i in idx])
-            pixels, grid = patchify(torch.from_numpy(u8).to(device))
+        for k, idx in enumerate(features.batches):
+            features.queue(k + 1)  # the next batch's tower runs (side stream) while this one generates
+            pixels, grid, out = features.take(k)
+            inputs = text_inputs(processor, [features.texts[i] for i in idx])
             inputs.update(pixel_values=pixels, image_grid_thw=grid)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            tower.share(inputs["pixel_values"])  # the tensor generate passes to the tower
+            inputs = {name: v.to(device) for name, v in inputs.items()}
+            hook.provide(inputs["pixel_values"], out)  # the tensor generate passes to the tower
             for name, enter in variants.items():
                 t = time.perf_counter()
                 with enter():
-                    out = _generate(model, inputs, generation, tok.pad_token_id)
-                new = out[:, inputs["input_ids"].shape[1]:]
+                    gen_out = _generate(model, inputs, generation, tok.pad_token_id)
+                new = gen_out[:, inputs["input_ids"].shape[1]:]
                 for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):  # syncs
                     answers[name][i] = text.strip()
                 if cuda:
@@ -167,10 +171,128 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
                     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
                 if progress:
                     progress(name, len(idx))
+            del pixels, out, inputs
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        tower.remove()
+        hook.remove()
+        if own:
+            features.close()
     return answers  # type: ignore[return-value]
+
+
+class ImageFeatures:
+    """The vision tower's output for each batch of eval questions, computed ahead of generation.
+
+    The questions are cut into prompt-length-sorted batches (`length_sorted_batches`). `queue(k)`
+    starts batch k: its images are decoded and resized on a thread pool (two batches ahead), then
+    copied to the device, patchified (`Patchifier`) and run through `FastTower`; on CUDA all of that
+    is queued on a side stream from pinned memory, so the host goes on at once while the GPU runs
+    the tower: under the language model's load for the first batches (`evaluate` starts them before
+    loading it), under the previous batch's generation later. `take(k)` returns `(pixel_values,
+    grid_thw, output)` with the current stream ordered after that work.
+
+    The tower may be a copy loaded on its own (`load_vision_tower`: the same checkpoint weights, in
+    the model's dtype); the same code runs on the same batches either way, so the features are the
+    ones the model's own tower would compute. Everything is queued from the calling thread: a
+    background thread could see transformers' process-wide default dtype change mid-load.
+    """
+
+    AHEAD = 2
+    """Batches decoded (and, before the first generation, run through the tower) ahead."""
+
+    def __init__(self, visual, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int, device: str,
+                 compile: bool = False):
+        import torch
+
+        from ..vlm.fast_tower import FastTower
+        from ..vlm.patchify import Patchifier
+
+        self.rows, self.image_px, self.device = rows, image_px, str(device)
+        self.visual = visual
+        self.dtype = visual.dtype
+        self.texts = prompt_texts(processor, [r["question"] for r in rows], image_px)
+        self.batches = length_sorted_batches([len(ids) for ids in processor.tokenizer(self.texts)["input_ids"]],
+                                             batch_size)
+        self.cuda = self.device.startswith("cuda")
+        # Compiled on CUDA (as the tier-3 column) when `compile` (a large eval: see
+        # COMPILE_MIN_QUESTIONS): one block compile per batch size, once per process. No CUDA graph:
+        # graph outputs would be overwritten by the next batch's replay while still queued for use.
+        self.compiled = bool(compile) and self.cuda
+        self.fast = FastTower(visual, compile=self.compiled, compile_sizes={int(batch_size)})
+        self.patchify = Patchifier(processor.image_processor)
+        self.merge_unit = int(visual.spatial_merge_size) ** 2
+        self.stream = torch.cuda.Stream(torch.device(self.device)) if self.cuda else None
+        self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
+        self._decoding: dict[int, list[Future]] = {}
+        self._ready: dict[int, tuple] = {}
+        self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
+        for k in range(min(self.AHEAD, len(self.batches))):
+            self._decode(k)
+
+    def _decode(self, k: int) -> None:
+        if k < len(self.batches) and k not in self._decoding and k not in self._ready:
+            self._decoding[k] = _decode_batch(self.pool, self.rows, self.batches[k], self.image_px)
+
+    def queue(self, k: int) -> None:
+        """Start batch `k` (no-op past the end or when already started)."""
+        if k >= len(self.batches) or k in self._ready:
+            return
+        import torch
+
+        self._decode(k)
+        u8 = torch.from_numpy(np.stack([f.result() for f in self._decoding.pop(k)]))
+        self._decode(k + self.AHEAD - 1)
+        with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.cuda else nullcontext()):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                u8 = u8.pin_memory().to(self.device, non_blocking=True)
+            pixels, grid = self.patchify(u8)
+            out = self._tower(pixels.type(self.dtype), grid)
+            sizes = (grid.prod(-1) // self.merge_unit).tolist()  # grid is on the host: no sync
+            out.pooler_output = torch.split(out.pooler_output, sizes)
+            out.last_hidden_state = None  # the model reads the merged tokens only; drop the per-patch states
+            if self.cuda:
+                end.record()
+                self._events.append((start, end))
+        self._ready[k] = (pixels, grid, out, end if self.cuda else None)
+
+    def _tower(self, px, grid):
+        try:
+            return self.fast(px, grid)
+        except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
+            if not self.compiled:
+                raise
+            warnings.warn(f"eval vision tower: torch.compile failed ({type(e).__name__}: {e}); running it uncompiled")
+            from ..vlm.fast_tower import FastTower
+
+            self.compiled = False
+            self.fast = FastTower(self.visual, compile=False)
+            return self.fast(px, grid)
+
+    def take(self, k: int) -> tuple[Any, Any, Any]:
+        """Batch `k`'s `(pixel_values, grid_thw, output)`, queued first if it was not."""
+        import torch
+
+        self.queue(k)
+        pixels, grid, out, done = self._ready.pop(k)
+        if done is not None:
+            current = torch.cuda.current_stream(torch.device(self.device))
+            current.wait_event(done)
+            for t in (pixels, *out.pooler_output):
+                t.record_stream(current)  # made on the side stream, used and freed on this one
+        return pixels, grid, out
+
+    def tower_seconds(self) -> float | None:
+        """GPU seconds the batches' copy, patchify and tower took (CUDA events; None on CPU)."""
+        if not self.cuda or not self._events:
+            return None
+        self._events[-1][1].synchronize()
+        return round(sum(a.elapsed_time(b) for a, b in self._events) / 1e3, 2)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._ready.clear()
+        self._decoding.clear()
 
 
 def prompt_texts(processor, questions: list[str], image_px: int) -> list[str]:
@@ -214,12 +336,11 @@ def _decode(row: dict[str, Any], image_px: int) -> np.ndarray:
 
 class _FastImageFeatures:
     """Installs `FastTower` as this model's image encoder (an instance attribute on its
-    `Qwen2_5_VLModel`, shadowing the class method) until `remove()`."""
+    `Qwen2_5_VLModel`, shadowing the class method) until `remove()`. Pixel values named by
+    `provide` get the features computed for them ahead (`ImageFeatures`); others are computed here."""
 
     def __init__(self, model, device: str, batch_size: int, compile: bool = True):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-        from ..vlm.fast_tower import FastTower
 
         inner = next((m for m in model.modules() if isinstance(m, Qwen2_5_VLModel)), None)
         if inner is None:
@@ -227,19 +348,30 @@ class _FastImageFeatures:
         self.inner = inner
         self.visual = inner.visual
         self.merge_unit = int(self.visual.spatial_merge_size) ** 2
-        # Compiled on CUDA (as the tier-3 column) when `compile` (a large eval: see
-        # COMPILE_MIN_QUESTIONS): one block compile per batch size, once per model. No CUDA graph:
-        # the tower is a small share of generation time, and graph outputs would be overwritten by
-        # the next batch's replay. Eager or compiled, it is the same batched-attention fast path.
+        # Compiled on CUDA when `compile`: one block compile per batch size, once per process. No
+        # CUDA graph: graph outputs would be overwritten by the next batch's replay.
         self.compiled = compile and str(device).startswith("cuda")
-        self.fast = FastTower(self.visual, compile=self.compiled, compile_sizes={int(batch_size)})
-        self._shared: tuple | None = None  # (pixel_values, output) of the batch `share` named
+        self.batch_size = int(batch_size)
+        self._fast = None  # made on first use: with every batch provided, never
+        self._shared: tuple | None = None  # (pixel_values, output) of the batch `share`/`provide` named
         inner.get_image_features = self._features
+
+    @property
+    def fast(self):
+        if self._fast is None:
+            from ..vlm.fast_tower import FastTower
+
+            self._fast = FastTower(self.visual, compile=self.compiled, compile_sizes={self.batch_size})
+        return self._fast
 
     def share(self, pixel_values) -> None:
         """From now on, calls with this very `pixel_values` tensor (one batch, generated by several
         variants of the model) get the first call's output; other tensors are computed."""
         self._shared = (pixel_values, None)
+
+    def provide(self, pixel_values, output) -> None:
+        """Calls with this very `pixel_values` tensor get `output` (computed for it ahead)."""
+        self._shared = (pixel_values, output)
 
     def _features(self, pixel_values, image_grid_thw=None, **kwargs):
         """`Qwen2_5_VLModel.get_image_features` through FastTower: same output object."""
@@ -265,8 +397,8 @@ class _FastImageFeatures:
             from ..vlm.fast_tower import FastTower
 
             self.compiled = False
-            self.fast = FastTower(self.visual, compile=False)
-            out = self.fast(px, image_grid_thw)
+            self._fast = FastTower(self.visual, compile=False)
+            out = self._fast(px, image_grid_thw)
         sizes = (image_grid_thw.prod(-1) // self.merge_unit).tolist()
         out.pooler_output = torch.split(out.pooler_output, sizes)
         return out

@@ -70,8 +70,10 @@ def pinned_slice(spec_or_job: Any) -> Slice:
 def run_training(job: TrainJob, device: str | None = None, stop_after: int | None = None,
                  reporter: Reporter | None = None) -> dict[str, Any]:
     """The loop itself, in this process (one rank when distributed)."""
+    t0 = time.perf_counter()
     run = _setup(job, device)
     model = _load(run)
+    model.extra["setup"] = {**model.extra.get("setup", {}), "load_s": round(time.perf_counter() - t0, 2)}
     try:
         if not _fit(run, model, stop_after, reporter or NullReporter()):
             return {"stopped_at": model.step}
@@ -166,7 +168,9 @@ def _load(run: _Run) -> _Model:
     from ..vlm.graph_step import eager_step
 
     tr, opt_spec = run.job.train, run.job.train.optim
+    t0 = time.perf_counter()
     model = build_model(run.job.model, tr, run.device)
+    model_s = round(time.perf_counter() - t0, 2)  # imports, weights read (and quantised), LoRA wrapped
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = run.device.startswith("cuda")
     # fused: one kernel for all adapter tensors instead of a few per tensor (same update rule).
@@ -183,6 +187,7 @@ def _load(run: _Run) -> _Model:
     warmup = int(opt_spec.warmup * run.total) if opt_spec.warmup < 1 else int(opt_spec.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(opt_spec.schedule, warmup, run.total))
     m = _Model(model, params, opt, sched, run_step, graphed, int(unwrap(model).config.image_token_id))
+    m.extra["setup"] = {"model_s": model_s}
     state = None if run.job.fresh else load_checkpoint(run.out / "checkpoint", run.job.fingerprint)
     if state is not None:
         set_peft_model_state_dict(model, state["adapter"])
@@ -264,6 +269,10 @@ def _fit(run: _Run, m: _Model, stop_after: int | None, reporter: Reporter) -> bo
         m.sched.step()
         m.opt.zero_grad(set_to_none=m.graphed is None)  # a captured backward writes into these grads
         m.step += 1
+        if "first_step_s" not in m.extra["setup"]:  # warm-up and graph capture: one sync, once
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize(device)
+            m.extra["setup"]["first_step_s"] = round(time.perf_counter() - t0 - m.elapsed, 2)
         reporter.advance("train", 1)
         window_loss += step_loss
         window_tokens += n_tokens
@@ -359,6 +368,8 @@ def _save(run: _Run, m: _Model) -> dict[str, Any]:
         result["samples_per_s"] = round(m.step * run.per_step / m.elapsed, 2)
     if str(run.device).startswith("cuda"):  # checked against the plan's estimate by `vlmspec bench apply`
         result["peak_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+    if m.extra.get("setup"):  # where the time before steady steps went (`vlmspec bench apply` reads it)
+        result["setup_parts"] = dict(m.extra["setup"])
     if m.graphed is not None:
         result["cuda_graph"] = {"replays": m.graphed.replays, "eager_micro_batches": m.graphed.eager_steps}
     if not run.main:

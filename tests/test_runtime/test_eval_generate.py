@@ -59,22 +59,61 @@ def test_the_eval_tower_compiles_only_for_large_evals(tiny, rows, monkeypatch):
     model, processor = tiny
     seen = []
 
-    class Recording(G._FastImageFeatures):
-        def __init__(self, *a, compile=True, **kw):
+    class Recording(G.ImageFeatures):
+        def __init__(self, *a, compile=False, **kw):
             seen.append(compile)
             super().__init__(*a, compile=compile, **kw)
 
-    monkeypatch.setattr(G, "_FastImageFeatures", Recording)
+    monkeypatch.setattr(G, "ImageFeatures", Recording)
     gen = GenerationSpec(max_new_tokens=2)
     G.generate_answers(model, processor, rows[:2], PX, 2, gen, "cpu")
     monkeypatch.setattr(G, "COMPILE_MIN_QUESTIONS", 2)
     G.generate_answers(model, processor, rows[:2], PX, 2, gen, "cpu")
     assert seen == [False, True]
-    features = Recording(model, "cpu", 2, compile=True)
+    features = Recording(model.model.visual, processor, rows[:2], PX, 2, "cpu", compile=True)
     try:
         assert features.compiled is False  # never on the CPU, whatever the size
     finally:
-        features.remove()
+        features.close()
+
+
+def test_features_started_ahead_on_a_separately_loaded_tower_answer_the_same(tiny, rows, monkeypatch):
+    """What `evaluate` does on CUDA: the tower loaded alone, the first batches started before the
+    model exists, the rest one batch ahead of generation; the answers are the model's own."""
+    model, processor = tiny
+    gen = GenerationSpec(max_new_tokens=6)
+    want = G.generate_answers(model, processor, rows, PX, 3, gen, "cpu")
+    tower = models.load_vision_tower(ModelSpec(id=TINY, image_px=PX, dtype="float32"), device="cpu")
+    features = G.ImageFeatures(tower, processor, rows, PX, 3, "cpu")
+    order = []
+    real_queue = G.ImageFeatures.queue
+    monkeypatch.setattr(G.ImageFeatures, "queue", lambda self, k: order.append(k) or real_queue(self, k))
+    features.queue(0)
+    features.queue(1)
+    calls = []
+    real = fast_tower.FastTower.__call__
+    monkeypatch.setattr(fast_tower.FastTower, "__call__", lambda self, *a: calls.append(self.tower) or real(self, *a))
+    got = G.generate_compared(model, {"model": G.nullcontext}, processor, rows, PX, 3, gen, "cpu",
+                              features=features)["model"]
+    features.close()
+    assert got == want
+    assert len(features.batches) == 3 and order[:2] == [0, 1] and max(order) <= 3
+    assert len(calls) == 1 and calls[0] is tower  # batch 2 here (0 and 1 before): never the model's own tower
+    assert features.tower_seconds() is None  # CUDA events only
+
+
+def test_features_of_another_dtype_are_not_used(tiny, rows, monkeypatch):
+    model, processor = tiny
+    gen = GenerationSpec(max_new_tokens=4)
+    want = G.generate_answers(model, processor, rows[:3], PX, 3, gen, "cpu")
+    tower = models.load_vision_tower(ModelSpec(id=TINY, image_px=PX, dtype="float32"), device="cpu")
+    features = G.ImageFeatures(tower.to(torch.bfloat16), processor, rows[:3], PX, 3, "cpu")
+    calls = []
+    real = fast_tower.FastTower.__call__
+    monkeypatch.setattr(fast_tower.FastTower, "__call__", lambda self, *a: calls.append(self.tower) or real(self, *a))
+    got = G.generate_compared(model, {"model": G.nullcontext}, processor, rows[:3], PX, 3, gen, "cpu",
+                              features=features)["model"]
+    assert got == want and calls == [model.model.visual]  # the model's own tower, not the bf16 copy
 
 
 def test_batches_are_longest_first_stable_and_cover_every_row():

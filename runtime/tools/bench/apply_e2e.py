@@ -175,11 +175,29 @@ def latest_record(table: Path) -> dict[str, Any]:
     return json.loads(runs[-1].read_text())
 
 
-def apply_once(spec: Path, table: Path, log: Path, *extra: str, timeout: float) -> dict[str, Any]:
+def profiler_prefix(py_spy: str | None, out: Path) -> list[str]:
+    """`py-spy record ... --` writing a speedscope file to `out`, or [] when there is no py-spy or it
+    cannot sample here (a container may forbid ptrace): the apply then runs unprofiled."""
+    if not py_spy:
+        return []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = [py_spy, "record", "--rate", "50", "--nonblocking", "--subprocesses", "--format", "speedscope"]
+    probe = subprocess.run(base + ["-o", str(out) + ".probe", "--", sys.executable, "-c", "import time; time.sleep(0.3)"],
+                           capture_output=True, text=True)
+    Path(str(out) + ".probe").unlink(missing_ok=True)
+    if probe.returncode != 0:
+        print(f"py-spy cannot sample here, profiling off: {(probe.stderr or probe.stdout)[-300:]}", flush=True)
+        return []
+    cmd = base + ["-o", str(out), "--"]
+    return cmd
+
+
+def apply_once(spec: Path, table: Path, log: Path, *extra: str, timeout: float,
+               prefix: list[str] | None = None) -> dict[str, Any]:
     """`vlmspec apply SPEC` in a subprocess; wall seconds, exit code and the run record it wrote."""
     t0 = time.time()
     with log.open("w") as f:
-        rc = subprocess.run(_cli("apply", str(spec), *extra), stdout=f, stderr=subprocess.STDOUT,
+        rc = subprocess.run([*(prefix or []), *_cli("apply", str(spec), *extra)], stdout=f, stderr=subprocess.STDOUT,
                             timeout=timeout, env={**os.environ, "COLUMNS": "160"}).returncode
     t1 = time.time()
     rec = latest_record(table)
@@ -215,7 +233,7 @@ def _step(run: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 def run(rows: int, image_px: int, steps: int, eval_limit: int, out: Path, work: Path, *, shape: str = "3b",
         deadline_s: float = 1e9, rounds: tuple[str, ...] = ("cold", "lora", "tower", "shapes"),
-        workers: int | None = None) -> Results:
+        workers: int | None = None, py_spy: str | None = None) -> Results:
     from .apply_data import synthetic_hf_dataset
     from .gpu._common import GpuResults
 
@@ -263,7 +281,8 @@ def run(rows: int, image_px: int, steps: int, eval_limit: int, out: Path, work: 
             return None
         plan = plan_json(spec_file, *extra)
         with Sampler() as smp:
-            r = apply_once(spec_file, table, work / f"{name}.log", *extra, timeout=max(left(), 60))
+            r = apply_once(spec_file, table, work / f"{name}.log", *extra, timeout=max(left(), 60),
+                           prefix=profiler_prefix(py_spy, out / f"pyspy-{name}.json"))
         r["samples"] = smp.samples
         r["plan_train"] = next((s.get("choice") for s in plan.get("steps", []) if s.get("step") == "Train"), None)
         runs[name] = r

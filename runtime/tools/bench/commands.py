@@ -297,11 +297,13 @@ def apply_cmd(rows: int = typer.Option(12288, "--rows", min=16, help="Rows of th
               deadline_s: float = typer.Option(1e9, "--deadline-s", help="Skip rounds that would start after this."),
               work: Path = typer.Option(Path(".bench-apply"), "--work",
                                         help="Folder for the source, model and table (kept between runs)."),
+              py_spy: str = typer.Option(None, "--py-spy", help="A py-spy executable: sample each apply with it "
+                                         "(speedscope files beside the results; a profile, not the figures)."),
               out: Path = OutOpt) -> None:
     """The whole `vlmspec apply` of the textvqa recipe through the CLI: per stage, GPU busy, turnaround."""
     _quiet_lance()
     from . import apply_e2e
 
     res = apply_e2e.run(rows, image_px, steps, eval_limit, out, work.resolve(), shape=shape, deadline_s=deadline_s,
-                        rounds=tuple(x.strip() for x in rounds.split(",") if x.strip()))
+                        rounds=tuple(x.strip() for x in rounds.split(",") if x.strip()), py_spy=py_spy)
     _report(res, out)
