@@ -10,12 +10,29 @@
 # unpacks whatever tarball it carried into .gpusite/site (ignored, and outside .gpu/, whose contents
 # each call replaces with what it carries, so it survives on a warm machine).
 export PYTHONUNBUFFERED=1 LANCE_LOG=error
+# The workplace image's packages carry no bytecode, and its site-packages may not be writable: every
+# process compiled torch, transformers and peft from source (~10 s of a LoRA-change apply, py-spy).
+# pip writes bytecode at install time; the same here, once, into a cache beside the unpacked deps
+# (ignored, so a warm machine keeps it).
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=$PWD/.gpusite/pycache
 mkdir -p .gpusite/site .gpusite/pkg/vlmspec
 for t in .gpu/*.tar.xz; do
   [ -f "$t" ] || continue
   stamp=".gpusite/site/.unpacked-$(basename "$t" .tar.xz)"
   [ -f "$stamp" ] || { tar xJf "$t" -C .gpusite/site && touch "$stamp" && echo "unpacked $t"; }
 done
+python3 - <<'PY'
+import compileall, os, site, time
+t = time.time()
+stamp = ".gpusite/pycache/.image-compiled"
+dirs = [".gpusite/site"] + ([] if os.path.exists(stamp) else site.getsitepackages())
+for d in dirs:  # files already compiled are skipped: later calls only do what they unpacked
+    compileall.compile_dir(d, quiet=2, workers=16)
+os.makedirs(os.path.dirname(stamp), exist_ok=True)
+open(stamp, "a").close()
+print(f"bytecode of {', '.join(dirs)} in {time.time() - t:.0f} s", flush=True)
+PY
 ln -sfn "$PWD/compiler" .gpusite/pkg/vlmspec/compiler
 ln -sfn "$PWD/runtime" .gpusite/pkg/vlmspec/runtime
 export PYTHONPATH=$PWD/.gpusite/pkg:$PWD/.gpusite/site${PYTHONPATH:+:$PYTHONPATH}

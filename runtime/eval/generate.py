@@ -192,15 +192,22 @@ class ImageFeatures:
 
     The tower may be a copy loaded on its own (`load_vision_tower`: the same checkpoint weights, in
     the model's dtype); the same code runs on the same batches either way, so the features are the
-    ones the model's own tower would compute. Everything is queued from the calling thread: a
-    background thread could see transformers' process-wide default dtype change mid-load.
+    ones the model's own tower would compute.
+
+    On CUDA the launches themselves run on one background thread (`background`): an eager tower
+    over a batch is ~1,000 kernels of milliseconds each, so CUDA's launch queue fills and the
+    launching thread waits for the GPU; on the loading thread that wait would be the whole tower
+    again. PyTorch drops the GIL inside its ops, so the waiting thread holds nothing up. The load on
+    the main thread sets transformers' process-wide default dtype for a while; the tower path makes
+    no tensor from that default (tested: the same features under a float64 default). A compiled
+    tower (large evals) is launched from the calling thread.
     """
 
     AHEAD = 2
     """Batches decoded (and, before the first generation, run through the tower) ahead."""
 
     def __init__(self, visual, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int, device: str,
-                 compile: bool = False):
+                 compile: bool = False, background: bool | None = None):
         import torch
 
         from ..vlm.fast_tower import FastTower
@@ -225,6 +232,9 @@ class ImageFeatures:
         self._decoding: dict[int, list[Future]] = {}
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
+        background = (self.cuda and not self.compiled) if background is None else background
+        self.launcher = ThreadPoolExecutor(1, thread_name_prefix="vlmspec-eval-tower") if background else None
+        self._closed = False
         for k in range(min(self.AHEAD, len(self.batches))):
             self._decode(k)
 
@@ -236,11 +246,20 @@ class ImageFeatures:
         """Start batch `k` (no-op past the end or when already started)."""
         if k >= len(self.batches) or k in self._ready:
             return
+        self._decode(k)
+        decoding = self._decoding.pop(k)
+        self._decode(k + self.AHEAD - 1)
+        if self.launcher is not None:
+            self._ready[k] = self.launcher.submit(self._compute, decoding)
+        else:
+            done: Future = Future()
+            done.set_result(self._compute(decoding))
+            self._ready[k] = done
+
+    def _compute(self, decoding: list[Future]) -> tuple:
         import torch
 
-        self._decode(k)
-        u8 = torch.from_numpy(np.stack([f.result() for f in self._decoding.pop(k)]))
-        self._decode(k + self.AHEAD - 1)
+        u8 = torch.from_numpy(np.stack([f.result() for f in decoding]))
         with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.cuda else nullcontext()):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -254,7 +273,7 @@ class ImageFeatures:
             if self.cuda:
                 end.record()
                 self._events.append((start, end))
-        self._ready[k] = (pixels, grid, out, end if self.cuda else None)
+        return pixels, grid, out, end if self.cuda else None
 
     def _tower(self, px, grid):
         try:
@@ -274,7 +293,7 @@ class ImageFeatures:
         import torch
 
         self.queue(k)
-        pixels, grid, out, done = self._ready.pop(k)
+        pixels, grid, out, done = self._ready.pop(k).result()
         if done is not None:
             current = torch.cuda.current_stream(torch.device(self.device))
             current.wait_event(done)
@@ -284,12 +303,17 @@ class ImageFeatures:
 
     def tower_seconds(self) -> float | None:
         """GPU seconds the batches' copy, patchify and tower took (CUDA events; None on CPU)."""
+        if self.launcher is not None and not self._closed:
+            self.launcher.submit(lambda: None).result()  # every queued batch launched
         if not self.cuda or not self._events:
             return None
         self._events[-1][1].synchronize()
         return round(sum(a.elapsed_time(b) for a, b in self._events) / 1e3, 2)
 
     def close(self) -> None:
+        self._closed = True
+        if self.launcher is not None:
+            self.launcher.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._ready.clear()
         self._decoding.clear()

@@ -48,8 +48,10 @@ class Patchifier:
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._consts:
-            mean = torch.tensor(self.mean, device=device)
-            std = torch.tensor(self.std, device=device)
+            # float32 named, not the default dtype: the eval queues this from a thread while
+            # transformers may have changed the process-wide default mid-load.
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=device)
+            std = torch.tensor(self.std, dtype=torch.float32, device=device)
             if self.fused and self.do_rescale:  # TorchvisionBackend._fuse_mean_std_and_rescale_factor
                 mean, std = mean * (1.0 / self.rescale_factor), std * (1.0 / self.rescale_factor)
             self._consts[device] = (mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
