@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True)}
+CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True),
+           "b256-ahead": (256, False)}
+"""`-ahead`: as `evaluate` runs it since the tower moved ahead of generation: the tower loaded alone,
+the first batches' features started before the model loads (`ImageFeatures`)."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -48,15 +51,25 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     gen = SimpleNamespace(max_new_tokens=16, do_sample=False, temperature=1.0)
     quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     processor = load_model_processor(spec)
+    t0 = time.perf_counter()
+    features = None
+    if cfg.endswith("-ahead"):
+        from vlmspec.runtime.vlm.models import load_vision_tower
+
+        features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda")
+        for k in range(G.ImageFeatures.AHEAD):
+            features.queue(k)
     t = time.perf_counter()
     model = load_full_model(spec, device="cuda", adapter_dir=str(work / "adapter"), quant=quant)
     load = time.perf_counter() - t
     seconds: dict = {}
     t = time.perf_counter()
     G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows, 560, batch,
-                        gen, "cuda", seconds=seconds)
+                        gen, "cuda", seconds=seconds, features=features)
     wall = time.perf_counter() - t
-    return {"cfg": cfg, "load_s": round(load, 2), "wall_s": round(wall, 2),
+    extra = {"tower_gpu_s": features.tower_seconds()} if features is not None else {}
+    return {"cfg": cfg, **extra, "load_s": round(load, 2), "wall_s": round(wall, 2),
+            "load_to_answers_s": round(time.perf_counter() - t0, 2),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "qps": {k: round(len(rows) / v, 1) for k, v in seconds.items()},
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
