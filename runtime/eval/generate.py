@@ -8,7 +8,7 @@ The fast path computes what the reference computes, faster:
   arithmetic as tensor ops, tested bitwise equal), and the vision tower runs as `FastTower` (the
   tier-3 column's batched-attention replay, compiled on CUDA for large evals);
 * on CUDA a batch's copy, patchify and tower are queued on a side stream ahead of its generation
-  (`ImageFeatures`): the first batches' under the language model's load (`evaluate` loads the
+  (`ImageFeatures`): the first batches' before the language model's load (`evaluate` loads the
   tower alone first), each later one's under the previous batch's generation;
 * prompts are tokenized with the image pads already expanded (what the processor does), and
   questions are sorted by prompt length so a batch pads little; answers come back in row order;
@@ -185,29 +185,31 @@ class ImageFeatures:
     The questions are cut into prompt-length-sorted batches (`length_sorted_batches`). `queue(k)`
     starts batch k: its images are decoded and resized on a thread pool (two batches ahead), then
     copied to the device, patchified (`Patchifier`) and run through `FastTower`; on CUDA all of that
-    is queued on a side stream from pinned memory, so the host goes on at once while the GPU runs
-    the tower: under the language model's load for the first batches (`evaluate` starts them before
-    loading it), under the previous batch's generation later. `take(k)` returns `(pixel_values,
-    grid_thw, output)` with the current stream ordered after that work.
+    is queued on a side stream from pinned memory, so the GPU runs a batch's tower while the host
+    goes on: the next batch's under the previous batch's generation, and the tail of the first
+    batches' under the language model's load (`evaluate` starts them before loading it). `take(k)`
+    returns `(pixel_values, grid_thw, output)` with the current stream ordered after that work.
 
     The tower may be a copy loaded on its own (`load_vision_tower`: the same checkpoint weights, in
     the model's dtype); the same code runs on the same batches either way, so the features are the
     ones the model's own tower would compute.
 
-    On CUDA the launches themselves run on one background thread (`background`): an eager tower
-    over a batch is ~1,000 kernels of milliseconds each, so CUDA's launch queue fills and the
-    launching thread waits for the GPU; on the loading thread that wait would be the whole tower
-    again. PyTorch drops the GIL inside its ops, so the waiting thread holds nothing up. The load on
-    the main thread sets transformers' process-wide default dtype for a while; the tower path makes
-    no tensor from that default (tested: the same features under a float64 default). A compiled
-    tower (large evals) is launched from the calling thread.
+    `background=True` launches from one background thread instead. An eager tower over a batch is
+    ~1,000 kernels of milliseconds each, so CUDA's launch queue fills and the launching thread
+    waits for the GPU: launched from the loading thread, most of the first batch's tower is still
+    paid before the load starts (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval). PyTorch
+    drops the GIL inside its ops, so a waiting launcher holds nothing up, and the tower path makes
+    no tensor from the process-wide default dtype that transformers changes mid-load (tested: the
+    same features under a float64 default). It is off by default until it has been measured on a
+    GPU (`examples/benchmarks/profiles/eval_compare.py --configs b256-ahead,b256-ahead-thread`):
+    only the calling-thread launch has run there.
     """
 
     AHEAD = 2
     """Batches decoded (and, before the first generation, run through the tower) ahead."""
 
     def __init__(self, visual, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int, device: str,
-                 compile: bool = False, background: bool | None = None):
+                 compile: bool = False, background: bool = False):
         import torch
 
         from ..vlm.fast_tower import FastTower
@@ -232,7 +234,8 @@ class ImageFeatures:
         self._decoding: dict[int, list[Future]] = {}
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
-        background = (self.cuda and not self.compiled) if background is None else background
+        # A compiled tower is always launched from the calling thread (torch.compile there).
+        background = bool(background) and not self.compiled
         self.launcher = ThreadPoolExecutor(1, thread_name_prefix="vlmspec-eval-tower") if background else None
         self._closed = False
         for k in range(min(self.AHEAD, len(self.batches))):

@@ -84,7 +84,7 @@ def test_features_started_ahead_on_a_separately_loaded_tower_answer_the_same(tin
     gen = GenerationSpec(max_new_tokens=6)
     want = G.generate_answers(model, processor, rows, PX, 3, gen, "cpu")
     tower = models.load_vision_tower(ModelSpec(id=TINY, image_px=PX, dtype="float32"), device="cpu")
-    features = G.ImageFeatures(tower, processor, rows, PX, 3, "cpu", background=True)  # as on CUDA
+    features = G.ImageFeatures(tower, processor, rows, PX, 3, "cpu", background=True)  # the thread launcher
     order = []
     real_queue = G.ImageFeatures.queue
     monkeypatch.setattr(G.ImageFeatures, "queue", lambda self, k: order.append(k) or real_queue(self, k))
@@ -104,7 +104,7 @@ def test_features_started_ahead_on_a_separately_loaded_tower_answer_the_same(tin
 
 
 def test_features_launched_from_a_thread_do_not_depend_on_the_default_dtype(tiny, rows):
-    """On CUDA the tower is launched from a background thread while transformers loads the model and
+    """`background=True` launches the tower from a thread while transformers loads the model and
     sets the process-wide default dtype for a while: nothing in the tower path may read it."""
     model, processor = tiny
     tower = models.load_vision_tower(ModelSpec(id=TINY, image_px=PX, dtype="float32"), device="cpu")

@@ -19,9 +19,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True),
-           "b256-ahead": (256, False)}
+           "b256-ahead": (256, False), "b256-ahead-thread": (256, False)}
 """`-ahead`: as `evaluate` runs it since the tower moved ahead of generation: the tower loaded alone,
-the first batches' features started before the model loads (`ImageFeatures`)."""
+the first batches' features started before the model loads (`ImageFeatures`); `-thread` launches
+the tower from a background thread (`ImageFeatures(background=True)`, off by default until this
+has measured it)."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -53,10 +55,11 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     processor = load_model_processor(spec)
     t0 = time.perf_counter()
     features = None
-    if cfg.endswith("-ahead"):
+    if "-ahead" in cfg:
         from vlmspec.runtime.vlm.models import load_vision_tower
 
-        features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda")
+        features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda",
+                                   background=cfg.endswith("-thread"))
         for k in range(G.ImageFeatures.AHEAD):
             features.queue(k)
     t = time.perf_counter()
