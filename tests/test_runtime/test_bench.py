@@ -83,3 +83,21 @@ def test_bench_apply_data(tmp_path):
     assert {"ingest_rows_per_s", "dhash_rows_per_s"} <= data["derived"].keys()
     assert data["derived"]["ingest_rows_per_s"]["target"] == ">= 1,000 on 16 cores"
     assert data["details"]["folder_bytes"] > 0
+
+
+def test_bench_apply_profiler_prefix_falls_back_when_py_spy_cannot_sample(tmp_path):
+    """`vlmspec bench apply --py-spy PATH` wraps each apply in `py-spy record`; where it cannot
+    sample (missing, or ptrace forbidden) the applies run unprofiled instead of failing."""
+    import shutil
+
+    from vlmspec.runtime.tools.bench.apply_e2e import profiler_prefix
+
+    assert profiler_prefix(None, tmp_path / "p.json") == []
+    fake = tmp_path / "py-spy"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    assert profiler_prefix(str(fake), tmp_path / "p.json") == []
+    real = shutil.which("py-spy")
+    if real:  # where py-spy is installed and may sample, the prefix runs the apply under it
+        got = profiler_prefix(real, tmp_path / "out" / "p.json")
+        assert got == [] or (got[0] == real and got[-2:] == [str(tmp_path / "out" / "p.json"), "--"])
