@@ -137,9 +137,10 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         features = None
         if str(device).startswith("cuda"):
             # The tower alone loads in well under a second; its work for the first batches is then
-            # queued on a side stream and runs on the GPU while the host loads the language model
-            # (seconds of CPU work, the GPU idle). Same weights, dtype and code as the model's own
-            # tower, so the same features (`ImageFeatures`).
+            # queued on a side stream before the language model loads (seconds of CPU work, the GPU
+            # otherwise idle). Launched from this thread, most of it is still waited for here: the
+            # eager tower fills CUDA's launch queue (see `ImageFeatures`). Same weights, dtype and
+            # code as the model's own tower, so the same features.
             from ..vlm.models import load_vision_tower
             from .generate import COMPILE_MIN_QUESTIONS, ImageFeatures
 

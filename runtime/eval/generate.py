@@ -212,7 +212,6 @@ class ImageFeatures:
                  compile: bool = False, background: bool = False):
         import torch
 
-        from ..vlm.fast_tower import FastTower
         from ..vlm.patchify import Patchifier
 
         self.rows, self.image_px, self.device = rows, image_px, str(device)
@@ -222,20 +221,15 @@ class ImageFeatures:
         self.batches = length_sorted_batches([len(ids) for ids in processor.tokenizer(self.texts)["input_ids"]],
                                              batch_size)
         self.cuda = self.device.startswith("cuda")
-        # Compiled on CUDA (as the tier-3 column) when `compile` (a large eval: see
-        # COMPILE_MIN_QUESTIONS): one block compile per batch size, once per process. No CUDA graph:
-        # graph outputs would be overwritten by the next batch's replay while still queued for use.
-        self.compiled = bool(compile) and self.cuda
-        self.fast = FastTower(visual, compile=self.compiled, compile_sizes={int(batch_size)})
+        self.tower = _TowerRunner(visual, self.device, batch_size, compile=compile)
         self.patchify = Patchifier(processor.image_processor)
-        self.merge_unit = int(visual.spatial_merge_size) ** 2
         self.stream = torch.cuda.Stream(torch.device(self.device)) if self.cuda else None
         self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
         self._decoding: dict[int, list[Future]] = {}
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
         # A compiled tower is always launched from the calling thread (torch.compile there).
-        background = bool(background) and not self.compiled
+        background = bool(background) and not self.tower.compiled
         self.launcher = ThreadPoolExecutor(1, thread_name_prefix="vlmspec-eval-tower") if background else None
         self._closed = False
         for k in range(min(self.AHEAD, len(self.batches))):
@@ -269,27 +263,16 @@ class ImageFeatures:
                 start.record()
                 u8 = u8.pin_memory().to(self.device, non_blocking=True)
             pixels, grid = self.patchify(u8)
-            out = self._tower(pixels.type(self.dtype), grid)
-            sizes = (grid.prod(-1) // self.merge_unit).tolist()  # grid is on the host: no sync
-            out.pooler_output = torch.split(out.pooler_output, sizes)
+            out = self.tower(pixels, grid)  # grid is on the host: splitting the output needs no sync
             out.last_hidden_state = None  # the model reads the merged tokens only; drop the per-patch states
             if self.cuda:
                 end.record()
                 self._events.append((start, end))
         return pixels, grid, out, end if self.cuda else None
 
-    def _tower(self, px, grid):
-        try:
-            return self.fast(px, grid)
-        except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
-            if not self.compiled:
-                raise
-            warnings.warn(f"eval vision tower: torch.compile failed ({type(e).__name__}: {e}); running it uncompiled")
-            from ..vlm.fast_tower import FastTower
-
-            self.compiled = False
-            self.fast = FastTower(self.visual, compile=False)
-            return self.fast(px, grid)
+    @property
+    def compiled(self) -> bool:
+        return self.tower.compiled
 
     def take(self, k: int) -> tuple[Any, Any, Any]:
         """Batch `k`'s `(pixel_values, grid_thw, output)`, queued first if it was not."""
@@ -361,6 +344,48 @@ def _decode(row: dict[str, Any], image_px: int) -> np.ndarray:
     return np.asarray(resize_image(row["image"], image_px), dtype=np.uint8)
 
 
+class _TowerRunner:
+    """`FastTower` on `visual`, called like `get_image_features`'s tower: pixel values cast to the
+    tower's dtype, and `pooler_output` split per image. Compiled on CUDA when `compile` (as the
+    tier-3 column: one block compile per batch size, once per process; no CUDA graph, whose outputs
+    the next batch's replay would overwrite); a failing compile warns once and runs it eager, which
+    computes the same."""
+
+    def __init__(self, visual, device: str, batch_size: int, compile: bool = False):
+        self.visual = visual
+        self.merge_unit = int(visual.spatial_merge_size) ** 2
+        self.compiled = bool(compile) and str(device).startswith("cuda")
+        self.batch_size = int(batch_size)
+        self._fast = None  # made on first use
+
+    @property
+    def fast(self):
+        if self._fast is None:
+            from ..vlm.fast_tower import FastTower
+
+            self._fast = FastTower(self.visual, compile=self.compiled, compile_sizes={self.batch_size})
+        return self._fast
+
+    def __call__(self, pixel_values, grid_thw):
+        import torch
+
+        px = pixel_values.type(self.visual.dtype)
+        try:
+            out = self.fast(px, grid_thw)
+        except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
+            if not self.compiled:
+                raise
+            warnings.warn(f"eval vision tower: torch.compile failed ({type(e).__name__}: {e}); running it uncompiled")
+            from ..vlm.fast_tower import FastTower
+
+            self.compiled = False
+            self._fast = FastTower(self.visual, compile=False)
+            out = self._fast(px, grid_thw)
+        sizes = (torch.as_tensor(grid_thw).prod(-1) // self.merge_unit).tolist()
+        out.pooler_output = torch.split(out.pooler_output, sizes)
+        return out
+
+
 class _FastImageFeatures:
     """Installs `FastTower` as this model's image encoder (an instance attribute on its
     `Qwen2_5_VLModel`, shadowing the class method) until `remove()`. Pixel values named by
@@ -374,62 +399,29 @@ class _FastImageFeatures:
             raise TypeError(f"expected a Qwen2.5-VL model, got {type(model).__name__}")
         self.inner = inner
         self.visual = inner.visual
-        self.merge_unit = int(self.visual.spatial_merge_size) ** 2
-        # Compiled on CUDA when `compile`: one block compile per batch size, once per process. No
-        # CUDA graph: graph outputs would be overwritten by the next batch's replay.
-        self.compiled = compile and str(device).startswith("cuda")
-        self.batch_size = int(batch_size)
-        self._fast = None  # made on first use: with every batch provided, never
-        self._shared: tuple | None = None  # (pixel_values, output) of the batch `share`/`provide` named
+        self.tower = _TowerRunner(self.visual, device, batch_size, compile=compile)
+        self._provided: tuple | None = None  # (pixel_values, output) of the batch `provide` named
         inner.get_image_features = self._features
 
     @property
+    def compiled(self) -> bool:
+        return self.tower.compiled
+
+    @property
     def fast(self):
-        if self._fast is None:
-            from ..vlm.fast_tower import FastTower
-
-            self._fast = FastTower(self.visual, compile=self.compiled, compile_sizes={self.batch_size})
-        return self._fast
-
-    def share(self, pixel_values) -> None:
-        """From now on, calls with this very `pixel_values` tensor (one batch, generated by several
-        variants of the model) get the first call's output; other tensors are computed."""
-        self._shared = (pixel_values, None)
+        return self.tower.fast
 
     def provide(self, pixel_values, output) -> None:
         """Calls with this very `pixel_values` tensor get `output` (computed for it ahead)."""
-        self._shared = (pixel_values, output)
+        self._provided = (pixel_values, output)
 
     def _features(self, pixel_values, image_grid_thw=None, **kwargs):
         """`Qwen2_5_VLModel.get_image_features` through FastTower: same output object."""
-        shared = self._shared
-        if shared is not None and shared[0] is pixel_values:
-            if shared[1] is not None:
-                return shared[1]
-            out = self._compute(pixel_values, image_grid_thw)
-            self._shared = (pixel_values, out)
-            return out
-        return self._compute(pixel_values, image_grid_thw)
-
-    def _compute(self, pixel_values, image_grid_thw):
-        import torch
-
-        px = pixel_values.type(self.visual.dtype)
-        try:
-            out = self.fast(px, image_grid_thw)
-        except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
-            if not self.compiled:
-                raise
-            warnings.warn(f"eval vision tower: torch.compile failed ({type(e).__name__}: {e}); running it uncompiled")
-            from ..vlm.fast_tower import FastTower
-
-            self.compiled = False
-            self._fast = FastTower(self.visual, compile=False)
-            out = self._fast(px, image_grid_thw)
-        sizes = (image_grid_thw.prod(-1) // self.merge_unit).tolist()
-        out.pooler_output = torch.split(out.pooler_output, sizes)
-        return out
+        provided = self._provided
+        if provided is not None and provided[0] is pixel_values:
+            return provided[1]
+        return self.tower(pixel_values, image_grid_thw)
 
     def remove(self) -> None:
-        self._shared = None
+        self._provided = None
         self.inner.__dict__.pop("get_image_features", None)

@@ -73,7 +73,7 @@ def run_training(job: TrainJob, device: str | None = None, stop_after: int | Non
     t0 = time.perf_counter()
     run = _setup(job, device)
     model = _load(run)
-    model.extra["setup"] = {**model.extra.get("setup", {}), "load_s": round(time.perf_counter() - t0, 2)}
+    model.extra["setup"]["load_s"] = round(time.perf_counter() - t0, 2)
     try:
         if not _fit(run, model, stop_after, reporter or NullReporter()):
             return {"stopped_at": model.step}

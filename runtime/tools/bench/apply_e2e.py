@@ -188,8 +188,7 @@ def profiler_prefix(py_spy: str | None, out: Path) -> list[str]:
     if probe.returncode != 0:
         print(f"py-spy cannot sample here, profiling off: {(probe.stderr or probe.stdout)[-300:]}", flush=True)
         return []
-    cmd = base + ["-o", str(out), "--"]
-    return cmd
+    return base + ["-o", str(out), "--"]
 
 
 def apply_once(spec: Path, table: Path, log: Path, *extra: str, timeout: float,
