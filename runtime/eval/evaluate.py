@@ -138,9 +138,9 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         if str(device).startswith("cuda"):
             # The tower alone loads in well under a second; its work for the first batches is then
             # queued on a side stream before the language model loads (seconds of CPU work, the GPU
-            # otherwise idle). Launched from this thread, most of it is still waited for here: the
-            # eager tower fills CUDA's launch queue (see `ImageFeatures`). Same weights, dtype and
-            # code as the model's own tower, so the same features.
+            # otherwise idle), launched from a background thread: the eager tower fills CUDA's launch
+            # queue, and a launch from this thread waited out most of it here (see `ImageFeatures`).
+            # Same weights, dtype and code as the model's own tower, so the same features.
             from ..vlm.models import load_vision_tower
             from .generate import COMPILE_MIN_QUESTIONS, ImageFeatures
 

@@ -194,22 +194,25 @@ class ImageFeatures:
     the model's dtype); the same code runs on the same batches either way, so the features are the
     ones the model's own tower would compute.
 
-    `background=True` launches from one background thread instead. An eager tower over a batch is
-    ~1,000 kernels of milliseconds each, so CUDA's launch queue fills and the launching thread
-    waits for the GPU: launched from the loading thread, most of the first batch's tower is still
-    paid before the load starts (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval). PyTorch
-    drops the GIL inside its ops, so a waiting launcher holds nothing up, and the tower path makes
-    no tensor from the process-wide default dtype that transformers changes mid-load (tested: the
-    same features under a float64 default). It is off by default until it has been measured on a
-    GPU (`examples/benchmarks/profiles/eval_compare.py --configs b256-ahead,b256-ahead-thread`):
-    only the calling-thread launch has run there.
+    On CUDA an eager tower is launched from one background thread (`background`: None chooses
+    that; True or False forces it). An eager tower over a batch is ~1,000 kernels of milliseconds
+    each, so CUDA's launch queue fills and the launching thread waits for the GPU: launched from
+    the loading thread, most of the first batch's tower was still paid before the load started
+    (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval). PyTorch drops the GIL inside its ops,
+    so a waiting launcher holds nothing up; the tower path makes no tensor from the process-wide
+    default dtype that transformers changes mid-load (tested: the same features under a float64
+    default), and no module or parameter (FastTower is built here, in the calling thread, before
+    any load patches module construction). A compiled tower is launched from the calling thread
+    (torch.compile there); on CPU there is no queue to hide, so the calling thread launches.
+    `examples/benchmarks/profiles/eval_compare.py --configs b256-ahead,b256-ahead-thread` measures
+    the two launchers against each other.
     """
 
     AHEAD = 2
     """Batches decoded (and, before the first generation, run through the tower) ahead."""
 
     def __init__(self, visual, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int, device: str,
-                 compile: bool = False, background: bool = False):
+                 compile: bool = False, background: bool | None = None):
         import torch
 
         from ..vlm.patchify import Patchifier
@@ -229,7 +232,9 @@ class ImageFeatures:
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
         # A compiled tower is always launched from the calling thread (torch.compile there).
-        background = bool(background) and not self.tower.compiled
+        background = (self.cuda if background is None else bool(background)) and not self.tower.compiled
+        if background:
+            self.tower.fast  # built here: see the class docstring
         self.launcher = ThreadPoolExecutor(1, thread_name_prefix="vlmspec-eval-tower") if background else None
         self._closed = False
         for k in range(min(self.AHEAD, len(self.batches))):

@@ -312,6 +312,30 @@ def test_fast_path_on_cuda_equals_the_reference_path(rows):
     assert same >= 5, (fast, ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run on the GPU machine)")
+def test_features_launched_from_a_thread_during_the_load_on_cuda_answer_as_the_models_own(rows):
+    """What `evaluate` does on CUDA, where the thread launcher is the default: the tower loaded
+    alone, its first batches launched from a background thread on a side stream while this thread
+    loads the model (transformers changes the default dtype and patches module construction
+    meanwhile); the answers equal those from the model's own tower launched from this thread."""
+    spec = ModelSpec(id=TINY, image_px=PX, dtype="bfloat16")
+    processor = models.load_model_processor(spec)
+    gen = GenerationSpec(max_new_tokens=6)
+    features = G.ImageFeatures(models.load_vision_tower(spec, device="cuda"), processor, rows, PX, 3, "cuda")
+    assert features.launcher is not None  # the default on CUDA for an eager tower
+    for k in range(G.ImageFeatures.AHEAD):
+        features.queue(k)
+    model = models.load_full_model(spec, device="cuda")
+    got = G.generate_compared(model, {"m": G.nullcontext}, processor, rows, PX, 3, gen, "cuda", features=features)["m"]
+    assert features.tower_seconds() > 0
+    features.close()
+    own = G.ImageFeatures(model.model.visual, processor, rows, PX, 3, "cuda", background=False)
+    assert own.launcher is None
+    want = G.generate_compared(model, {"m": G.nullcontext}, processor, rows, PX, 3, gen, "cuda", features=own)["m"]
+    own.close()
+    assert len(got) == 7 and any(got) and got == want
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny, tmp_path_factory):
     """A LoRA adapter for the tiny model whose B is not zero (a trained one's is not), so the

@@ -11,6 +11,7 @@ measures. Run on the GPU machine after `source examples/benchmarks/gpu_device_se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -22,8 +23,9 @@ CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (2
            "b256-ahead": (256, False), "b256-ahead-thread": (256, False)}
 """`-ahead`: as `evaluate` runs it since the tower moved ahead of generation: the tower loaded alone,
 the first batches' features started before the model loads (`ImageFeatures`); `-thread` launches
-the tower from a background thread (`ImageFeatures(background=True)`, off by default until this
-has measured it)."""
+the tower from a background thread (`ImageFeatures(background=True)`: the default on CUDA since),
+`b256-ahead` from the loading thread. Each run records a digest of each model's answers: configs
+that differ only in how the tower is launched must answer identically."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -59,7 +61,7 @@ def one(cfg: str, work: Path, questions: int) -> dict:
         from vlmspec.runtime.vlm.models import load_vision_tower
 
         features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda",
-                                   background=cfg.endswith("-thread"))
+                                   background=cfg.endswith("-thread"))  # explicit: both launchers
         for k in range(G.ImageFeatures.AHEAD):
             features.queue(k)
     t = time.perf_counter()
@@ -67,15 +69,16 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     load = time.perf_counter() - t
     seconds: dict = {}
     t = time.perf_counter()
-    G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows, 560, batch,
-                        gen, "cuda", seconds=seconds, features=features)
+    answers = G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows,
+                                  560, batch, gen, "cuda", seconds=seconds, features=features)
     wall = time.perf_counter() - t
     extra = {"tower_gpu_s": features.tower_seconds()} if features is not None else {}
     return {"cfg": cfg, **extra, "load_s": round(load, 2), "wall_s": round(wall, 2),
             "load_to_answers_s": round(time.perf_counter() - t0, 2),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "qps": {k: round(len(rows) / v, 1) for k, v in seconds.items()},
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "answers_sha": {k: hashlib.sha256(json.dumps(v).encode()).hexdigest()[:12] for k, v in answers.items()}}
 
 
 def main() -> None:
