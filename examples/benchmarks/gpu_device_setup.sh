@@ -22,17 +22,13 @@ for t in .gpu/*.tar.xz; do
   stamp=".gpusite/site/.unpacked-$(basename "$t" .tar.xz)"
   [ -f "$stamp" ] || { tar xJf "$t" -C .gpusite/site && touch "$stamp" && echo "unpacked $t"; }
 done
-python3 - <<'PY'
-import compileall, os, site, time
-t = time.time()
-stamp = ".gpusite/pycache/.image-compiled"
-dirs = [".gpusite/site"] + ([] if os.path.exists(stamp) else site.getsitepackages())
-for d in dirs:  # files already compiled are skipped: later calls only do what they unpacked
-    compileall.compile_dir(d, quiet=2, workers=16)
-os.makedirs(os.path.dirname(stamp), exist_ok=True)
-open(stamp, "a").close()
-print(f"bytecode of {', '.join(dirs)} in {time.time() - t:.0f} s", flush=True)
-PY
+# compileall's workers run under forkserver, which re-imports __main__: run it as a module (a script
+# on stdin breaks the pool). Files already compiled are skipped: later calls only do what they unpacked.
+t0=$(date +%s)
+dirs=.gpusite/site
+[ -f .gpusite/pycache/.image-compiled ] || dirs="$dirs $(python3 -c 'import site; print(" ".join(site.getsitepackages()))')"
+python3 -m compileall -q -j 16 $dirs > /dev/null 2>&1; mkdir -p .gpusite/pycache && touch .gpusite/pycache/.image-compiled
+echo "bytecode of $dirs in $(( $(date +%s) - t0 )) s"
 ln -sfn "$PWD/compiler" .gpusite/pkg/vlmspec/compiler
 ln -sfn "$PWD/runtime" .gpusite/pkg/vlmspec/runtime
 export PYTHONPATH=$PWD/.gpusite/pkg:$PWD/.gpusite/site${PYTHONPATH:+:$PYTHONPATH}

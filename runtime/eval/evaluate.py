@@ -128,7 +128,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
             reporter.start(f"eval {name}", len(rows), unit="questions")
     preds: dict[str, list[str]] = {}
     load_s = 0.0
-    timing_parts: dict[str, float | None] = {}  # the tower's start before the load, its GPU seconds
+    timing_parts: dict[str, Any] = {}  # the tower's warm-up, its start before the load, its GPU seconds
     if run:
         # ONE load for every compared model: `tuned` is the base with the trained adapter on, `base`
         # the same weights with it off (peft's `disable_adapter`: the LoRA layers return their base
@@ -138,16 +138,18 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         if str(device).startswith("cuda"):
             # The tower alone loads in well under a second; its work for the first batches is then
             # queued on a side stream before the language model loads (seconds of CPU work, the GPU
-            # otherwise idle), launched from a background thread: the eager tower fills CUDA's launch
-            # queue, and a launch from this thread waited out most of it here (see `ImageFeatures`).
-            # Same weights, dtype and code as the model's own tower, so the same features.
+            # otherwise idle). Compiled where the column's compile is cached (the apply that just
+            # computed the column, or a later one on this machine), each batch is a few CUDA-graph
+            # launches; eager, its ~1,000 launches a batch fill CUDA's queue and are waited out here
+            # (see `ImageFeatures`). Same weights, dtype and code as the model's own tower, so the
+            # same features.
             from ..vlm.models import load_vision_tower
-            from .generate import COMPILE_MIN_QUESTIONS, ImageFeatures
+            from .generate import ImageFeatures
 
             t0 = time.perf_counter()
             features = ImageFeatures(load_vision_tower(model_spec, device=device), processor, rows,
-                                     model_spec.image_px, batch_size, device,
-                                     compile=len(rows) >= COMPILE_MIN_QUESTIONS)
+                                     model_spec.image_px, batch_size, device)
+            timing_parts["tower_warmup"] = features.warmup
             for k in range(ImageFeatures.AHEAD):
                 features.queue(k)
             timing_parts["tower_start_s"] = round(time.perf_counter() - t0, 2)

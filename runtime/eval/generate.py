@@ -6,7 +6,8 @@ The fast path computes what the reference computes, faster:
   (Pillow releases the GIL);
 * `Patchifier` turns the uint8 batch into `pixel_values` on the device (the image processor's
   arithmetic as tensor ops, tested bitwise equal), and the vision tower runs as `FastTower` (the
-  tier-3 column's batched-attention replay, compiled on CUDA for large evals);
+  tier-3 column's batched-attention replay; on CUDA compiled and CUDA-graphed in the column's
+  sub-batches wherever the column's compile is cached, see `compile_by_default`);
 * on CUDA a batch's copy, patchify and tower are queued on a side stream ahead of its generation
   (`ImageFeatures`): the first batches' before the language model's load (`evaluate` loads the
   tower alone first), each later one's under the previous batch's generation;
@@ -45,11 +46,10 @@ against 16 GiB."""
 LARGE_GPU_GIB = 64
 
 COMPILE_MIN_QUESTIONS = 2000
-"""Compile the eval's vision tower only for evaluations at least this large. Compiled it runs
-~170 images/s at the 3B shape against ~85 eager (`gpu_tower.json`), i.e. it saves ~6 ms a question,
-but compiling costs ~12 s per model in a fresh process (the whole apply bench, cold round): it
-pays from about 2,000 questions (TextVQA's 5,000-question val split), and a 100-400-question eval
-spent most of its time compiling (6.3 q/s base, `apply_e2e.json`)."""
+"""Without a cached compile of the tower (`compile_by_default`), compile the eval's tower only for
+evaluations at least this large: a cold compile costs ~12 s in a fresh process and saves ~6 ms a
+question (~170 images/s compiled against ~85 eager at the 3B shape, `gpu_tower.json`), so it pays
+from about 2,000 questions (TextVQA's 5,000-question val split)."""
 CPU_BATCH = 8
 """`eval.batch_size: auto` elsewhere: CPU generation gains little from width and pays in memory."""
 
@@ -147,8 +147,7 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
         features = None
     own = features is None
     if own:
-        features = ImageFeatures(hook.visual, processor, rows, image_px, batch_size, device,
-                                 compile=len(rows) >= COMPILE_MIN_QUESTIONS)
+        features = ImageFeatures(hook.visual, processor, rows, image_px, batch_size, device)
     cuda = str(device).startswith("cuda")
     try:
         for k, idx in enumerate(features.batches):
@@ -179,14 +178,29 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
     return answers  # type: ignore[return-value]
 
 
+def compile_by_default(visual, image_px: int, questions: int, device: str) -> bool:
+    """Whether the eval's tower compiles when `ImageFeatures(compile=None)`: on CUDA, where this
+    machine holds the tier-3 column's compile of this tower (`compile_cache.Warmup`'s file: a warm
+    start is ~3 s in a new process and well under one in the apply that just computed the column,
+    whose compiled code is still loaded), or where the eval is large enough to pay a cold compile
+    (`COMPILE_MIN_QUESTIONS`)."""
+    if not str(device).startswith("cuda"):
+        return False
+    if questions >= COMPILE_MIN_QUESTIONS:
+        return True
+    from ..vlm.compile_cache import Warmup
+
+    return Warmup(_TowerRunner.parts(visual, image_px)).path.exists()
+
+
 class ImageFeatures:
     """The vision tower's output for each batch of eval questions, computed ahead of generation.
 
     The questions are cut into prompt-length-sorted batches (`length_sorted_batches`). `queue(k)`
     starts batch k: its images are decoded and resized on a thread pool (two batches ahead), then
-    copied to the device, patchified (`Patchifier`) and run through `FastTower`; on CUDA all of that
-    is queued on a side stream from pinned memory, so the GPU runs a batch's tower while the host
-    goes on: the next batch's under the previous batch's generation, and the tail of the first
+    copied to the device, patchified (`Patchifier`) and run through the tower (`_TowerRunner`); on
+    CUDA all of that is queued on a side stream from pinned memory, so the GPU runs a batch's tower
+    while the host goes on: the next batch's under the previous batch's generation, and the first
     batches' under the language model's load (`evaluate` starts them before loading it). `take(k)`
     returns `(pixel_values, grid_thw, output)` with the current stream ordered after that work.
 
@@ -194,25 +208,20 @@ class ImageFeatures:
     the model's dtype); the same code runs on the same batches either way, so the features are the
     ones the model's own tower would compute.
 
-    On CUDA an eager tower is launched from one background thread (`background`: None chooses
-    that; True or False forces it). An eager tower over a batch is ~1,000 kernels of milliseconds
-    each, so CUDA's launch queue fills and the launching thread waits for the GPU: launched from
-    the loading thread, most of the first batch's tower was still paid before the load started
-    (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval). PyTorch drops the GIL inside its ops,
-    so a waiting launcher holds nothing up; the tower path makes no tensor from the process-wide
-    default dtype that transformers changes mid-load (tested: the same features under a float64
-    default), and no module or parameter (FastTower is built here, in the calling thread, before
-    any load patches module construction). A compiled tower is launched from the calling thread
-    (torch.compile there); on CPU there is no queue to hide, so the calling thread launches.
-    `examples/benchmarks/profiles/eval_compare.py --configs b256-ahead,b256-ahead-thread` measures
-    the two launchers against each other.
+    Compiled (`compile`; None: `compile_by_default`), the tower is warmed up here, in the calling
+    thread, and each batch's tower is then a few CUDA-graph launches, queued in milliseconds. The
+    eager tower is ~1,000 kernel launches a batch: CUDA's launch queue fills and the launching
+    thread waits for the GPU (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval's load). A
+    background launcher thread did not help there: the tower then ran beside the load on the GPU
+    and both slowed, 22.1 s from the tower's start to the last answer against 21.3 s
+    (`eval_compare.json`), so launches stay on the calling thread.
     """
 
     AHEAD = 2
     """Batches decoded (and, before the first generation, run through the tower) ahead."""
 
     def __init__(self, visual, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int, device: str,
-                 compile: bool = False, background: bool | None = None):
+                 compile: bool | None = None):
         import torch
 
         from ..vlm.patchify import Patchifier
@@ -224,6 +233,8 @@ class ImageFeatures:
         self.batches = length_sorted_batches([len(ids) for ids in processor.tokenizer(self.texts)["input_ids"]],
                                              batch_size)
         self.cuda = self.device.startswith("cuda")
+        if compile is None:
+            compile = compile_by_default(visual, image_px, len(rows), self.device)
         self.tower = _TowerRunner(visual, self.device, batch_size, compile=compile)
         self.patchify = Patchifier(processor.image_processor)
         self.stream = torch.cuda.Stream(torch.device(self.device)) if self.cuda else None
@@ -231,14 +242,9 @@ class ImageFeatures:
         self._decoding: dict[int, list[Future]] = {}
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
-        # A compiled tower is always launched from the calling thread (torch.compile there).
-        background = (self.cuda if background is None else bool(background)) and not self.tower.compiled
-        if background:
-            self.tower.fast  # built here: see the class docstring
-        self.launcher = ThreadPoolExecutor(1, thread_name_prefix="vlmspec-eval-tower") if background else None
-        self._closed = False
         for k in range(min(self.AHEAD, len(self.batches))):
             self._decode(k)
+        self.warmup = self.tower.warm(self.patchify, image_px) if self.tower.compiled and rows else None
 
     def _decode(self, k: int) -> None:
         if k < len(self.batches) and k not in self._decoding and k not in self._ready:
@@ -251,12 +257,7 @@ class ImageFeatures:
         self._decode(k)
         decoding = self._decoding.pop(k)
         self._decode(k + self.AHEAD - 1)
-        if self.launcher is not None:
-            self._ready[k] = self.launcher.submit(self._compute, decoding)
-        else:
-            done: Future = Future()
-            done.set_result(self._compute(decoding))
-            self._ready[k] = done
+        self._ready[k] = self._compute(decoding)
 
     def _compute(self, decoding: list[Future]) -> tuple:
         import torch
@@ -284,7 +285,7 @@ class ImageFeatures:
         import torch
 
         self.queue(k)
-        pixels, grid, out, done = self._ready.pop(k).result()
+        pixels, grid, out, done = self._ready.pop(k)
         if done is not None:
             current = torch.cuda.current_stream(torch.device(self.device))
             current.wait_event(done)
@@ -294,17 +295,12 @@ class ImageFeatures:
 
     def tower_seconds(self) -> float | None:
         """GPU seconds the batches' copy, patchify and tower took (CUDA events; None on CPU)."""
-        if self.launcher is not None and not self._closed:
-            self.launcher.submit(lambda: None).result()  # every queued batch launched
         if not self.cuda or not self._events:
             return None
         self._events[-1][1].synchronize()
         return round(sum(a.elapsed_time(b) for a, b in self._events) / 1e3, 2)
 
     def close(self) -> None:
-        self._closed = True
-        if self.launcher is not None:
-            self.launcher.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._ready.clear()
         self._decoding.clear()
@@ -351,10 +347,14 @@ def _decode(row: dict[str, Any], image_px: int) -> np.ndarray:
 
 class _TowerRunner:
     """`FastTower` on `visual`, called like `get_image_features`'s tower: pixel values cast to the
-    tower's dtype, and `pooler_output` split per image. Compiled on CUDA when `compile` (as the
-    tier-3 column: one block compile per batch size, once per process; no CUDA graph, whose outputs
-    the next batch's replay would overwrite); a failing compile warns once and runs it eager, which
-    computes the same."""
+    tower's dtype, and `pooler_output` split per image.
+
+    With `compile` (CUDA only) it runs as the tier-3 column runs by default: compiled, in
+    sub-batches of `CUDA_SUB_BATCH` images each replayed as one CUDA graph, under the column's
+    compile-cache key (`parts`), so the column's compile (in this process, or cached on this
+    machine) is this one's too. A graph's outputs are overwritten by its next replay, so each
+    sub-batch's merged tokens are copied out into the batch's own tensor. A failing compile warns
+    once and runs it eager, which computes the same."""
 
     def __init__(self, visual, device: str, batch_size: int, compile: bool = False):
         self.visual = visual
@@ -363,20 +363,67 @@ class _TowerRunner:
         self.batch_size = int(batch_size)
         self._fast = None  # made on first use
 
+    @staticmethod
+    def parts(visual, image_px: int) -> dict[str, Any]:
+        """The compile-cache key of the compiled runner: the column's default for this tower."""
+        from ..vlm.compile_cache import tower_parts
+        from ..vlm.fast_tower import CUDA_SUB_BATCH
+
+        return tower_parts(visual, visual.dtype, image_px, {CUDA_SUB_BATCH}, True, True)
+
     @property
     def fast(self):
         if self._fast is None:
-            from ..vlm.fast_tower import FastTower
+            from ..vlm.fast_tower import CUDA_SUB_BATCH, FastTower
 
-            self._fast = FastTower(self.visual, compile=self.compiled, compile_sizes={self.batch_size})
+            self._fast = FastTower(self.visual, compile=self.compiled, compile_sizes={CUDA_SUB_BATCH},
+                                   graph=self.compiled)
         return self._fast
+
+    def warm(self, patchify, image_px: int) -> dict[str, Any]:
+        """Compile (or load the cached compile) and capture now, on one sub-batch of blank images;
+        returns the compile cache's stats (`Warmup.stats`)."""
+        import torch
+
+        from ..vlm.compile_cache import Warmup
+        from ..vlm.fast_tower import CUDA_SUB_BATCH
+
+        device = next(self.visual.parameters()).device
+        with Warmup(self.parts(self.visual, image_px)) as warm, torch.inference_mode():
+            zeros = torch.zeros((CUDA_SUB_BATCH, image_px, image_px, 3), dtype=torch.uint8, device=device)
+            for _ in range(2):  # records the layout, compiles and captures; the second call replays
+                self(*patchify(zeros))
+            torch.cuda.synchronize(device)
+        return warm.stats
 
     def __call__(self, pixel_values, grid_thw):
         import torch
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        from ..vlm.fast_tower import CUDA_SUB_BATCH
 
         px = pixel_values.type(self.visual.dtype)
+        grid = torch.as_tensor(grid_thw)
+        sizes = (grid.prod(-1) // self.merge_unit).tolist()
+        if not self.compiled:
+            out = self._forward(px, grid)
+        else:
+            patches = grid.prod(-1).tolist()
+            merged, p0, m0 = None, 0, 0
+            for i in range(0, len(sizes), CUDA_SUB_BATCH):
+                n_px, n_m = sum(patches[i:i + CUDA_SUB_BATCH]), sum(sizes[i:i + CUDA_SUB_BATCH])
+                part = self._forward(px[p0:p0 + n_px], grid[i:i + CUDA_SUB_BATCH]).pooler_output
+                if merged is None:
+                    merged = part.new_empty((sum(sizes), part.shape[-1]))
+                merged[m0:m0 + n_m].copy_(part)  # queued before the next replay overwrites `part`
+                p0, m0 = p0 + n_px, m0 + n_m
+            out = BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=merged)
+        out.pooler_output = torch.split(out.pooler_output, sizes)
+        return out
+
+    def _forward(self, px, grid):
         try:
-            out = self.fast(px, grid_thw)
+            return self.fast(px, grid)
         except Exception as e:  # noqa: BLE001 - inductor/triton missing or broken: eager is still correct
             if not self.compiled:
                 raise
@@ -385,10 +432,7 @@ class _TowerRunner:
 
             self.compiled = False
             self._fast = FastTower(self.visual, compile=False)
-            out = self._fast(px, grid_thw)
-        sizes = (torch.as_tensor(grid_thw).prod(-1) // self.merge_unit).tolist()
-        out.pooler_output = torch.split(out.pooler_output, sizes)
-        return out
+            return self._fast(px, grid)
 
 
 class _FastImageFeatures:

@@ -92,12 +92,12 @@ class VisionTower:
     def _setup_fast_path(self) -> None:
         import os
 
-        from vlmspec.runtime.vlm.fast_tower import FastTower
+        from vlmspec.runtime.vlm.fast_tower import CUDA_SUB_BATCH, FastTower
         from vlmspec.runtime.vlm.patchify import Patchifier
 
         knobs = tuning_of(self.ctx, VisionTower)  # the column's `tuning:` over the declared defaults
         cuda = str(self.device).startswith("cuda")
-        default_sub = 16 if cuda else 0  # 0: the whole batch at once (CPU gains nothing from overlap)
+        default_sub = CUDA_SUB_BATCH if cuda else 0  # 0: the whole batch at once (CPU gains nothing from overlap)
         self.sub_batch = int(default_sub if knobs["sub_batch"] is None else knobs["sub_batch"])
         # Compiled by default on CUDA: 2.3x the eager FastTower at the 3B shape (`vlmspec bench gpu
         # --phases tower`) for ~5 s of compiling once per process.
@@ -129,13 +129,12 @@ class VisionTower:
         self._ahead: list[_Decoding] = []  # batches whose decoding has started, oldest first
         self.stats = {"calls": 0, "call_s": 0.0, "alloc_s": 0.0}  # for `vlmspec bench gpu --phases tier3`
         if cuda and self.fast is not None:
-            from vlmspec.runtime.vlm.compile_cache import Warmup
+            from vlmspec.runtime.vlm.compile_cache import Warmup, tower_parts
 
             # Keyed by what changes the compiled code (the cache adds torch, Triton and the GPU), so a
-            # second apply of this column, in a new process, loads the artefacts instead of compiling.
-            parts = {"udf": "vlm.vision_tower", "tower": self.tower.config.to_json_string(use_diff=False),
-                     "dtype": str(self.dtype), "image_px": self.image_px, "sizes": sorted(sizes),
-                     "compile": compile_, "graph": graph}
+            # second apply of this column, in a new process, loads the artefacts instead of compiling
+            # (and the eval's tower, compiled alike, starts warm).
+            parts = tower_parts(self.tower, self.dtype, self.image_px, sizes, compile_, graph)
             with Warmup(parts) as warm:
                 self._warm(compile_, sizes)
             self.stats["warmup"] = warm.stats

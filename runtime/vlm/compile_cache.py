@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Warmup", "cache_root", "compile_key"]
+__all__ = ["Warmup", "cache_root", "compile_key", "tower_parts"]
 
 
 def cache_root() -> Path:
@@ -53,6 +53,13 @@ def compile_key(parts: dict[str, Any]) -> str:
         full["capability"] = list(torch.cuda.get_device_capability())
     blob = json.dumps(full, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tower_parts(tower, dtype, image_px: int, sizes: set[int], compile: bool, graph: bool) -> dict[str, Any]:
+    """What changes a vision tower's compiled code (the mega-cache's key, with the toolchain). The
+    tier-3 column and the eval's tower name it alike, so whichever compiled first warms the other."""
+    return {"udf": "vlm.vision_tower", "tower": tower.config.to_json_string(use_diff=False), "dtype": str(dtype),
+            "image_px": image_px, "sizes": sorted(sizes), "compile": compile, "graph": graph}
 
 
 def _point_caches(root: Path) -> None:

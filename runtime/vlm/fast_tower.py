@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastTower", "Layout", "compiled_block_runner", "equal_chunks"]
+__all__ = ["CUDA_SUB_BATCH", "FastTower", "Layout", "compiled_block_runner", "equal_chunks"]
 
 _ATTR = "_vlmspec_chunks"
 
@@ -101,6 +101,11 @@ def _run_block(blk, x, args, kwargs):
 
 
 _COMPILED: dict[str | None, Any] = {}
+
+
+CUDA_SUB_BATCH = 16
+"""Images per compiled tower call on CUDA, by default: the tier-3 column's sub-batch (decode
+overlaps the tower) and the eval's, so both use the same compiled code and CUDA-graph layout."""
 
 
 def compiled_block_runner(mode: str | None = None):

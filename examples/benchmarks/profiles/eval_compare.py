@@ -20,12 +20,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True),
-           "b256-ahead": (256, False), "b256-ahead-thread": (256, False)}
-"""`-ahead`: as `evaluate` runs it since the tower moved ahead of generation: the tower loaded alone,
-the first batches' features started before the model loads (`ImageFeatures`); `-thread` launches
-the tower from a background thread (`ImageFeatures(background=True)`: the default on CUDA since),
-`b256-ahead` from the loading thread. Each run records a digest of each model's answers: configs
-that differ only in how the tower is launched must answer identically."""
+           "b256-ahead": (256, False), "b256-compiled": (256, False)}
+"""`-ahead`: the tower loaded alone, the first batches' features started before the model loads
+(`ImageFeatures`), the tower eager (a config `-ahead-thread` launched it from a background thread:
+measured slower, the tower then ran beside the load on the GPU, and that option is gone: see
+results/history/2026-12-07-h100-eval-thread); `-compiled`: as `evaluate` runs it where the column's compile is cached on
+this machine (after `vlmspec bench apply`'s cold round): compiled and CUDA-graphed in the
+column's sub-batches, warmed up before the load (`compile_by_default`). Each run records a digest
+of each model's answers: a random-weight model's near-ties can flip between runs, so equal digests
+are evidence of equal arithmetic, unequal ones prove nothing alone."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -61,7 +64,12 @@ def one(cfg: str, work: Path, questions: int) -> dict:
         from vlmspec.runtime.vlm.models import load_vision_tower
 
         features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda",
-                                   background=cfg.endswith("-thread"))  # explicit: both launchers
+                                   compile=False)
+    elif cfg.endswith("-compiled"):
+        from vlmspec.runtime.vlm.models import load_vision_tower
+
+        features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda")
+    if features is not None:
         for k in range(G.ImageFeatures.AHEAD):
             features.queue(k)
     t = time.perf_counter()
@@ -72,7 +80,8 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     answers = G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows,
                                   560, batch, gen, "cuda", seconds=seconds, features=features)
     wall = time.perf_counter() - t
-    extra = {"tower_gpu_s": features.tower_seconds()} if features is not None else {}
+    extra = ({"tower_gpu_s": features.tower_seconds(), "compiled": features.compiled, "warmup": features.warmup}
+             if features is not None else {})
     return {"cfg": cfg, **extra, "load_s": round(load, 2), "wall_s": round(wall, 2),
             "load_to_answers_s": round(time.perf_counter() - t0, 2),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
