@@ -101,3 +101,20 @@ def test_bench_apply_profiler_prefix_falls_back_when_py_spy_cannot_sample(tmp_pa
     if real:  # where py-spy is installed and may sample, the prefix runs the apply under it
         got = profiler_prefix(real, tmp_path / "out" / "p.json")
         assert got == [] or (got[0] == real and got[-2:] == [str(tmp_path / "out" / "p.json"), "--"])
+
+
+def test_bench_apply_scales_only_what_grows_with_rows():
+    """The scaled whole apply grows each row-proportional stage's time after its set-up (a column's
+    model load and compile are paid once, whatever the rows); train, eval and start-up stay."""
+    from vlmspec.runtime.tools.bench.apply_e2e import SEED_ROWS, _derive
+    from vlmspec.runtime.tools.bench.common import Results
+
+    steps = [{"name": "ingest", "seconds": 5.0, "rows": 100, "ended": 5.0},
+             {"name": "vision_tower_hiddens", "seconds": 30.0, "setup_s": 10.0, "rows": 100, "ended": 35.0},
+             {"name": "train", "seconds": 50.0, "rows": 10, "ended": 85.0},
+             {"name": "eval", "seconds": 10.0, "rows": 10, "ended": 95.0}]
+    cold = {"seconds": 100.0, "rc": 0, "record": {"steps": steps}, "samples": [], "started": 0.0, "ended": 100.0}
+    res = Results("apply_e2e", "t", {})
+    _derive(res, {"cold": cold}, [], rows=SEED_ROWS // 2)
+    grow = 5.0 + (30.0 - 10.0)  # ingest, and the tower after its set-up; train and eval as measured
+    assert res.derived["scaled_s"]["value"] == round(100.0 + grow * (SEED_ROWS / (SEED_ROWS // 2) - 1), 1)
