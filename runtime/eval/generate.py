@@ -180,17 +180,23 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
 
 def compile_by_default(visual, image_px: int, questions: int, device: str) -> bool:
     """Whether the eval's tower compiles when `ImageFeatures(compile=None)`: on CUDA, where this
-    machine holds the tier-3 column's compile of this tower (`compile_cache.Warmup`'s file: a warm
-    start is ~3 s in a new process and well under one in the apply that just computed the column,
-    whose compiled code is still loaded), or where the eval is large enough to pay a cold compile
-    (`COMPILE_MIN_QUESTIONS`)."""
+    process has compiled the tier-3 column's tower of the same configuration (the apply that just
+    computed the column: its compiled code is loaded, so the eval's warm-up is a layout recording
+    and a graph capture), or where the eval is large enough to pay a cold compile
+    (`COMPILE_MIN_QUESTIONS`).
+
+    Not merely where the column's compile is cached on disk: in a new process the eval's warm-up
+    missed inductor's cache for 6 of its 8 graphs although it loaded the column's mega-cache (H200,
+    `eval_compare.json`, `b256-compiled`: 7.9 s of warm-up, slower overall than the eager tower),
+    while the column's own second apply hits all 8. Why was not found; until it is, a new process
+    runs the eval's tower eager."""
     if not str(device).startswith("cuda"):
         return False
     if questions >= COMPILE_MIN_QUESTIONS:
         return True
-    from ..vlm.compile_cache import Warmup
+    from ..vlm.compile_cache import warmed_here
 
-    return Warmup(_TowerRunner.parts(visual, image_px)).path.exists()
+    return warmed_here(_TowerRunner.parts(visual, image_px))
 
 
 class ImageFeatures:
@@ -209,7 +215,8 @@ class ImageFeatures:
     ones the model's own tower would compute.
 
     Compiled (`compile`; None: `compile_by_default`), the tower is warmed up here, in the calling
-    thread, and each batch's tower is then a few CUDA-graph launches, queued in milliseconds. The
+    thread, and each batch's tower is then a few CUDA-graph launches, queued in milliseconds (a
+    short last sub-batch is padded to a full one's graph, since eager it would be ~1,000). The
     eager tower is ~1,000 kernel launches a batch: CUDA's launch queue fills and the launching
     thread waits for the GPU (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval's load). A
     background launcher thread did not help there: the tower then ran beside the load on the GPU
@@ -412,7 +419,15 @@ class _TowerRunner:
             merged, p0, m0 = None, 0, 0
             for i in range(0, len(sizes), CUDA_SUB_BATCH):
                 n_px, n_m = sum(patches[i:i + CUDA_SUB_BATCH]), sum(sizes[i:i + CUDA_SUB_BATCH])
-                part = self._forward(px[p0:p0 + n_px], grid[i:i + CUDA_SUB_BATCH]).pooler_output
+                x, g = px[p0:p0 + n_px], grid[i:i + CUDA_SUB_BATCH]
+                pad = CUDA_SUB_BATCH - len(g)
+                if pad and bool((g == g[-1]).all()):
+                    # A short tail runs as a full sub-batch (blank images, their tokens dropped: every
+                    # image attends only within itself): one graph launch instead of ~1,000 eager
+                    # ones, which would fill CUDA's launch queue and hold this thread.
+                    x = torch.cat([x, x.new_zeros((pad * patches[i + len(g) - 1], x.shape[1]))])
+                    g = torch.cat([g, g[-1:].expand(pad, -1)])
+                part = self._forward(x, g).pooler_output[:n_m]
                 if merged is None:
                     merged = part.new_empty((sum(sizes), part.shape[-1]))
                 merged[m0:m0 + n_m].copy_(part)  # queued before the next replay overwrites `part`

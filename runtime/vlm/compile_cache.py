@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Warmup", "cache_root", "compile_key", "tower_parts"]
+__all__ = ["Warmup", "cache_root", "compile_key", "tower_parts", "warmed_here"]
 
 
 def cache_root() -> Path:
@@ -53,6 +53,16 @@ def compile_key(parts: dict[str, Any]) -> str:
         full["capability"] = list(torch.cuda.get_device_capability())
     blob = json.dumps(full, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_WARMED: set[str] = set()
+"""Keys (`compile_key`) of the configurations this process has warmed up (a `Warmup` block that
+ended without an error): their compiled code is loaded here, so compiling the same again is free."""
+
+
+def warmed_here(parts: dict[str, Any]) -> bool:
+    """Whether this process has warmed up this configuration (see `_WARMED`)."""
+    return compile_key(parts) in _WARMED
 
 
 def tower_parts(tower, dtype, image_px: int, sizes: set[int], compile: bool, graph: bool) -> dict[str, Any]:
@@ -110,8 +120,10 @@ class Warmup:
         self.stats = {"seconds": round(seconds, 2), "start": "warm" if hits and not misses else "cold",
                       "fxgraph_hits": hits, "fxgraph_misses": misses, "megacache": self._loaded,
                       "key": compile_key(self.parts)}
-        if exc_type is None and misses:
-            self._save()
+        if exc_type is None:
+            _WARMED.add(self.stats["key"])
+            if misses:
+                self._save()
 
     def _save(self) -> None:
         import torch

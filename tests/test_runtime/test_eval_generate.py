@@ -56,8 +56,8 @@ def test_batch_size_auto_picks_by_device_and_a_number_wins(monkeypatch):
 
 def test_the_eval_tower_compiles_where_the_columns_compile_is_cached_or_the_eval_is_large(tiny, rows, monkeypatch,
                                                                                            tmp_path):
-    """A cold compile costs ~12 s a model: a few hundred questions compile only where this machine
-    holds the column's compile of the tower (a warm start), and never on the CPU."""
+    """A cold compile costs ~12 s a model: a few hundred questions compile only where this process
+    has compiled the column's tower of the same configuration, and never on the CPU."""
     model, processor = tiny
     visual = model.model.visual
     monkeypatch.setenv("VLMSPEC_CACHE_DIR", str(tmp_path))
@@ -67,9 +67,12 @@ def test_the_eval_tower_compiles_where_the_columns_compile_is_cached_or_the_eval
     from vlmspec.runtime.vlm.compile_cache import Warmup, tower_parts
 
     # the column's key for this tower at its CUDA defaults (sub-batch 16, compiled, graphed)
-    column = Warmup(tower_parts(visual, visual.dtype, PX, {fast_tower.CUDA_SUB_BATCH}, True, True))
-    column.path.parent.mkdir(parents=True)
-    column.path.write_bytes(b"artefacts")
+    column = tower_parts(visual, visual.dtype, PX, {fast_tower.CUDA_SUB_BATCH}, True, True)
+    Warmup(column).path.parent.mkdir(parents=True)
+    Warmup(column).path.write_bytes(b"artefacts")
+    assert not G.compile_by_default(visual, PX, 400, "cuda")  # on disk only: a new process missed its cache
+    with Warmup(column):  # the column's warm-up in this process
+        pass
     assert G.compile_by_default(visual, PX, 400, "cuda")
     assert not G.compile_by_default(visual, PX + 28, 400, "cuda")  # another image size: another compile
     features = G.ImageFeatures(visual, processor, rows[:2], PX, 2, "cpu", compile=True)
@@ -80,8 +83,9 @@ def test_the_eval_tower_compiles_where_the_columns_compile_is_cached_or_the_eval
 
 
 def test_sub_batched_tower_features_equal_one_call(tiny, rows, monkeypatch):
-    """The compiled runner's sub-batches (each graph's output copied out before the next replay)
-    give the batch's features in image order: here on CPU, eager, in sub-batches of 2."""
+    """The compiled runner's sub-batches (each graph's output copied out before the next replay,
+    a short tail padded with blank images) give the batch's features in image order: here on CPU,
+    eager, in sub-batches of 2."""
     model, processor = tiny
     monkeypatch.setattr(fast_tower, "CUDA_SUB_BATCH", 2)
     u8 = torch.from_numpy(np.stack([G._decode(r, PX) for r in rows[:5]]))
@@ -94,7 +98,7 @@ def test_sub_batched_tower_features_equal_one_call(tiny, rows, monkeypatch):
         real = fast_tower.FastTower.__call__
         monkeypatch.setattr(fast_tower.FastTower, "__call__", lambda self, p, g: calls.append(len(g)) or real(self, p, g))
         got = runner(px, grid).pooler_output
-    assert calls == [2, 2, 1] and len(got) == len(want) == 5
+    assert calls == [2, 2, 2] and len(got) == len(want) == 5  # the tail padded to a full sub-batch
     assert all(g.shape == w.shape and torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
 
 
@@ -337,11 +341,11 @@ def test_compiled_graphed_features_on_cuda_equal_the_eager_tower_batch_by_batch(
     for batch_e, batch_g in zip(eager, graphed):
         for e, g in zip(batch_e, batch_g):
             assert g.shape == e.shape and (g - e).abs().max().item() <= 0.04 * e.abs().max().item()
-    first, second = eager[0][0], eager[1][0]
-    assert (first - second).abs().max().item() > 0.04 * first.abs().max().item()  # the check can fail
+    first = eager[0][0]  # the check can fail: some image's features differ from the first's by more
+    assert any((t - first).abs().max().item() > 0.04 * first.abs().max().item() for b in eager for t in b)
     model = models.load_full_model(spec, device="cuda")
     f = G.ImageFeatures(models.load_vision_tower(spec, device="cuda"), processor, rows, PX, 3, "cuda")
-    assert f.compiled  # the compile above is cached: the default compiles
+    assert f.compiled  # this process compiled this configuration above: the default compiles
     got = G.generate_compared(model, {"m": G.nullcontext}, processor, rows, PX, 3, gen, "cuda", features=f)["m"]
     f.close()
     want = G.generate_answers(model, processor, rows, PX, 3, gen, "cuda", fast=False)
