@@ -7,7 +7,7 @@ The fast path computes what the reference computes, faster:
 * `Patchifier` turns the uint8 batch into `pixel_values` on the device (the image processor's
   arithmetic as tensor ops, tested bitwise equal), and the vision tower runs as `FastTower` (the
   tier-3 column's batched-attention replay; on CUDA compiled and CUDA-graphed in the column's
-  sub-batches wherever the column's compile is cached, see `compile_by_default`);
+  sub-batches where this process compiled the column's tower, see `compile_by_default`);
 * on CUDA a batch's copy, patchify and tower are queued on a side stream ahead of its generation
   (`ImageFeatures`): the first batches' before the language model's load (`evaluate` loads the
   tower alone first), each later one's under the previous batch's generation;
@@ -46,7 +46,7 @@ against 16 GiB."""
 LARGE_GPU_GIB = 64
 
 COMPILE_MIN_QUESTIONS = 2000
-"""Without a cached compile of the tower (`compile_by_default`), compile the eval's tower only for
+"""Without the column's compile of the tower in this process (`compile_by_default`), compile the eval's tower only for
 evaluations at least this large: a cold compile costs ~12 s in a fresh process and saves ~6 ms a
 question (~170 images/s compiled against ~85 eager at the 3B shape, `gpu_tower.json`), so it pays
 from about 2,000 questions (TextVQA's 5,000-question val split)."""
@@ -141,7 +141,7 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
 
     tok = processor.tokenizer
     tok.padding_side = "left"
-    hook = _FastImageFeatures(model, device, batch_size, compile=False)  # computes only what was not prefetched
+    hook = _FastImageFeatures(model, device, compile=False)  # computes only what was not prefetched
     if features is not None and features.dtype != hook.visual.dtype:
         features.close()  # features of a tower in another dtype are not this model's: compute them here
         features = None
@@ -242,7 +242,7 @@ class ImageFeatures:
         self.cuda = self.device.startswith("cuda")
         if compile is None:
             compile = compile_by_default(visual, image_px, len(rows), self.device)
-        self.tower = _TowerRunner(visual, self.device, batch_size, compile=compile)
+        self.tower = _TowerRunner(visual, self.device, compile=compile)
         self.patchify = Patchifier(processor.image_processor)
         self.stream = torch.cuda.Stream(torch.device(self.device)) if self.cuda else None
         self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="vlmspec-eval-decode")
@@ -358,16 +358,14 @@ class _TowerRunner:
 
     With `compile` (CUDA only) it runs as the tier-3 column runs by default: compiled, in
     sub-batches of `CUDA_SUB_BATCH` images each replayed as one CUDA graph, under the column's
-    compile-cache key (`parts`), so the column's compile (in this process, or cached on this
-    machine) is this one's too. A graph's outputs are overwritten by its next replay, so each
+    compile-cache key (`parts`), so the column's compile in this process is this one's too. A graph's outputs are overwritten by its next replay, so each
     sub-batch's merged tokens are copied out into the batch's own tensor. A failing compile warns
     once and runs it eager, which computes the same."""
 
-    def __init__(self, visual, device: str, batch_size: int, compile: bool = False):
+    def __init__(self, visual, device: str, compile: bool = False):
         self.visual = visual
         self.merge_unit = int(visual.spatial_merge_size) ** 2
         self.compiled = bool(compile) and str(device).startswith("cuda")
-        self.batch_size = int(batch_size)
         self._fast = None  # made on first use
 
     @staticmethod
@@ -455,7 +453,7 @@ class _FastImageFeatures:
     `Qwen2_5_VLModel`, shadowing the class method) until `remove()`. Pixel values named by
     `provide` get the features computed for them ahead (`ImageFeatures`); others are computed here."""
 
-    def __init__(self, model, device: str, batch_size: int, compile: bool = True):
+    def __init__(self, model, device: str, compile: bool = True):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
         inner = next((m for m in model.modules() if isinstance(m, Qwen2_5_VLModel)), None)
@@ -463,7 +461,7 @@ class _FastImageFeatures:
             raise TypeError(f"expected a Qwen2.5-VL model, got {type(model).__name__}")
         self.inner = inner
         self.visual = inner.visual
-        self.tower = _TowerRunner(self.visual, device, batch_size, compile=compile)
+        self.tower = _TowerRunner(self.visual, device, compile=compile)
         self._provided: tuple | None = None  # (pixel_values, output) of the batch `provide` named
         inner.get_image_features = self._features
 

@@ -91,8 +91,8 @@ def test_sub_batched_tower_features_equal_one_call(tiny, rows, monkeypatch):
     u8 = torch.from_numpy(np.stack([G._decode(r, PX) for r in rows[:5]]))
     px, grid = Patchifier(processor.image_processor)(u8)
     with torch.inference_mode():
-        want = G._TowerRunner(model.model.visual, "cpu", 5)(px, grid).pooler_output
-        runner = G._TowerRunner(model.model.visual, "cpu", 5)
+        want = G._TowerRunner(model.model.visual, "cpu")(px, grid).pooler_output
+        runner = G._TowerRunner(model.model.visual, "cpu")
         runner.compiled = True  # the sub-batching path (CUDA's), run eager here
         calls = []
         real = fast_tower.FastTower.__call__
@@ -169,7 +169,7 @@ def test_fast_image_features_equal_hf(tiny, rows):
     u8 = torch.from_numpy(np.stack([G._decode(r, PX) for r in rows[:3]]))
     px, grid = Patchifier(processor.image_processor)(u8)
     inner = model.model
-    features = G._FastImageFeatures(model, "cpu", 3)
+    features = G._FastImageFeatures(model, "cpu")
     try:
         assert inner.get_image_features == features._features  # this instance only
         with torch.inference_mode():
@@ -293,7 +293,7 @@ def test_fast_path_on_cuda_equals_the_reference_path(rows):
     px, grid = Patchifier(processor.image_processor)(u8)
     px, grid = px.cuda(), grid.cuda()
     inner = model.model
-    features = G._FastImageFeatures(model, "cuda", 3)
+    features = G._FastImageFeatures(model, "cuda")
     try:
         with torch.inference_mode():
             want = type(inner).get_image_features(inner, px, grid, return_dict=True).pooler_output

@@ -34,7 +34,7 @@ def one(role: str) -> dict:
     tower = models.load_vision_tower(spec, device="cuda")
     patchify = Patchifier(models.load_model_processor(spec).image_processor)
     if role == "eval":
-        return G._TowerRunner(tower, "cuda", 2, compile=True).warm(patchify, px)
+        return G._TowerRunner(tower, "cuda", compile=True).warm(patchify, px)
     fast = fast_tower.FastTower(tower, compile=True, compile_sizes={2}, graph=True)
     with Warmup(tower_parts(tower, tower.dtype, px, {2}, True, True)) as warm, torch.inference_mode():
         zeros = torch.zeros((2, px, px, 3), dtype=torch.uint8)

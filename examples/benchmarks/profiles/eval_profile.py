@@ -121,7 +121,7 @@ def main() -> None:
             r["prompt_tokens"] = list(inputs["input_ids"].shape)
             inputs.update(pixel_values=pix, image_grid_thw=grid)
             inputs = {k: v.to("cuda") for k, v in inputs.items()}
-            tower = G._FastImageFeatures(model, "cuda", args.batch, compile=False)
+            tower = G._FastImageFeatures(model, "cuda", compile=False)
             try:
                 inner = tower.inner
                 with torch.inference_mode():
