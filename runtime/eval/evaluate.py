@@ -138,10 +138,10 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         if str(device).startswith("cuda"):
             # The tower alone loads in well under a second; its work for the first batches is then
             # queued on a side stream before the language model loads (seconds of CPU work, the GPU
-            # otherwise idle). Compiled where the column's compile is cached (the apply that just
-            # computed the column, or a later one on this machine), each batch is a few CUDA-graph
-            # launches; eager, its ~1,000 launches a batch fill CUDA's queue and are waited out here
-            # (see `ImageFeatures`). Same weights, dtype and code as the model's own tower, so the
+            # otherwise idle). Compiled where this process compiled the column's tower (the apply that
+            # just computed the column: `compile_by_default`), each batch is a few CUDA-graph launches;
+            # eager, its ~1,000 launches a batch fill CUDA's queue and are waited out here (see
+            # `ImageFeatures`). Same weights, dtype and code as the model's own tower, so the
             # same features.
             from ..vlm.models import load_vision_tower
             from .generate import ImageFeatures

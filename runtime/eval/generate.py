@@ -46,10 +46,10 @@ against 16 GiB."""
 LARGE_GPU_GIB = 64
 
 COMPILE_MIN_QUESTIONS = 2000
-"""Without the column's compile of the tower in this process (`compile_by_default`), compile the eval's tower only for
-evaluations at least this large: a cold compile costs ~12 s in a fresh process and saves ~6 ms a
-question (~170 images/s compiled against ~85 eager at the 3B shape, `gpu_tower.json`), so it pays
-from about 2,000 questions (TextVQA's 5,000-question val split)."""
+"""Without the column's compile of the tower in this process (`compile_by_default`), compile the
+eval's tower only for evaluations at least this large: a cold compile costs ~12 s in a fresh
+process and saves ~6 ms a question (~170 images/s compiled against ~85 eager at the 3B shape,
+`gpu_tower.json`), so it pays from about 2,000 questions (TextVQA's 5,000-question val split)."""
 CPU_BATCH = 8
 """`eval.batch_size: auto` elsewhere: CPU generation gains little from width and pays in memory."""
 
@@ -358,9 +358,10 @@ class _TowerRunner:
 
     With `compile` (CUDA only) it runs as the tier-3 column runs by default: compiled, in
     sub-batches of `CUDA_SUB_BATCH` images each replayed as one CUDA graph, under the column's
-    compile-cache key (`parts`), so the column's compile in this process is this one's too. A graph's outputs are overwritten by its next replay, so each
-    sub-batch's merged tokens are copied out into the batch's own tensor. A failing compile warns
-    once and runs it eager, which computes the same."""
+    compile-cache key (`parts`), so the column's compile in this process is this one's too. A
+    graph's outputs are overwritten by its next replay, so each sub-batch's merged tokens are copied
+    out into the batch's own tensor. A failing compile warns once and runs it eager, which computes
+    the same."""
 
     def __init__(self, visual, device: str, compile: bool = False):
         self.visual = visual
@@ -409,11 +410,12 @@ class _TowerRunner:
 
         px = pixel_values.type(self.visual.dtype)
         grid = torch.as_tensor(grid_thw)
-        sizes = (grid.prod(-1) // self.merge_unit).tolist()
+        per_image = grid.prod(-1)
+        sizes = (per_image // self.merge_unit).tolist()
         if not self.compiled:
             out = self._forward(px, grid)
         else:
-            patches = grid.prod(-1).tolist()
+            patches = per_image.tolist()
             merged, p0, m0 = None, 0, 0
             for i in range(0, len(sizes), CUDA_SUB_BATCH):
                 n_px, n_m = sum(patches[i:i + CUDA_SUB_BATCH]), sum(sizes[i:i + CUDA_SUB_BATCH])

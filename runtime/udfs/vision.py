@@ -133,7 +133,7 @@ class VisionTower:
 
             # Keyed by what changes the compiled code (the cache adds torch, Triton and the GPU), so a
             # second apply of this column, in a new process, loads the artefacts instead of compiling
-            # (and the eval's tower, compiled alike, starts warm).
+            # (the eval's tower uses the same key: `eval.generate.compile_by_default`).
             parts = tower_parts(self.tower, self.dtype, self.image_px, sizes, compile_, graph)
             with Warmup(parts) as warm:
                 self._warm(compile_, sizes)

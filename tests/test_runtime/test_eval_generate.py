@@ -54,8 +54,8 @@ def test_batch_size_auto_picks_by_device_and_a_number_wins(monkeypatch):
     assert G.resolve_batch_size(5, "cuda") == 5
 
 
-def test_the_eval_tower_compiles_where_the_columns_compile_is_cached_or_the_eval_is_large(tiny, rows, monkeypatch,
-                                                                                           tmp_path):
+def test_the_eval_tower_compiles_where_this_process_compiled_the_column_or_the_eval_is_large(tiny, rows, monkeypatch,
+                                                                                              tmp_path):
     """A cold compile costs ~12 s a model: a few hundred questions compile only where this process
     has compiled the column's tower of the same configuration, and never on the CPU."""
     model, processor = tiny
@@ -96,7 +96,8 @@ def test_sub_batched_tower_features_equal_one_call(tiny, rows, monkeypatch):
         runner.compiled = True  # the sub-batching path (CUDA's), run eager here
         calls = []
         real = fast_tower.FastTower.__call__
-        monkeypatch.setattr(fast_tower.FastTower, "__call__", lambda self, p, g: calls.append(len(g)) or real(self, p, g))
+        monkeypatch.setattr(fast_tower.FastTower, "__call__",
+                            lambda self, p, g: calls.append(len(g)) or real(self, p, g))
         got = runner(px, grid).pooler_output
     assert calls == [2, 2, 2] and len(got) == len(want) == 5  # the tail padded to a full sub-batch
     assert all(g.shape == w.shape and torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))

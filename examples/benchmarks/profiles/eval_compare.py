@@ -24,11 +24,13 @@ CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (2
 """`-ahead`: the tower loaded alone, the first batches' features started before the model loads
 (`ImageFeatures`), the tower eager (a config `-ahead-thread` launched it from a background thread:
 measured slower, the tower then ran beside the load on the GPU, and that option is gone: see
-results/history/2026-12-07-h100-eval-thread); `-compiled`: as `evaluate` runs it where the column's compile is cached on
-this machine (after `vlmspec bench apply`'s cold round): compiled and CUDA-graphed in the
-column's sub-batches, warmed up before the load (`compile_by_default`). Each run records a digest
-of each model's answers: a random-weight model's near-ties can flip between runs, so equal digests
-are evidence of equal arithmetic, unequal ones prove nothing alone."""
+results/history/2026-12-07-h100-eval-thread); `-compiled`: the same, compiled and CUDA-graphed in
+the column's sub-batches under the column's compile-cache key, warmed up before the load. Run
+after `vlmspec bench apply`'s cold round, it shows whether a new process starts that compile warm
+from the column's cache (`evaluate` compiles only in the process that compiled the column:
+`compile_by_default`). Each run records a digest of each model's answers: a random-weight model's
+near-ties can flip between runs, so equal digests are evidence of equal arithmetic, unequal ones
+prove nothing alone."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -60,16 +62,11 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     processor = load_model_processor(spec)
     t0 = time.perf_counter()
     features = None
-    if "-ahead" in cfg:
+    if "-ahead" in cfg or cfg.endswith("-compiled"):
         from vlmspec.runtime.vlm.models import load_vision_tower
 
         features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda",
-                                   compile=False)
-    elif cfg.endswith("-compiled"):
-        from vlmspec.runtime.vlm.models import load_vision_tower
-
-        features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda")
-    if features is not None:
+                                   compile=cfg.endswith("-compiled"))
         for k in range(G.ImageFeatures.AHEAD):
             features.queue(k)
     t = time.perf_counter()
