@@ -147,12 +147,19 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
             from .generate import ImageFeatures
 
             t0 = time.perf_counter()
-            features = ImageFeatures(load_vision_tower(model_spec, device=device), processor, rows,
-                                     model_spec.image_px, batch_size, device)
-            timing_parts["tower_warmup"] = features.warmup
+            tower = load_vision_tower(model_spec, device=device)
+            t1 = time.perf_counter()
+            features = ImageFeatures(tower, processor, rows, model_spec.image_px, batch_size, device)
+            t2 = time.perf_counter()
             for k in range(ImageFeatures.AHEAD):
                 features.queue(k)
-            timing_parts["tower_start_s"] = round(time.perf_counter() - t0, 2)
+            t3 = time.perf_counter()
+            timing_parts["tower_warmup"] = features.warmup
+            timing_parts["tower_start_s"] = round(t3 - t0, 2)
+            # where the start goes: the tower's load, the set-up (prompts, warm-up), the first batches
+            timing_parts["tower_start_parts"] = {"load_s": round(t1 - t0, 2), "setup_s": round(t2 - t1, 2),
+                                                 "first_batches_s": round(t3 - t2, 2),
+                                                 "decode_wait_s": round(features.decode_wait_s, 2)}
         t0 = time.perf_counter()
         model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
                                 quant=job.quant)

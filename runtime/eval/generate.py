@@ -249,6 +249,7 @@ class ImageFeatures:
         self._decoding: dict[int, list[Future]] = {}
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
+        self.decode_wait_s = 0.0  # host seconds `queue` waited for the decode threads
         for k in range(min(self.AHEAD, len(self.batches))):
             self._decode(k)
         self.warmup = self.tower.warm(self.patchify, image_px) if self.tower.compiled and rows else None
@@ -269,7 +270,10 @@ class ImageFeatures:
     def _compute(self, decoding: list[Future]) -> tuple:
         import torch
 
-        u8 = torch.from_numpy(np.stack([f.result() for f in decoding]))
+        t = time.perf_counter()
+        decoded = [f.result() for f in decoding]
+        self.decode_wait_s += time.perf_counter() - t
+        u8 = torch.from_numpy(np.stack(decoded))
         with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.cuda else nullcontext()):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

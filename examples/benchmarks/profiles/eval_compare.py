@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True),
-           "b256-ahead": (256, False), "b256-compiled": (256, False)}
+           "b256-ahead": (256, False), "b256-compiled": (256, False), "b256-inproc": (256, False)}
 """`-ahead`: the tower loaded alone, the first batches' features started before the model loads
 (`ImageFeatures`), the tower eager (a config `-ahead-thread` launched it from a background thread:
 measured slower, the tower then ran beside the load on the GPU, and that option is gone: see
@@ -30,7 +30,9 @@ after `vlmspec bench apply`'s cold round, it shows whether a new process starts 
 from the column's cache (`evaluate` compiles only in the process that compiled the column:
 `compile_by_default`). Each run records a digest of each model's answers: a random-weight model's
 near-ties can flip between runs, so equal digests are evidence of equal arithmetic, unequal ones
-prove nothing alone."""
+prove nothing alone. `-inproc`: as the cold apply runs it, the column's tower compiled and warmed first in
+the same process (a separate tower copy, dropped after, as the column closes its UDF), then the
+eval with the default `compile=None`; records where the tower's start goes."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -60,15 +62,25 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     gen = SimpleNamespace(max_new_tokens=16, do_sample=False, temperature=1.0)
     quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     processor = load_model_processor(spec)
+    column = None
+    if cfg.endswith("-inproc"):
+        column = _column_warmup(spec, processor)
     t0 = time.perf_counter()
-    features = None
-    if "-ahead" in cfg or cfg.endswith("-compiled"):
+    features, parts = None, {}
+    if "-ahead" in cfg or cfg.endswith("-compiled") or cfg.endswith("-inproc"):
         from vlmspec.runtime.vlm.models import load_vision_tower
 
-        features = G.ImageFeatures(load_vision_tower(spec, device="cuda"), processor, rows, 560, batch, "cuda",
-                                   compile=cfg.endswith("-compiled"))
+        tower = load_vision_tower(spec, device="cuda")
+        t1 = time.perf_counter()
+        features = G.ImageFeatures(tower, processor, rows, 560, batch, "cuda",
+                                   compile=True if cfg.endswith("-compiled") else
+                                   None if cfg.endswith("-inproc") else False)
+        t2 = time.perf_counter()
         for k in range(G.ImageFeatures.AHEAD):
             features.queue(k)
+        parts = {"load_s": round(t1 - t0, 2), "setup_s": round(t2 - t1, 2),
+                 "first_batches_s": round(time.perf_counter() - t2, 2),
+                 "decode_wait_s": round(features.decode_wait_s, 2)}
     t = time.perf_counter()
     model = load_full_model(spec, device="cuda", adapter_dir=str(work / "adapter"), quant=quant)
     load = time.perf_counter() - t
@@ -77,14 +89,39 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     answers = G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows,
                                   560, batch, gen, "cuda", seconds=seconds, features=features)
     wall = time.perf_counter() - t
-    extra = ({"tower_gpu_s": features.tower_seconds(), "compiled": features.compiled, "warmup": features.warmup}
-             if features is not None else {})
+    extra = ({"tower_gpu_s": features.tower_seconds(), "compiled": features.compiled, "warmup": features.warmup,
+              "tower_start_parts": parts, "column_warmup": column} if features is not None else {})
     return {"cfg": cfg, **extra, "load_s": round(load, 2), "wall_s": round(wall, 2),
             "load_to_answers_s": round(time.perf_counter() - t0, 2),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "qps": {k: round(len(rows) / v, 1) for k, v in seconds.items()},
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "answers_sha": {k: hashlib.sha256(json.dumps(v).encode()).hexdigest()[:12] for k, v in answers.items()}}
+
+
+def _column_warmup(spec, processor) -> dict:
+    """The tier-3 column's tower warm-up (`udfs.vision.VisionTower._setup_fast_path`): its own tower
+    copy, compiled and graphed in sub-batches under the column's key, dropped afterwards."""
+    import torch
+
+    from vlmspec.runtime.vlm import fast_tower
+    from vlmspec.runtime.vlm.compile_cache import Warmup, tower_parts
+    from vlmspec.runtime.vlm.models import load_vision_tower
+    from vlmspec.runtime.vlm.patchify import Patchifier
+
+    tower = load_vision_tower(spec, device="cuda")
+    sizes = {fast_tower.CUDA_SUB_BATCH}
+    fast = fast_tower.FastTower(tower, compile=True, compile_sizes=sizes, graph=True)
+    patchify = Patchifier(processor.image_processor)
+    with Warmup(tower_parts(tower, tower.dtype, 560, sizes, True, True)) as warm, torch.inference_mode():
+        zeros = torch.zeros((fast_tower.CUDA_SUB_BATCH, 560, 560, 3), dtype=torch.uint8)
+        for _ in range(2):
+            pixels, grid = patchify(zeros.to("cuda", non_blocking=True))
+            fast(pixels.to(tower.dtype), grid).pooler_output
+        torch.cuda.synchronize()
+    del fast, tower
+    torch.cuda.empty_cache()
+    return warm.stats
 
 
 def main() -> None:
