@@ -207,7 +207,7 @@ class ImageFeatures:
     copied to the device, patchified (`Patchifier`) and run through the tower (`_TowerRunner`); on
     CUDA all of that is queued on a side stream from pinned memory, so the GPU runs a batch's tower
     while the host goes on: the next batch's under the previous batch's generation, and the first
-    batches' under the language model's load (`evaluate` starts them before loading it). `take(k)`
+    batches' under the language model's load (`evaluate` calls `start` before loading it). `take(k)`
     returns `(pixel_values, grid_thw, output)` with the current stream ordered after that work.
 
     The tower may be a copy loaded on its own (`load_vision_tower`: the same checkpoint weights, in
@@ -215,17 +215,21 @@ class ImageFeatures:
     ones the model's own tower would compute.
 
     Compiled (`compile`; None: `compile_by_default`), the tower is warmed up here, in the calling
-    thread, and each batch's tower is then a few CUDA-graph launches, queued in milliseconds (a
-    short last sub-batch is padded to a full one's graph, since eager it would be ~1,000). The
-    eager tower is ~1,000 kernel launches a batch: CUDA's launch queue fills and the launching
-    thread waits for the GPU (py-spy, H100, 3B shape: 4.5 s of the LoRA-change eval's load). A
-    background launcher thread did not help there: the tower then ran beside the load on the GPU
-    and both slowed, 22.1 s from the tower's start to the last answer against 21.3 s
-    (`eval_compare.json`), so launches stay on the calling thread.
+    thread, and each batch's tower is then a few CUDA-graph launches (a short last sub-batch is
+    padded to a full one's graph, since eager it would be ~1,000); the first batches' host work is
+    started from a background thread under the load (`start`). The eager tower is ~1,000 kernel
+    launches a batch: CUDA's launch queue fills and the launching thread waits for the GPU (py-spy,
+    H100, 3B shape: 4.5 s of the LoRA-change eval's load). A background launcher did not help the
+    eager tower: it then ran beside the load on the GPU and both slowed, 22.1 s from the tower's
+    start to the last answer against 21.3 s (`eval_compare.json`), so an eager tower's first
+    batches are queued from the calling thread.
     """
 
     AHEAD = 2
     """Batches decoded (and, before the first generation, run through the tower) ahead."""
+
+    BACKGROUND_START = True
+    """`start()` of a compiled tower on CUDA queues the first batches from a background thread."""
 
     def __init__(self, visual, processor, rows: list[dict[str, Any]], image_px: int, batch_size: int, device: str,
                  compile: bool | None = None):
@@ -250,6 +254,11 @@ class ImageFeatures:
         self._ready: dict[int, tuple] = {}
         self._events: list[tuple] = []  # (start, end) CUDA events of each batch's tower
         self.decode_wait_s = 0.0  # host seconds `queue` waited for the decode threads
+        self.start_wait_s = 0.0  # host seconds this thread waited for a background `start()`
+        self.compute_parts = {"stack_s": 0.0, "pin_s": 0.0, "launch_s": 0.0}  # host seconds of `_compute`
+        self._launcher: ThreadPoolExecutor | None = None
+        self.started_in_background = False
+        self._starting: Future | None = None
         for k in range(min(self.AHEAD, len(self.batches))):
             self._decode(k)
         self.warmup = self.tower.warm(self.patchify, image_px) if self.tower.compiled and rows else None
@@ -258,8 +267,48 @@ class ImageFeatures:
         if k < len(self.batches) and k not in self._decoding and k not in self._ready:
             self._decoding[k] = _decode_batch(self.pool, self.rows, self.batches[k], self.image_px)
 
+    def start(self, background: bool | None = None) -> None:
+        """Queue the first `AHEAD` batches, before the language model's load (`evaluate`).
+
+        Compiled on CUDA (`background` None: `BACKGROUND_START`), from one background thread: a
+        batch's host work (stacking 256 decoded images, pinning and copying 240 MB, patchify and
+        ~20 graph launches: 1.7 s for 317 questions, H100, `eval_compare.json`) then runs under the
+        load instead of before it. Its GPU work is the compiled tower's (~1.9 GPU-s for 317
+        images), so the load is not slowed as it was by the eager tower's (~5.5 GPU-s), which a
+        background launcher made slower overall and which therefore queues here. The tower was
+        warmed up (compiled, captured) in this thread already: a capture must not run beside the
+        load's allocations. Nothing here makes a tensor from the default dtype, which transformers
+        changes mid-load. `queue` and `take` wait for this start first; the wait is
+        `start_wait_s`."""
+        ks = range(min(self.AHEAD, len(self.batches)))
+        if background is None:
+            background = self.BACKGROUND_START and self.cuda and self.tower.compiled
+        if not background:
+            for k in ks:
+                self._queue(k)
+            return
+        self.started_in_background = True
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="vlmspec-eval-tower")
+        self._starting = self._launcher.submit(lambda: [self._queue(k) for k in ks])
+
+    def _join_start(self) -> None:
+        if self._starting is None:
+            return
+        starting, self._starting = self._starting, None
+        t = time.perf_counter()
+        try:
+            starting.result()
+        finally:
+            self.start_wait_s += time.perf_counter() - t
+            self._launcher.shutdown(wait=True)
+            self._launcher = None
+
     def queue(self, k: int) -> None:
         """Start batch `k` (no-op past the end or when already started)."""
+        self._join_start()
+        self._queue(k)
+
+    def _queue(self, k: int) -> None:
         if k >= len(self.batches) or k in self._ready:
             return
         self._decode(k)
@@ -270,21 +319,28 @@ class ImageFeatures:
     def _compute(self, decoding: list[Future]) -> tuple:
         import torch
 
-        t = time.perf_counter()
+        parts = self.compute_parts
+        t0 = time.perf_counter()
         decoded = [f.result() for f in decoding]
-        self.decode_wait_s += time.perf_counter() - t
+        t1 = time.perf_counter()
         u8 = torch.from_numpy(np.stack(decoded))
+        t2 = time.perf_counter()
         with torch.inference_mode(), (torch.cuda.stream(self.stream) if self.cuda else nullcontext()):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 u8 = u8.pin_memory().to(self.device, non_blocking=True)
+            t3 = time.perf_counter()
             pixels, grid = self.patchify(u8)
             out = self.tower(pixels, grid)  # grid is on the host: splitting the output needs no sync
             out.last_hidden_state = None  # the model reads the merged tokens only; drop the per-patch states
             if self.cuda:
                 end.record()
                 self._events.append((start, end))
+        self.decode_wait_s += t1 - t0
+        parts["stack_s"] += t2 - t1
+        parts["pin_s"] += t3 - t2  # pinning and queueing the copy
+        parts["launch_s"] += time.perf_counter() - t3  # patchify and the tower, queued
         return pixels, grid, out, end if self.cuda else None
 
     @property
@@ -312,6 +368,10 @@ class ImageFeatures:
         return round(sum(a.elapsed_time(b) for a, b in self._events) / 1e3, 2)
 
     def close(self) -> None:
+        try:
+            self._join_start()
+        except Exception:  # noqa: BLE001 - closing after a failure: the failure was raised where it mattered
+            pass
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._ready.clear()
         self._decoding.clear()

@@ -5,6 +5,7 @@ a Ray worker: the same code everywhere, so every executor writes the same bytes)
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -111,10 +112,16 @@ _WORKER_CACHE: dict[Any, Any] = {}
 
 
 def warm_worker(node: WorkerNode) -> None:
-    """Import a builtin UDF's module (and what it imports: PIL, imagehash, ...) into this worker's
-    cache ahead of its first chunk; `LocalExecutor.prewarm` runs it while ingest is still going."""
+    """Pay this worker's one-time costs ahead of its first chunk; `LocalExecutor.prewarm` runs it
+    while ingest is still going: a builtin UDF's module is imported (PIL, imagehash, ...) and its
+    `warm()`, where it has one, run (image.py decodes a tiny JPEG and PNG: Pillow imports its format
+    plugins on the first open). lance, pyarrow (and pandas, which lance imports) were imported when
+    the worker started."""
     if node.udf != node.impl and node.impl not in _WORKER_CACHE:
-        _WORKER_CACHE[node.impl] = load_udf(node)
+        fn = _WORKER_CACHE[node.impl] = load_udf(node)
+        warm = getattr(sys.modules.get(getattr(fn, "__module__", "")), "warm", None)
+        if callable(warm):
+            warm()
 
 
 def run_chunk(uri: str, version: int, node: WorkerNode, chunk: Chunk, batch_size: int):

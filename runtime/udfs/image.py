@@ -21,6 +21,17 @@ def _decode(blob: bytes) -> Image.Image:
     return open_image(blob)
 
 
+def warm() -> None:
+    """A worker's one-time costs before its first chunk (`executors.chunks.warm_worker`): Pillow
+    imports its format plugins on the first open, numpy and imagehash their first-call paths."""
+    import io
+
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, fmt)
+        imagehash.dhash(_decode(buf.getvalue()))
+
+
 def _hash_column(images: pa.Array, fn, hash_size: int) -> pa.Array:
     hash_size = int(hash_size)  # a templated value arrives as text ("6"); the compiler checked it is whole
     if not 2 <= hash_size <= 8:  # hash_size² bits must fit the uint64; imagehash needs at least 2

@@ -109,3 +109,28 @@ def test_apply_starts_the_tier2_workers_while_ingest_runs(tmp_path, monkeypatch)
     assert len(futures) == 2 and all(f.done() and f.exception() is None for f in futures)
     hashes = lance.dataset(str(tmp_path / "t.lance")).to_table(columns=["dhash"]).column("dhash")
     assert hashes.null_count == 0 and len(hashes) == 128
+
+
+def test_a_warmed_worker_has_paid_its_first_call_costs():
+    """`warm_worker` (what every spawned worker runs while ingest goes on) imports the builtin's
+    module and runs its `warm()`: Pillow's format plugins are not imported inside the worker's first
+    chunk. Checked in a fresh process."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, sys
+        from vlmspec.runtime.executors.chunks import WorkerNode, warm_worker
+        names = ("PIL.JpegImagePlugin", "PIL.PngImagePlugin")
+        node = WorkerNode("dhash", "image.dhash", "vlmspec.runtime.udfs.image:dhash", "", ("image",), {},
+                          "uint64", True, "fail")
+        before = [m for m in names if m in sys.modules]
+        warm_worker(node)
+        print(json.dumps([before, [m for m in names if m in sys.modules]]))
+    """)
+    before, after = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True).stdout)
+    assert before == []
+    assert after == ["PIL.JpegImagePlugin", "PIL.PngImagePlugin"]

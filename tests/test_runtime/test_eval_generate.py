@@ -129,6 +129,53 @@ def test_features_started_ahead_on_a_separately_loaded_tower_answer_the_same(tin
     assert features.tower_seconds() is None  # CUDA events only
 
 
+def test_features_started_in_the_background_answer_the_same_and_count_the_wait(tiny, rows, monkeypatch):
+    """`start(background=True)` (what a compiled tower on CUDA does under the model's load): the
+    first batches are queued on another thread, `queue`/`take` wait for that start before touching
+    a batch, the wait is counted, and the answers are those of an inline start."""
+    import threading
+
+    model, processor = tiny
+    gen = GenerationSpec(max_new_tokens=6)
+    tower = models.load_vision_tower(ModelSpec(id=TINY, image_px=PX, dtype="float32"), device="cpu")
+    inline = G.ImageFeatures(tower, processor, rows, PX, 3, "cpu")
+    inline.start()
+    assert not inline.started_in_background  # CPU, eager: the default starts inline
+    want = G.generate_compared(model, {"m": G.nullcontext}, processor, rows, PX, 3, gen, "cpu", features=inline)["m"]
+    inline.close()
+    threads = []
+    real = G.ImageFeatures._compute
+    gate = threading.Event()
+
+    def compute(self, decoding):
+        threads.append(threading.current_thread().name)
+        gate.wait(5)  # held until this thread has gone on: the start must not run in the caller
+        return real(self, decoding)
+
+    monkeypatch.setattr(G.ImageFeatures, "_compute", compute)
+    features = G.ImageFeatures(tower, processor, rows, PX, 3, "cpu")
+    features.start(background=True)
+    assert features.started_in_background
+    threading.Timer(0.2, gate.set).start()
+    got = G.generate_compared(model, {"m": G.nullcontext}, processor, rows, PX, 3, gen, "cpu", features=features)["m"]
+    features.close()
+    assert got == want
+    assert threads[:2] == ["vlmspec-eval-tower_0"] * 2 and threads[2] != threads[0]  # batch 2: generation's thread
+    assert features.start_wait_s >= 0.1  # take(0) waited for the held start
+    assert set(features.compute_parts) == {"stack_s", "pin_s", "launch_s"}
+
+
+def test_a_failed_background_start_raises_where_the_batch_is_taken(tiny, rows, monkeypatch):
+    model, processor = tiny
+    tower = models.load_vision_tower(ModelSpec(id=TINY, image_px=PX, dtype="float32"), device="cpu")
+    features = G.ImageFeatures(tower, processor, rows, PX, 3, "cpu")
+    monkeypatch.setattr(G.ImageFeatures, "_compute", lambda self, d: 1 / 0)
+    features.start(background=True)
+    with pytest.raises(ZeroDivisionError):
+        features.take(0)
+    features.close()
+
+
 def test_features_of_another_dtype_are_not_used(tiny, rows, monkeypatch):
     model, processor = tiny
     gen = GenerationSpec(max_new_tokens=4)
@@ -318,8 +365,9 @@ def test_compiled_graphed_features_on_cuda_equal_the_eager_tower_batch_by_batch(
     """What `evaluate` runs on CUDA where the column's compile is cached: the tower loaded alone,
     compiled and replayed as CUDA graphs in sub-batches (2 images here, so 3-image batches are a
     graph replay plus an eager tail), every batch queued before any is taken: a later replay must
-    not overwrite an earlier batch's features. They equal the eager tower's to bf16 rounding, and
-    the answers the model's own tower gives."""
+    not overwrite an earlier batch's features. They equal the eager tower's to bf16 rounding, and,
+    started from a thread during the model's load (transformers changes the default dtype
+    meanwhile), the answers the model's own tower gives."""
     monkeypatch.setenv("VLMSPEC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fast_tower, "CUDA_SUB_BATCH", 2)
     spec = ModelSpec(id=TINY, image_px=PX, dtype="bfloat16")
@@ -344,9 +392,11 @@ def test_compiled_graphed_features_on_cuda_equal_the_eager_tower_batch_by_batch(
             assert g.shape == e.shape and (g - e).abs().max().item() <= 0.04 * e.abs().max().item()
     first = eager[0][0]  # the check can fail: some image's features differ from the first's by more
     assert any((t - first).abs().max().item() > 0.04 * first.abs().max().item() for b in eager for t in b)
-    model = models.load_full_model(spec, device="cuda")
     f = G.ImageFeatures(models.load_vision_tower(spec, device="cuda"), processor, rows, PX, 3, "cuda")
     assert f.compiled  # this process compiled this configuration above: the default compiles
+    f.start()  # as `evaluate`: the first batches queued from a thread while this one loads the model
+    assert f.started_in_background
+    model = models.load_full_model(spec, device="cuda")
     got = G.generate_compared(model, {"m": G.nullcontext}, processor, rows, PX, 3, gen, "cuda", features=f)["m"]
     f.close()
     want = G.generate_answers(model, processor, rows, PX, 3, gen, "cuda", fast=False)

@@ -24,7 +24,9 @@ _BLOBS: list[bytes] = []
 def _init(blobs: list[bytes]) -> None:
     global _BLOBS
     _BLOBS = blobs
-    from vlmspec.runtime.udfs import image  # noqa: F401 - imports PIL and imagehash before the timing
+    # what a vlmspec worker has imported before its first chunk: lance (and pandas through it), the UDF
+    from vlmspec.runtime.executors import chunks  # noqa: F401
+    from vlmspec.runtime.udfs import image  # noqa: F401
 
 
 def _hash_all(_: int) -> float:

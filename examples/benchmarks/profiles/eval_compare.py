@@ -20,7 +20,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True),
-           "b256-ahead": (256, False), "b256-compiled": (256, False), "b256-inproc": (256, False)}
+           "b256-ahead": (256, False), "b256-compiled": (256, False), "b256-inproc": (256, False),
+           "b256-inproc-inline": (256, False)}
 """`-ahead`: the tower loaded alone, the first batches' features started before the model loads
 (`ImageFeatures`), the tower eager (a config `-ahead-thread` launched it from a background thread:
 measured slower, the tower then ran beside the load on the GPU, and that option is gone: see
@@ -32,7 +33,9 @@ from the column's cache (`evaluate` compiles only in the process that compiled t
 near-ties can flip between runs, so equal digests are evidence of equal arithmetic, unequal ones
 prove nothing alone. `-inproc`: as the cold apply runs it, the column's tower compiled and warmed first in
 the same process (a separate tower copy, dropped after, as the column closes its UDF), then the
-eval with the default `compile=None`; records where the tower's start goes."""
+eval with the default `compile=None` and `start()` (its first batches from a background thread
+under the load); `-inproc-inline` starts them from the calling thread, before the load. Both record
+where the tower's start goes."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -63,21 +66,21 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     processor = load_model_processor(spec)
     column = None
-    if cfg.endswith("-inproc"):
+    inproc = cfg.endswith("-inproc") or cfg.endswith("-inproc-inline")
+    if inproc:
         column = _column_warmup(spec, processor)
     t0 = time.perf_counter()
     features, parts = None, {}
-    if "-ahead" in cfg or cfg.endswith("-compiled") or cfg.endswith("-inproc"):
+    if "-ahead" in cfg or cfg.endswith("-compiled") or inproc:
         from vlmspec.runtime.vlm.models import load_vision_tower
 
         tower = load_vision_tower(spec, device="cuda")
         t1 = time.perf_counter()
         features = G.ImageFeatures(tower, processor, rows, 560, batch, "cuda",
                                    compile=True if cfg.endswith("-compiled") else
-                                   None if cfg.endswith("-inproc") else False)
+                                   None if inproc else False)
         t2 = time.perf_counter()
-        for k in range(G.ImageFeatures.AHEAD):
-            features.queue(k)
+        features.start(background=None if cfg.endswith("-inproc") else False)
         parts = {"load_s": round(t1 - t0, 2), "setup_s": round(t2 - t1, 2),
                  "first_batches_s": round(time.perf_counter() - t2, 2),
                  "decode_wait_s": round(features.decode_wait_s, 2)}
@@ -90,7 +93,10 @@ def one(cfg: str, work: Path, questions: int) -> dict:
                                   560, batch, gen, "cuda", seconds=seconds, features=features)
     wall = time.perf_counter() - t
     extra = ({"tower_gpu_s": features.tower_seconds(), "compiled": features.compiled, "warmup": features.warmup,
-              "tower_start_parts": parts, "column_warmup": column} if features is not None else {})
+              "tower_start_parts": {**parts, **{k: round(v, 2) for k, v in features.compute_parts.items()},
+                                    "background": features.started_in_background,
+                                    "start_wait_s": round(features.start_wait_s, 2)},
+              "column_warmup": column} if features is not None else {})
     return {"cfg": cfg, **extra, "load_s": round(load, 2), "wall_s": round(wall, 2),
             "load_to_answers_s": round(time.perf_counter() - t0, 2),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},
