@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from typing_extensions import assert_never
 

@@ -119,7 +119,7 @@ class _Run:
 def _setup(job: TrainJob, device: str | None) -> _Run:
     from .distributed import world
 
-    tr, opt = job.train, job.train.optim
+    opt = job.train.optim
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = job.out
     out.mkdir(parents=True, exist_ok=True)

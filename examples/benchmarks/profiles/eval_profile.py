@@ -163,7 +163,7 @@ def main() -> None:
             finally:
                 tower.remove()
             r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             import traceback
 
             r["error"] = traceback.format_exc()[-2000:]
