@@ -134,31 +134,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         # the same weights with it off (peft's `disable_adapter`: the LoRA layers return their base
         # layer's output, so it is the base model's arithmetic). Both then share the tower's layout,
         # warm-up and each batch's image features (`generate_compared`).
-        features = None
-        if str(device).startswith("cuda"):
-            # The tower alone loads in well under a second; its work for the first batches is then
-            # queued on a side stream before the language model loads (seconds of CPU work, the GPU
-            # otherwise idle). Compiled where this process compiled the column's tower (the apply that
-            # just computed the column: `compile_by_default`), each batch is a few CUDA-graph launches;
-            # eager, its ~1,000 launches a batch fill CUDA's queue and are waited out here (see
-            # `ImageFeatures`). Same weights, dtype and code as the model's own tower, so the
-            # same features.
-            from ..vlm.models import load_vision_tower
-            from .generate import ImageFeatures
-
-            t0 = time.perf_counter()
-            tower = load_vision_tower(model_spec, device=device)
-            t1 = time.perf_counter()
-            features = ImageFeatures(tower, processor, rows, model_spec.image_px, batch_size, device)
-            t2 = time.perf_counter()
-            features.start()  # compiled: from a background thread, under the load below
-            t3 = time.perf_counter()
-            timing_parts["tower_warmup"] = features.warmup
-            timing_parts["tower_start_s"] = round(t3 - t0, 2)
-            # where the start goes: the tower's load, the set-up (prompts, warm-up), the first batches
-            timing_parts["tower_start_parts"] = {"load_s": round(t1 - t0, 2), "setup_s": round(t2 - t1, 2),
-                                                 "first_batches_s": round(t3 - t2, 2),
-                                                 "decode_wait_s": round(features.decode_wait_s, 2)}
+        features = _start_tower(model_spec, processor, rows, batch_size, device, timing_parts)
         t0 = time.perf_counter()
         model = load_full_model(model_spec, device=device, adapter_dir=str(adapter) if adapter else None,
                                 quant=job.quant)
@@ -172,12 +148,7 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
                                       else None)
         finally:
             if features is not None:
-                timing_parts["tower_gpu_s"] = features.tower_seconds()
-                timing_parts["tower_start_wait_s"] = round(features.start_wait_s, 2)
-                timing_parts["tower_start_parts"].update(
-                    {k: round(v, 2) for k, v in features.compute_parts.items()},
-                    background=features.started_in_background)
-                features.close()
+                _tower_done(features, timing_parts)
                 features = None
         if "tower_start_s" in timing_parts and run[0] in timing:
             # The host time the tower took before the load, and any wait after it for a start that
@@ -226,3 +197,43 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
         summary += (f"; lift {100 * results['lift']:+.1f} pp (95% CI {100 * results['ci_low']:+.1f} to "
                     f"{100 * results['ci_high']:+.1f}) on {len(rows)} questions -> {shown(str(paths['markdown']))}")
     return {**results, "summary": summary, "report": str(paths["markdown"])}
+
+
+def _start_tower(model_spec, processor, rows, batch_size: int, device: str, parts: dict[str, Any]):
+    """On CUDA, the eval's own tower started before the language model loads; None elsewhere.
+
+    The tower alone loads in well under a second; its work for the first batches is then queued
+    on a side stream (`ImageFeatures.start`). Compiled where this process compiled the column's
+    tower (the apply that just computed the column: `compile_by_default`), each batch is a few
+    CUDA-graph launches, queued from a background thread under the load; eager, its ~1,000
+    launches a batch fill CUDA's queue and are waited out here. Same weights, dtype and code as
+    the model's own tower, so the same features. `parts` gets where the start's time went."""
+    if not str(device).startswith("cuda"):
+        return None
+    from ..vlm.models import load_vision_tower
+    from .generate import ImageFeatures
+
+    t0 = time.perf_counter()
+    tower = load_vision_tower(model_spec, device=device)
+    t1 = time.perf_counter()
+    features = ImageFeatures(tower, processor, rows, model_spec.image_px, batch_size, device)
+    t2 = time.perf_counter()
+    features.start()
+    t3 = time.perf_counter()
+    parts["tower_warmup"] = features.warmup
+    parts["tower_start_s"] = round(t3 - t0, 2)
+    # the tower's load, the set-up (prompts, warm-up), the first batches queued here
+    parts["tower_start_parts"] = {"load_s": round(t1 - t0, 2), "setup_s": round(t2 - t1, 2),
+                                  "first_batches_s": round(t3 - t2, 2)}
+    return features
+
+
+def _tower_done(features, parts: dict[str, Any]) -> None:
+    """Record the tower's GPU seconds, the wait for a background start and the host split of its
+    batches' queueing, then close it."""
+    parts["tower_gpu_s"] = features.tower_seconds()
+    parts["tower_start_wait_s"] = round(features.start_wait_s, 2)
+    parts["tower_start_parts"].update({k: round(v, 2) for k, v in features.compute_parts.items()},
+                                      decode_wait_s=round(features.decode_wait_s, 2),
+                                      background=features.started_in_background)
+    features.close()
