@@ -199,7 +199,8 @@ def evaluate(job: EvalJob, device: str | None = None, reporter=None) -> dict[str
     return {**results, "summary": summary, "report": str(paths["markdown"])}
 
 
-def _start_tower(model_spec, processor, rows, batch_size: int, device: str, parts: dict[str, Any]):
+def _start_tower(model_spec, processor, rows, batch_size: int, device: str, parts: dict[str, Any],
+                 compile: bool | None = None, background: bool | None = None):
     """On CUDA, the eval's own tower started before the language model loads; None elsewhere.
 
     The tower alone loads in well under a second; its work for the first batches is then queued
@@ -207,7 +208,9 @@ def _start_tower(model_spec, processor, rows, batch_size: int, device: str, part
     tower (the apply that just computed the column: `compile_by_default`), each batch is a few
     CUDA-graph launches, queued from a background thread under the load; eager, its ~1,000
     launches a batch fill CUDA's queue and are waited out here. Same weights, dtype and code as
-    the model's own tower, so the same features. `parts` gets where the start's time went."""
+    the model's own tower, so the same features. `parts` gets where the start's time went.
+    `compile` and `background` (None: the defaults) are `ImageFeatures`' and its `start`'s, for
+    `examples/benchmarks/profiles/eval_compare.py`."""
     if not str(device).startswith("cuda"):
         return None
     from ..vlm.models import load_vision_tower
@@ -216,9 +219,9 @@ def _start_tower(model_spec, processor, rows, batch_size: int, device: str, part
     t0 = time.perf_counter()
     tower = load_vision_tower(model_spec, device=device)
     t1 = time.perf_counter()
-    features = ImageFeatures(tower, processor, rows, model_spec.image_px, batch_size, device)
+    features = ImageFeatures(tower, processor, rows, model_spec.image_px, batch_size, device, compile=compile)
     t2 = time.perf_counter()
-    features.start()
+    features.start(background)
     t3 = time.perf_counter()
     parts["tower_warmup"] = features.warmup
     parts["tower_start_s"] = round(t3 - t0, 2)

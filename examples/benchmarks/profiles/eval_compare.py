@@ -41,6 +41,7 @@ where the tower's start goes."""
 def one(cfg: str, work: Path, questions: int) -> dict:
     import torch
 
+    from vlmspec.runtime.eval import evaluate as E
     from vlmspec.runtime.eval import generate as G
     from vlmspec.runtime.sources.synthetic import generate as synth
     from vlmspec.runtime.vlm.models import load_full_model, load_model_processor
@@ -72,18 +73,10 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     t0 = time.perf_counter()
     features, parts = None, {}
     if "-ahead" in cfg or cfg.endswith("-compiled") or inproc:
-        from vlmspec.runtime.vlm.models import load_vision_tower
-
-        tower = load_vision_tower(spec, device="cuda")
-        t1 = time.perf_counter()
-        features = G.ImageFeatures(tower, processor, rows, 560, batch, "cuda",
-                                   compile=True if cfg.endswith("-compiled") else
-                                   None if inproc else False)
-        t2 = time.perf_counter()
-        features.start(background=None if cfg.endswith("-inproc") else False)
-        parts = {"load_s": round(t1 - t0, 2), "setup_s": round(t2 - t1, 2),
-                 "first_batches_s": round(time.perf_counter() - t2, 2),
-                 "decode_wait_s": round(features.decode_wait_s, 2)}
+        # the eval's own start (`evaluate._start_tower`), with this config's compile and launcher
+        features = E._start_tower(spec, processor, rows, batch, "cuda", parts,
+                                  compile=True if cfg.endswith("-compiled") else None if inproc else False,
+                                  background=None if cfg.endswith("-inproc") else False)
     t = time.perf_counter()
     model = load_full_model(spec, device="cuda", adapter_dir=str(work / "adapter"), quant=quant)
     load = time.perf_counter() - t
@@ -92,11 +85,10 @@ def one(cfg: str, work: Path, questions: int) -> dict:
     answers = G.generate_compared(model, {"base": model.disable_adapter, "tuned": G.nullcontext}, processor, rows,
                                   560, batch, gen, "cuda", seconds=seconds, features=features)
     wall = time.perf_counter() - t
-    extra = ({"tower_gpu_s": features.tower_seconds(), "compiled": features.compiled, "warmup": features.warmup,
-              "tower_start_parts": {**parts, **{k: round(v, 2) for k, v in features.compute_parts.items()},
-                                    "background": features.started_in_background,
-                                    "start_wait_s": round(features.start_wait_s, 2)},
-              "column_warmup": column} if features is not None else {})
+    extra = {}
+    if features is not None:
+        E._tower_done(features, parts)  # the eval's own record: GPU seconds, start wait, host split
+        extra = {"compiled": features.compiled, **parts, "column_warmup": column}
     return {"cfg": cfg, **extra, "load_s": round(load, 2), "wall_s": round(wall, 2),
             "load_to_answers_s": round(time.perf_counter() - t0, 2),
             "seconds": {k: round(v, 2) for k, v in seconds.items()},

@@ -215,8 +215,9 @@ def stage_table(run: dict[str, Any]) -> list[dict[str, Any]]:
             row["questions_per_s"] = res.get("questions_per_s") or {
                 m: round(res["n"] / sec, 2) for m, sec in res.get("seconds", {}).items() if sec}
             # where the eval's time goes: generation per model, the load, the tower's start and warm-up
-            row["eval_parts"] = {k: res[k] for k in ("seconds", "load_seconds", "tower_start_s", "tower_start_wait_s", "tower_start_parts",
-                                                     "tower_warmup", "tower_gpu_s", "batch_size") if k in res}
+            row["eval_parts"] = {k: res[k] for k in ("seconds", "load_seconds", "tower_start_s", "tower_start_wait_s",
+                                                     "tower_start_parts", "tower_warmup", "tower_gpu_s", "batch_size")
+                                 if k in res}
         if s.get("warmup"):
             row["warmup"] = s["warmup"]
         if s.get("setup_parts"):
