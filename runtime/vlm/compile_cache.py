@@ -55,6 +55,39 @@ def compile_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+TRACE_ENV = "VLMSPEC_COMPILE_TRACE"
+"""A folder: each warm-up writes there what inductor hashed into each graph's cache key
+(`torch._inductor.codecache`'s debug lines), one file per process and key, so two processes'
+keys can be diffed when one misses the other's cache. A diagnostic; unset, nothing is written."""
+
+
+class _Trace:
+    """Inductor's cache-key debug lines into a file while a `Warmup` block runs (`TRACE_ENV`)."""
+
+    def __init__(self, path: Path):
+        import logging
+
+        self.logger = logging.getLogger("torch._inductor.codecache")
+        self.saved = (self.logger.level, self.logger.propagate)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(path)
+        self.handler.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False  # the debug lines are long: the file only, not the terminal
+
+    @classmethod
+    def start(cls, key: str) -> "_Trace | None":
+        folder = os.environ.get(TRACE_ENV)
+        return cls(Path(folder) / f"{key}-{os.getpid()}-{time.time_ns()}.log") if folder else None
+
+    def stop(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+
+
 _WARMED: set[str] = set()
 """Keys (`compile_key`) of the configurations this process has warmed up (a `Warmup` block that
 ended without an error): their compiled code is loaded here, so compiling the same again is free."""
@@ -73,9 +106,35 @@ def tower_parts(tower, dtype, image_px: int, sizes: set[int], compile: bool, gra
 
 
 def _point_caches(root: Path) -> None:
-    # Only where the user has not chosen: their TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR win.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    """Inductor's and Triton's caches into `root`, unless the user chose their folders.
+
+    Not `os.environ.setdefault`: by now `torch._dynamo`'s import has written inductor's default
+    (`/tmp/torchinductor_<user>`, which containers and reboots wipe) into the environment, and a
+    setdefault kept it. So a variable holding torch's own default counts as unchosen (a user who
+    wants /tmp can name any other folder there). Inductor and Triton read these variables on each
+    use, so pointing them now covers every later compile."""
+    torch_dir = _torch_default()
+    for name, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        now = os.environ.get(name)
+        if now is None or _within(now, torch_dir):
+            os.environ[name] = str(root / sub)
+
+
+def _torch_default() -> str | None:
+    """The folder torch writes into `TORCHINDUCTOR_CACHE_DIR` when nobody chose one (Triton's
+    default is `<it>/triton/<device>`), or None where this torch does not say."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())
+
+
+def _within(path: str, folder: str | None) -> bool:
+    if folder is None:
+        return False
+    path = os.path.abspath(path)
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def _counters() -> dict[str, int]:
@@ -109,11 +168,14 @@ class Warmup:
             except Exception:  # noqa: BLE001 - a corrupt or foreign file only costs a cold start
                 self._loaded = False
         self._before = _counters()
+        self._trace = _Trace.start(compile_key(self.parts))
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         seconds = time.perf_counter() - self._t0
+        if self._trace is not None:
+            self._trace.stop()
         after = _counters()
         hits = after["fxgraph_cache_hit"] - self._before["fxgraph_cache_hit"]
         misses = after["fxgraph_cache_miss"] - self._before["fxgraph_cache_miss"]

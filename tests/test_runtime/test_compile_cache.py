@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 _SCRIPT = r"""
 import json, sys, torch
+import torch._dynamo  # as transformers' import does: writes inductor's /tmp default into the environment
 from vlmspec.runtime.vlm.compile_cache import Warmup
 
 f = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T).sum(-1), dynamic=False)
@@ -28,8 +29,11 @@ print(json.dumps(w.stats))
 
 
 def _run(root, inductor_dir) -> dict:
-    env = {**os.environ, "VLMSPEC_CACHE_DIR": str(root), "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir),
-           "TRITON_CACHE_DIR": str(inductor_dir / "triton")}
+    env = {**os.environ, "VLMSPEC_CACHE_DIR": str(root)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("TRITON_CACHE_DIR", None)
+    if inductor_dir is not None:  # the user's own folders
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), TRITON_CACHE_DIR=str(inductor_dir / "triton"))
     out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,3 +63,45 @@ def test_the_key_changes_with_the_configuration():
 
     assert compile_key({"image_px": 560}) != compile_key({"image_px": 448})
     assert compile_key({"image_px": 560}) == compile_key({"image_px": 560})
+
+
+def test_without_the_users_folders_inductors_cache_lands_in_vlmspecs(tmp_path):
+    """Not in /tmp, where torch's import pointed it: a reboot or a new container would wipe it."""
+    root = tmp_path / "cache"
+    cold = _run(root, None)
+    assert cold["start"] == "cold"
+    assert any((root / "compile" / "inductor").rglob("*")), "inductor wrote its cache under VLMSPEC_CACHE_DIR"
+    assert _run(root, None)["start"] == "warm"
+
+
+def test_a_users_folders_win_and_torchs_own_default_does_not_count_as_chosen(tmp_path, monkeypatch):
+    import torch._dynamo  # noqa: F401 - writes torch's default into the environment, as in an apply
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from vlmspec.runtime.vlm.compile_cache import _point_caches
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("TRITON_CACHE_DIR", os.path.join(default_cache_dir(), "triton", "0"))
+    _point_caches(tmp_path / "ours")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ours" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "ours" / "triton")
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    _point_caches(tmp_path / "ours")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "ours" / "triton")
+
+
+def test_a_trace_folder_gets_the_cache_key_details_of_each_warm_up(tmp_path, monkeypatch):
+    import torch
+
+    from vlmspec.runtime.vlm.compile_cache import TRACE_ENV, Warmup
+
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    f = torch.compile(lambda x: (x * 3).sum(), dynamic=False)
+    with Warmup({"test": "trace"}, root=tmp_path / "cache") as w:
+        f(torch.ones(4))
+    logs = list((tmp_path / "trace").glob(f"{w.stats['key']}-*.log"))
+    assert len(logs) == 1 and "FX graph cache hash details" in logs[0].read_text()
