@@ -21,6 +21,9 @@ import json, sys, torch
 import torch._dynamo  # as transformers' import does: writes inductor's /tmp default into the environment
 from vlmspec.runtime.vlm.compile_cache import Warmup
 
+if "tf32" in sys.argv:  # a global setting in inductor's key, which dynamo's guards do not check
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
 f = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T).sum(-1), dynamic=False)
 with Warmup({"test": "gelu", "n": 8}) as w:
     f(torch.ones(8, 8))
@@ -28,13 +31,15 @@ print(json.dumps(w.stats))
 """
 
 
-def _run(root, inductor_dir) -> dict:
+def _run(root, inductor_dir, *args: str, trace=None) -> dict:
     env = {**os.environ, "VLMSPEC_CACHE_DIR": str(root)}
+    if trace is not None:
+        env["VLMSPEC_COMPILE_TRACE"] = str(trace)
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TRITON_CACHE_DIR", None)
     if inductor_dir is not None:  # the user's own folders
         env.update(TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), TRITON_CACHE_DIR=str(inductor_dir / "triton"))
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -105,3 +110,24 @@ def test_a_trace_folder_gets_the_cache_key_details_of_each_warm_up(tmp_path, mon
         f(torch.ones(4))
     logs = list((tmp_path / "trace").glob(f"{w.stats['key']}-*.log"))
     assert len(logs) == 1 and "FX graph cache hash details" in logs[0].read_text()
+
+
+def test_the_trace_diff_names_the_global_setting_that_made_a_second_process_miss(tmp_path):
+    """The tool for a cross-process miss (`profiles/compile_trace_diff.py`) on a real one: the
+    second process sets TF32 matmuls, which inductor hashes into every key."""
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "examples" / "benchmarks" / "profiles" / "compile_trace_diff.py"
+    spec = importlib.util.spec_from_file_location("compile_trace_diff", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    root = tmp_path / "cache"
+    assert _run(root, None, trace=tmp_path / "a")["start"] == "cold"
+    assert _run(root, None, "tf32", trace=tmp_path / "b")["fxgraph_misses"] > 0
+    (first,), (second,) = (list((tmp_path / x).glob("*.log")) for x in "ab")
+    out = "\n".join(mod.diff(mod.graphs(first), mod.graphs(second)))
+    assert "keys in both: 0" in out
+    changed = [ln for ln in out.splitlines() if ln.startswith(("  second+", "  first+"))]
+    assert changed and all("cuda_matmul_settings" in ln for ln in changed), out
