@@ -204,8 +204,8 @@ def _start_tower(model_spec, processor, rows, batch_size: int, device: str, part
     """On CUDA, the eval's own tower started before the language model loads; None elsewhere.
 
     The tower alone loads in well under a second; its work for the first batches is then queued
-    on a side stream (`ImageFeatures.start`). Compiled where this process compiled the column's
-    tower (the apply that just computed the column: `compile_by_default`), each batch is a few
+    on a side stream (`ImageFeatures.start`). Compiled where the column's compile is at hand (this
+    process compiled it, or its cache is on disk: `compile_by_default`), each batch is a few
     CUDA-graph launches, queued from a background thread under the load; eager, its ~1,000
     launches a batch fill CUDA's queue and are waited out here. Same weights, dtype and code as
     the model's own tower, so the same features. `parts` gets where the start's time went.

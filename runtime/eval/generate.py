@@ -7,7 +7,7 @@ The fast path computes what the reference computes, faster:
 * `Patchifier` turns the uint8 batch into `pixel_values` on the device (the image processor's
   arithmetic as tensor ops, tested bitwise equal), and the vision tower runs as `FastTower` (the
   tier-3 column's batched-attention replay; on CUDA compiled and CUDA-graphed in the column's
-  sub-batches where this process compiled the column's tower, see `compile_by_default`);
+  sub-batches where the column's compile is at hand, see `compile_by_default`);
 * on CUDA a batch's copy, patchify and tower are queued on a side stream ahead of its generation
   (`ImageFeatures`): the first batches' before the language model's load (`evaluate` loads the
   tower alone first), each later one's under the previous batch's generation;
@@ -46,7 +46,7 @@ against 16 GiB."""
 LARGE_GPU_GIB = 64
 
 COMPILE_MIN_QUESTIONS = 2000
-"""Without the column's compile of the tower in this process (`compile_by_default`), compile the
+"""Without the column's compile of the tower at hand (`compile_by_default`), compile the
 eval's tower only for evaluations at least this large: a cold compile costs ~12 s in a fresh
 process and saves ~6 ms a question (~170 images/s compiled against ~85 eager at the 3B shape,
 `gpu_tower.json`), so it pays from about 2,000 questions (TextVQA's 5,000-question val split)."""
@@ -179,24 +179,29 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
 
 
 def compile_by_default(visual, image_px: int, questions: int, device: str) -> bool:
-    """Whether the eval's tower compiles when `ImageFeatures(compile=None)`: on CUDA, where this
-    process has compiled the tier-3 column's tower of the same configuration (the apply that just
-    computed the column: its compiled code is loaded, so the eval's warm-up is a layout recording
-    and a graph capture), or where the eval is large enough to pay a cold compile
-    (`COMPILE_MIN_QUESTIONS`).
+    """Whether the eval's tower compiles when `ImageFeatures(compile=None)`: on CUDA, where the
+    tier-3 column's compile of the same configuration is at hand, or where the eval is large enough
+    to pay a cold compile (`COMPILE_MIN_QUESTIONS`).
 
-    Not merely where the column's compile is cached on disk: in a new process the eval's warm-up
-    missed inductor's cache for 6 of its 8 graphs although it loaded the column's mega-cache (H200,
-    `eval_compare.json`, `b256-compiled`: 7.9 s of warm-up, slower overall than the eager tower),
-    while the column's own second apply hits all 8. Why was not found; until it is, a new process
-    runs the eval's tower eager."""
+    At hand: compiled in this process (the apply that just computed the column: its code is
+    loaded, so the eval's warm-up is a layout recording and a graph capture), or its mega-cache on
+    disk (a later apply, e.g. after a LoRA-only change: a new process loads the column's artefacts,
+    and inductor hits all 8 of its graphs, 4.4-5.2 s of warm-up at the 3B shape on an H100). There
+    the compiled tower ran the eval no slower than the eager one from the tower's start to the last
+    answer (22.0-23.0 s against 22.4-23.9 s for 400 questions, base and tuned), with a third of its
+    GPU time (2.3 against 6.3-6.8 GPU-s), under a faster load and at 13 GiB less peak memory; and
+    its first batches then go under the load (`ImageFeatures.start`). Results:
+    `examples/benchmarks/results/history/2026-12-08-h100-eval-cache/`. (Before 55175cf the cache
+    folders could differ between processes and a new process missed 6 of the 8 graphs; the eval
+    then compiled only where the column had, in this process.)"""
     if not str(device).startswith("cuda"):
         return False
     if questions >= COMPILE_MIN_QUESTIONS:
         return True
-    from ..vlm.compile_cache import warmed_here
+    from ..vlm.compile_cache import cached, warmed_here
 
-    return warmed_here(_TowerRunner.parts(visual, image_px))
+    parts = _TowerRunner.parts(visual, image_px)
+    return warmed_here(parts) or cached(parts)
 
 
 class ImageFeatures:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Warmup", "cache_root", "compile_key", "tower_parts", "warmed_here"]
+__all__ = ["Warmup", "cache_root", "cached", "compile_key", "tower_parts", "warmed_here"]
 
 
 def cache_root() -> Path:
@@ -96,6 +96,12 @@ ended without an error): their compiled code is loaded here, so compiling the sa
 def warmed_here(parts: dict[str, Any]) -> bool:
     """Whether this process has warmed up this configuration (see `_WARMED`)."""
     return compile_key(parts) in _WARMED
+
+
+def cached(parts: dict[str, Any]) -> bool:
+    """Whether this configuration's mega-cache file is on disk (a process that warms it up then
+    starts warm: `Warmup` loads it)."""
+    return Warmup(parts).path.exists()
 
 
 def tower_parts(tower, dtype, image_px: int, sizes: set[int], compile: bool, graph: bool) -> dict[str, Any]:

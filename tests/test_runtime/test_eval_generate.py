@@ -54,10 +54,11 @@ def test_batch_size_auto_picks_by_device_and_a_number_wins(monkeypatch):
     assert G.resolve_batch_size(5, "cuda") == 5
 
 
-def test_the_eval_tower_compiles_where_this_process_compiled_the_column_or_the_eval_is_large(tiny, rows, monkeypatch,
+def test_the_eval_tower_compiles_where_the_columns_compile_is_at_hand_or_the_eval_is_large(tiny, rows, monkeypatch,
                                                                                               tmp_path):
-    """A cold compile costs ~12 s a model: a few hundred questions compile only where this process
-    has compiled the column's tower of the same configuration, and never on the CPU."""
+    """A cold compile costs ~12 s a model: a few hundred questions compile only where the column's
+    tower of the same configuration was compiled in this process or is cached on disk, and never
+    on the CPU."""
     model, processor = tiny
     visual = model.model.visual
     monkeypatch.setenv("VLMSPEC_CACHE_DIR", str(tmp_path))
@@ -70,11 +71,14 @@ def test_the_eval_tower_compiles_where_this_process_compiled_the_column_or_the_e
     column = tower_parts(visual, visual.dtype, PX, {fast_tower.CUDA_SUB_BATCH}, True, True)
     Warmup(column).path.parent.mkdir(parents=True)
     Warmup(column).path.write_bytes(b"artefacts")
-    assert not G.compile_by_default(visual, PX, 400, "cuda")  # on disk only: a new process missed its cache
-    with Warmup(column):  # the column's warm-up in this process
-        pass
-    assert G.compile_by_default(visual, PX, 400, "cuda")
+    assert G.compile_by_default(visual, PX, 400, "cuda")  # on disk: a new process starts warm from it
     assert not G.compile_by_default(visual, PX + 28, 400, "cuda")  # another image size: another compile
+    Warmup(column).path.unlink()
+    assert not G.compile_by_default(visual, PX, 400, "cuda")
+    with Warmup(column):  # the column's warm-up in this process (nothing compiled: no file saved)
+        pass
+    assert not Warmup(column).path.exists()
+    assert G.compile_by_default(visual, PX, 400, "cuda")
     features = G.ImageFeatures(visual, processor, rows[:2], PX, 2, "cpu", compile=True)
     try:
         assert features.compiled is False and features.warmup is None  # never on the CPU, whatever asked

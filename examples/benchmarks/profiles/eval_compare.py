@@ -28,8 +28,8 @@ measured slower, the tower then ran beside the load on the GPU, and that option 
 results/history/2026-12-07-h100-eval-thread); `-compiled`: the same, compiled and CUDA-graphed in
 the column's sub-batches under the column's compile-cache key, warmed up before the load. Run
 after `vlmspec bench apply`'s cold round, it shows whether a new process starts that compile warm
-from the column's cache (`evaluate` compiles only in the process that compiled the column:
-`compile_by_default`). Each run records a digest of each model's answers: a random-weight model's
+from the column's cache (`evaluate` compiles where the column's compile is in this process or
+on disk: `compile_by_default`). Each run records a digest of each model's answers: a random-weight model's
 near-ties can flip between runs, so equal digests are evidence of equal arithmetic, unequal ones
 prove nothing alone. `-inproc`: as the cold apply runs it, the column's tower compiled and warmed first in
 the same process (a separate tower copy, dropped after, as the column closes its UDF), then the
