@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 CONFIGS = {"b128": (128, True), "b128-nocudnn": (128, False), "b256-nocudnn": (256, False), "b256": (256, True),
            "b256-ahead": (256, False), "b256-compiled": (256, False), "b256-inproc": (256, False),
-           "b256-inproc-inline": (256, False)}
+           "b256-inproc-inline": (256, False), "b256-default": (256, False)}
 """`-ahead`: the tower loaded alone, the first batches' features started before the model loads
 (`ImageFeatures`), the tower eager (a config `-ahead-thread` launched it from a background thread:
 measured slower, the tower then ran beside the load on the GPU, and that option is gone: see
@@ -35,7 +35,9 @@ prove nothing alone. `-inproc`: as the cold apply runs it, the column's tower co
 the same process (a separate tower copy, dropped after, as the column closes its UDF), then the
 eval with the default `compile=None` and `start()` (its first batches from a background thread
 under the load); `-inproc-inline` starts them from the calling thread, before the load. Both record
-where the tower's start goes."""
+where the tower's start goes. `-default`: `evaluate`'s own choice in a new process (`compile=None`,
+`start()`): compiled, first batches under the load, where the column's compile is cached on disk
+(run it after the column's, sharing `VLMSPEC_CACHE_DIR`), else eager."""
 
 
 def one(cfg: str, work: Path, questions: int) -> dict:
@@ -72,11 +74,12 @@ def one(cfg: str, work: Path, questions: int) -> dict:
         column = _column_warmup(spec, processor)
     t0 = time.perf_counter()
     features, parts = None, {}
-    if "-ahead" in cfg or cfg.endswith("-compiled") or inproc:
+    default = cfg.endswith("-default")
+    if "-ahead" in cfg or cfg.endswith("-compiled") or default or inproc:
         # the eval's own start (`evaluate._start_tower`), with this config's compile and launcher
         features = E._start_tower(spec, processor, rows, batch, "cuda", parts,
-                                  compile=True if cfg.endswith("-compiled") else None if inproc else False,
-                                  background=None if cfg.endswith("-inproc") else False)
+                                  compile=True if cfg.endswith("-compiled") else None if inproc or default else False,
+                                  background=None if cfg.endswith("-inproc") or default else False)
     t = time.perf_counter()
     model = load_full_model(spec, device="cuda", adapter_dir=str(work / "adapter"), quant=quant)
     load = time.perf_counter() - t
