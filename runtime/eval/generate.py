@@ -50,6 +50,14 @@ COMPILE_MIN_QUESTIONS = 2000
 eval's tower only for evaluations at least this large: a cold compile costs ~12 s in a fresh
 process and saves ~6 ms a question (~170 images/s compiled against ~85 eager at the 3B shape,
 `gpu_tower.json`), so it pays from about 2,000 questions (TextVQA's 5,000-question val split)."""
+COMPILE_FROM_CACHE_MIN_QUESTIONS = 400
+"""With the column's compile cached on disk but not loaded in this process, compile the eval's
+tower from that cache for evaluations at least this large. Its warm-up (mega-cache load, dynamo's
+trace, graph capture) is ~5 s at the 3B shape against ~12 ms a question of the eager tower's GPU
+time, which also slows the model's load beside it: at 400 questions the compiled tower was no
+slower from the tower's start to the last answer even with its first batches queued before the
+load (H100, `results/history/2026-12-08-h100-eval-cache/`); below that it was not measured, and
+the fixed warm-up outweighs the eager tower's cost somewhere around 300."""
 CPU_BATCH = 8
 """`eval.batch_size: auto` elsewhere: CPU generation gains little from width and pays in memory."""
 
@@ -179,21 +187,23 @@ def generate_compared(model, variants: dict[str, Callable[[], Any]], processor, 
 
 
 def compile_by_default(visual, image_px: int, questions: int, device: str) -> bool:
-    """Whether the eval's tower compiles when `ImageFeatures(compile=None)`: on CUDA, where the
-    tier-3 column's compile of the same configuration is at hand, or where the eval is large enough
-    to pay a cold compile (`COMPILE_MIN_QUESTIONS`).
+    """Whether the eval's tower compiles when `ImageFeatures(compile=None)`, on CUDA:
 
-    At hand: compiled in this process (the apply that just computed the column: its code is
-    loaded, so the eval's warm-up is a layout recording and a graph capture), or its mega-cache on
-    disk (a later apply, e.g. after a LoRA-only change: a new process loads the column's artefacts,
-    and inductor hits all 8 of its graphs, 4.4-5.2 s of warm-up at the 3B shape on an H100). There
-    the compiled tower ran the eval no slower than the eager one from the tower's start to the last
-    answer (22.0-23.0 s against 22.4-23.9 s for 400 questions, base and tuned), with a third of its
-    GPU time (2.3 against 6.3-6.8 GPU-s), under a faster load and at 13 GiB less peak memory; and
-    its first batches then go under the load (`ImageFeatures.start`). Results:
-    `examples/benchmarks/results/history/2026-12-08-h100-eval-cache/`. (Before 55175cf the cache
-    folders could differ between processes and a new process missed 6 of the 8 graphs; the eval
-    then compiled only where the column had, in this process.)"""
+    * where this process compiled the tier-3 column's tower of the same configuration (the apply
+      that just computed the column: its code is loaded, so the eval's warm-up is a layout
+      recording and a graph capture);
+    * where that compile is cached on disk and the eval has `COMPILE_FROM_CACHE_MIN_QUESTIONS`
+      or more (a later apply, e.g. after a LoRA-only change: the new process loads the column's
+      artefacts and inductor hits all 8 of its graphs, 4.4-5.2 s of warm-up at the 3B shape on an
+      H100). At 400 questions, base and tuned, the compiled tower was then no slower from the
+      tower's start to the last answer (22.0-23.0 s against 22.4-23.9 s eager), with a third of
+      the GPU time (2.3 against 6.3-6.8 GPU-s), a faster load beside it and 13 GiB less peak
+      memory, before its first batches went under the load (`ImageFeatures.start`);
+    * or where the eval is large enough to pay a cold compile (`COMPILE_MIN_QUESTIONS`).
+
+    Results: `examples/benchmarks/results/history/2026-12-08-h100-eval-cache/`. (Before 55175cf
+    the cache folders could differ between processes, and a new process missed 6 of the 8 graphs;
+    the eval then compiled only where the column had, in this process.)"""
     if not str(device).startswith("cuda"):
         return False
     if questions >= COMPILE_MIN_QUESTIONS:
@@ -201,7 +211,7 @@ def compile_by_default(visual, image_px: int, questions: int, device: str) -> bo
     from ..vlm.compile_cache import cached, warmed_here
 
     parts = _TowerRunner.parts(visual, image_px)
-    return warmed_here(parts) or cached(parts)
+    return warmed_here(parts) or (questions >= COMPILE_FROM_CACHE_MIN_QUESTIONS and cached(parts))
 
 
 class ImageFeatures:

@@ -56,9 +56,9 @@ def test_batch_size_auto_picks_by_device_and_a_number_wins(monkeypatch):
 
 def test_the_eval_tower_compiles_where_the_columns_compile_is_at_hand_or_the_eval_is_large(tiny, rows, monkeypatch,
                                                                                               tmp_path):
-    """A cold compile costs ~12 s a model: a few hundred questions compile only where the column's
-    tower of the same configuration was compiled in this process or is cached on disk, and never
-    on the CPU."""
+    """A cold compile costs ~12 s a model and a warm one from disk ~5 s: a few hundred questions
+    compile where this process compiled the column's tower of the same configuration, or from its
+    cache on disk from `COMPILE_FROM_CACHE_MIN_QUESTIONS` on, and never on the CPU."""
     model, processor = tiny
     visual = model.model.visual
     monkeypatch.setenv("VLMSPEC_CACHE_DIR", str(tmp_path))
@@ -71,14 +71,16 @@ def test_the_eval_tower_compiles_where_the_columns_compile_is_at_hand_or_the_eva
     column = tower_parts(visual, visual.dtype, PX, {fast_tower.CUDA_SUB_BATCH}, True, True)
     Warmup(column).path.parent.mkdir(parents=True)
     Warmup(column).path.write_bytes(b"artefacts")
-    assert G.compile_by_default(visual, PX, 400, "cuda")  # on disk: a new process starts warm from it
-    assert not G.compile_by_default(visual, PX + 28, 400, "cuda")  # another image size: another compile
+    many, few = G.COMPILE_FROM_CACHE_MIN_QUESTIONS, G.COMPILE_FROM_CACHE_MIN_QUESTIONS - 1
+    assert G.compile_by_default(visual, PX, many, "cuda")  # on disk: a new process starts warm from it
+    assert not G.compile_by_default(visual, PX, few, "cuda")  # too few questions to pay its warm-up
+    assert not G.compile_by_default(visual, PX + 28, many, "cuda")  # another image size: another compile
     Warmup(column).path.unlink()
-    assert not G.compile_by_default(visual, PX, 400, "cuda")
+    assert not G.compile_by_default(visual, PX, many, "cuda")
     with Warmup(column):  # the column's warm-up in this process (nothing compiled: no file saved)
         pass
     assert not Warmup(column).path.exists()
-    assert G.compile_by_default(visual, PX, 400, "cuda")
+    assert G.compile_by_default(visual, PX, few, "cuda")  # compiled here: even a few questions
     features = G.ImageFeatures(visual, processor, rows[:2], PX, 2, "cpu", compile=True)
     try:
         assert features.compiled is False and features.warmup is None  # never on the CPU, whatever asked
