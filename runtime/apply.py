@@ -30,6 +30,7 @@ from .executors import open_executor
 from .guards import check_saved_plan, storage_errno, storage_error
 from .interrupt import kept_ctrl_c
 from .lock import table_lock
+from .prefetch import Prefetch
 from .sources.ingest import ingest, source_info
 
 
@@ -276,8 +277,18 @@ def _run(prep: Prepared, result: ApplyResult, opts: Options, reporter: Reporter,
         steps = [s for s in plan.steps if s.todo and not isinstance(s, Ingest)]
         if any(isinstance(s, Backfill) for s in steps):
             executor()
-        for step in steps:
+        # The model's imports, on a thread while a step's work runs in worker processes; joined
+        # before the next step, which needs them (`Prefetch.before`: the last step never starts
+        # one). A daemon thread: a failing or interrupted apply does not wait for it.
+        prefetch = None
+        for i, step in enumerate(steps):
+            if prefetch is not None:
+                result.record.prefetch, prefetch = prefetch.join(), None
+                result.summary.append(Prefetch.summary(result.record.prefetch))
             result.current = step.name
+            prefetch = Prefetch.before(prep.loaded.spec.model, steps, i)
+            if prefetch is not None:
+                prefetch.start()
             with kept_ctrl_c():
                 _run_step(prep, result, step, ex, workers, device, reporter, errors_log, ranked)
             _save(result.record)

@@ -103,6 +103,9 @@ class RunRecord:
     error: str | None = None
     libraries: dict[str, str] = field(default_factory=library_versions)
     host: str = field(default_factory=platform.node)
+    prefetch: dict[str, Any] | None = None
+    """The model's imports run on a thread during a step computed elsewhere (`prefetch.Prefetch`):
+    the step, their seconds, and how long the next step waited for them."""
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
     """Values to redact before saving (see `secret_values`); never saved themselves."""
 
