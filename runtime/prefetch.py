@@ -4,7 +4,11 @@ The first step of an apply that touches the model (the vision column's set-up, t
 paid this process's first import of transformers' Qwen2.5-VL code and the processor's files:
 4-8 s on the GPU machine (`processor_s` in the column's `setup_parts`, `vlmspec bench apply`),
 with the GPU idle. A tier-2 column before it (dhash) runs in worker processes while this process
-only waits for their chunks, so that import runs then, on a thread (`Prefetch`).
+only waits for their chunks, so that import runs then, on a thread (`Prefetch`), at the lowest CPU
+priority: the workers fill every core (dhash is at the CPU's limit, ~96 % of its bare loop on 16
+cores), and the import must not take its CPU from them, so it runs on what they leave idle (the
+last chunks' tail, any core a worker's read leaves waiting) and at full speed once they are done.
+Where the workers do not fill the machine, it overlaps them whole.
 
 It is joined before the next step begins, so it never imports beside this process's own step
 code: two threads importing at once can deadlock on import locks in rare circular cases, and
@@ -15,6 +19,8 @@ failures are ignored: the step that needs the module imports it again and report
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -36,6 +42,15 @@ def runs_elsewhere(step: Any) -> bool:
     waiting on their futures (`LocalExecutor._run_parallel`). Not under Ray or Geneva, whose
     drivers run their own Python (and imports) while they wait."""
     return isinstance(step, Backfill) and step.place is not None and step.place.where == "processes"
+
+
+def _lowest_priority() -> None:
+    """This thread (only: Linux's nice is per thread) at nice 19."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:  # a sandbox may refuse it: the import then only competes a little harder
+            pass
 
 
 class Prefetch:
@@ -62,6 +77,7 @@ class Prefetch:
 
     def _run(self) -> None:
         t0 = time.perf_counter()
+        _lowest_priority()
         try:
             from .vlm.models import load_model_processor
 

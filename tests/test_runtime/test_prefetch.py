@@ -82,3 +82,26 @@ def test_an_apply_records_the_prefetch_during_dhash_and_says_so(tmp_path, monkey
     assert any(line.startswith("model imports: ") for line in res.summary), res.summary
     tower = next(s for s in res.record.steps if s["name"] == "vision_tower_hiddens")
     assert tower["rows"] == 600
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_only_the_prefetch_thread_runs_at_the_lowest_priority():
+    """The workers fill every core: the import takes only what they leave idle, and the rest of
+    the process (the thread handing their chunks to Lance) keeps its priority."""
+    import os
+    import threading
+
+    from vlmspec.runtime.prefetch import _lowest_priority
+
+    seen = {}
+
+    def body():
+        _lowest_priority()
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen["thread"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
