@@ -291,6 +291,8 @@ def run(rows: int, image_px: int, steps: int, eval_limit: int, out: Path, work: 
         runs[name] = r
         res.details[f"{name}_stages"] = stage_table(r)
         res.details[f"{name}_rc"] = r["rc"]
+        if r["record"].get("prefetch"):  # the model's imports beside dhash: in no stage's seconds
+            res.details[f"{name}_prefetch"] = r["record"]["prefetch"]
         if r["rc"] != 0:
             res.notes.append(f"round `{name}`: apply exited {r['rc']}; its log ends:\n{r['log_tail'][-1500:]}")
         tr = _step(r, "train")
