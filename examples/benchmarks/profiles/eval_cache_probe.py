@@ -30,9 +30,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
 def one(role: str, shape: str, work: Path) -> dict:
     from vlmspec.compiler.model import ModelSpec
     from vlmspec.runtime.eval import generate as G
@@ -54,13 +51,9 @@ def one(role: str, shape: str, work: Path) -> dict:
     if role == "eval":
         return G._TowerRunner(tower, "cuda", compile=True).warm(patchify, px)
     if role == "features":
-        from vlmspec.runtime.sources.synthetic import generate as synth
+        from eval_compare import question_rows  # this script's folder is on sys.path
 
-        rows = []
-        for b in synth(4 * sub, seed=1, image_px=px, batch_rows=4 * sub):
-            d = b.to_pydict()
-            rows += [{"image": d["image"][i], "question": d["question"][i]} for i in range(b.num_rows)]
-        features = G.ImageFeatures(tower, processor, rows, px, 2 * sub, "cuda", compile=True)
+        features = G.ImageFeatures(tower, processor, question_rows(4 * sub, px), px, 2 * sub, "cuda", compile=True)
         stats = features.warmup
         features.close()
         return stats
@@ -128,8 +121,7 @@ def main() -> None:
         if role == "column" and first_trace is None and logs:
             first_trace = logs[0]
         elif first_trace is not None and line and _misses(json.loads(line[7:])) and logs:
-            sys.path.insert(0, str(HERE))
-            from compile_trace_diff import diff, graphs
+            from compile_trace_diff import diff, graphs  # this script's folder is on sys.path
 
             for log in logs:
                 print("  vs the first column:", "\n    ".join(diff(graphs(first_trace), graphs(log), 12)), flush=True)

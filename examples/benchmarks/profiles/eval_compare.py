@@ -45,7 +45,6 @@ def one(cfg: str, work: Path, questions: int) -> dict:
 
     from vlmspec.runtime.eval import evaluate as E
     from vlmspec.runtime.eval import generate as G
-    from vlmspec.runtime.sources.synthetic import generate as synth
     from vlmspec.runtime.vlm.models import load_full_model, load_model_processor
 
     batch, cudnn = CONFIGS[cfg]
@@ -60,10 +59,7 @@ def one(cfg: str, work: Path, questions: int) -> dict:
 
         G._generate = no_cudnn
     folder = str(work / "model-3b")
-    rows = []
-    for b in synth(questions, seed=1, image_px=560, batch_rows=256):
-        d = b.to_pydict()
-        rows += [{"image": d["image"][i], "question": d["question"][i]} for i in range(b.num_rows)]
+    rows = question_rows(questions, 560)
     spec = SimpleNamespace(id=folder, revision=None, dtype="auto", trust_remote_code=False, image_px=560)
     gen = SimpleNamespace(max_new_tokens=16, do_sample=False, temperature=1.0)
     quant = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
@@ -98,6 +94,17 @@ def one(cfg: str, work: Path, questions: int) -> dict:
             "qps": {k: round(len(rows) / v, 1) for k, v in seconds.items()},
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "answers_sha": {k: hashlib.sha256(json.dumps(v).encode()).hexdigest()[:12] for k, v in answers.items()}}
+
+
+def question_rows(n: int, image_px: int) -> list[dict]:
+    """`n` synthetic eval questions (image bytes and question), as `evaluate` passes them on."""
+    from vlmspec.runtime.sources.synthetic import generate as synth
+
+    rows = []
+    for b in synth(n, seed=1, image_px=image_px, batch_rows=256):
+        d = b.to_pydict()
+        rows += [{"image": d["image"][i], "question": d["question"][i]} for i in range(b.num_rows)]
+    return rows
 
 
 def _column_warmup(spec, processor) -> dict:
